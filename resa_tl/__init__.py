@@ -1,0 +1,6 @@
+"""resa_tl: Rectified Sparse Attention (Sun et al. 2025) with TileLang kernels."""
+from .config import ReSAConfig
+from . import ops
+
+__version__ = "0.1.0"
+__all__ = ["ReSAConfig", "ops", "__version__"]

@@ -1,0 +1,62 @@
+"""ReSA hyper-parameters (Sun et al. 2025, arXiv 2506.04108, paper defaults)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class ReSAConfig:
+    """Configuration of Rectified Sparse Attention.
+
+    Parameters
+    ----------
+    block_size : int
+        Tokens per KV block; a power of two in [16, 128]. Default 16.
+    sparse_ratio : float
+        Fraction of the valid blocks kept at each sparse decode step, in (0, 1].
+        1.0 keeps every block (sparse decoding then equals dense decoding). Default 0.1.
+    min_blocks : int
+        A row keeps at least ``min(valid_blocks, min_blocks)`` blocks; >= 1. Default 16.
+    local_blocks : int
+        The newest ``local_blocks`` valid blocks are always kept; in [0, min_blocks]. Default 1.
+    rectify_every : int
+        Every ``rectify_every`` sparse steps, a dense pass rewrites the K/V of those tokens.
+        0 disables rectification (sparse-only decoding); >= 0. Default 32.
+    """
+
+    block_size: int = 16
+    sparse_ratio: float = 0.1
+    min_blocks: int = 16
+    local_blocks: int = 1
+    rectify_every: int = 32
+
+    def __post_init__(self) -> None:
+        bs = self.block_size
+        if not _is_int(bs) or bs < 16 or bs > 128 or bs & (bs - 1):
+            raise ValueError(f"ReSAConfig.block_size must be a power of two in [16, 128], got {bs!r}")
+        r = self.sparse_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 < r <= 1.0):
+            raise ValueError(f"ReSAConfig.sparse_ratio must be a number in (0, 1], got {r!r}")
+        mb = self.min_blocks
+        if not _is_int(mb) or mb < 1:
+            raise ValueError(f"ReSAConfig.min_blocks must be an integer >= 1, got {mb!r}")
+        lb = self.local_blocks
+        if not _is_int(lb) or lb < 0 or lb > mb:
+            raise ValueError(
+                f"ReSAConfig.local_blocks must be an integer in [0, min_blocks={mb}], got {lb!r}")
+        f = self.rectify_every
+        if not _is_int(f) or f < 0:
+            raise ValueError(
+                f"ReSAConfig.rectify_every must be an integer >= 0 (0 disables rectification), got {f!r}")
+
+    def replace(self, **overrides) -> "ReSAConfig":
+        """A copy with some fields changed; unknown names raise TypeError naming the valid fields."""
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown ReSAConfig field(s) {unknown}; valid fields: {sorted(names)}")
+        return replace(self, **overrides)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
