@@ -29,3 +29,99 @@ def arch_of(device: torch.device | None = None) -> str:
     index = None if device is None or device.index is None else device.index
     major, minor = device_props(index)[2]
     return f"sm_{major}{minor}" + ("a" if major == 9 else "")
+
+
+# --- rectify_attention (resa_tl/kernels/rectify.py) ------------------------------------------
+
+def rectify_config(num_q: int, group: int, head_dim: int, head_dim_v: int, arch: str):
+    """Tile config of the rectify kernel for T = num_q queries and GQA group g.
+
+    Reasons: the R = T * g query rows of a KV head share every K/V tile. Per key the kernel
+    reads 2 * D * 2 bytes and does 4 * D * R flops, so at R > 64 (T = 32, g = 7: R = 224) it is
+    as much compute- as memory-bound on an H100 (~260 flop/byte at ~3 TB/s vs ~700 TFLOP/s
+    wgmma). Two consumer warpgroups (block_M = 128, 256 threads) halve the number of row
+    tiles that re-read K/V (from L2) compared with 64-row tiles, and block_N = 128 halves the
+    per-step softmax/barrier overhead; smem = 32 KB Q + 2 stages x 64 KB K/V fits 227 KB.
+    For R <= 64 the kernel is decode-like (memory-bound): one warpgroup of 64 rows and
+    block_N = 64 keeps smem at 80 KB so two CTAs share an SM and keep more bytes in flight.
+    sm_80 has no warp-specialised TMA pipeline and a runtime trip count forbids cp.async with
+    >= 2 stages in TileLang 0.1.15, so it gets one stage and block_N = 64 (164 KB smem).
+    """
+    from .kernels.rectify import RectifyConfig
+    rows = num_q * group
+    block_M = 64 if rows <= 64 else 128
+    hopper = arch.startswith("sm_9")
+    if not hopper:
+        return RectifyConfig(block_M=block_M, block_N=64, num_stages=1, threads=2 * block_M)
+    block_N = 64 if block_M == 64 else 128
+    return RectifyConfig(block_M=block_M, block_N=block_N, num_stages=2, threads=2 * block_M)
+
+
+def rectify_ctas_per_sm(config) -> int:
+    """CTAs of the rectify split kernel that fit on one SM (an estimate, for split counts).
+
+    Reason: with warp specialisation the 256 consumer threads of a 128-row tile take 240
+    registers each (setmaxnreg), i.e. the whole 64K register file; a 64-row tile takes half,
+    and its smem (<= 80 KB at block_N = 64) lets two CTAs share an SM."""
+    if config.block_M >= 128:
+        return 1
+    smem = (config.block_M + 2 * max(config.num_stages, 1) * config.block_N) * 128 * 2
+    return 2 if smem <= 100 * 1024 else 1
+
+
+def rectify_num_splits(batch: int, num_kv_heads: int, row_tiles: int, s_max: int, config,
+                       device: torch.device | None = None, max_splits: int = 64) -> int:
+    """Split-KV count of the rectify kernel: enough CTAs for one full wave on the device.
+
+    Reasons: a row's work is one sequential stream over its cache, so without splitting
+    B * Hkv * row_tiles CTAs (8 for one Qwen2.5-7B row at T = 32) would leave most of the
+    132 SMs idle; one wave (not more) keeps every SM busy while keeping the partial-O traffic
+    (NS * T * H * Dv * 8 bytes per row) and the combine small. Splits never get fewer than 2
+    key blocks each (from the cache capacity S_max, host-known: no sync on the lengths), and
+    are capped at ``max_splits`` to bound the workspace."""
+    per_split = max(1, batch * num_kv_heads * row_tiles)
+    slots = sm_count(device) * rectify_ctas_per_sm(config)
+    ns = max(1, slots // per_split)
+    max_by_len = max(1, -(-s_max // config.block_N) // 2)
+    return int(max(1, min(ns, max_by_len, max_splits)))
+
+
+# --- block summaries / selection (resa_tl/kernels/summaries.py, selection.py) ----------------
+
+def summaries_config(num_kv_heads: int, head_dim: int, block_size: int):
+    """Launch shape of block_summaries / update_block_summaries.
+
+    Reason: the op streams K once, so what matters is bytes in flight. A thread owns one
+    16-byte vector of one block's Hkv*D row and issues the block's (up to 16 unrolled)
+    token loads back to back: 256 threads x 16 loads x 16 B = 64 KB in flight per CTA, several
+    CTAs per SM. With one item per thread a CTA covers 256 / (Hkv*D/8) blocks (4 for Hkv=4,
+    D=128), i.e. thousands of CTAs at long contexts. For the update, those few blocks per row
+    also make the grid tiny (one CTA per row at length 1), which is what an O(length) op wants.
+    """
+    from .kernels.summaries import SummariesConfig
+    threads = 256
+    row_vectors = max(1, num_kv_heads * head_dim // 8)
+    return SummariesConfig(threads=threads, blocks_per_cta=max(1, threads // row_vectors))
+
+
+def selection_config(num_blocks: int, num_kv_heads: int, head_dim: int):
+    """Launch shape of select_blocks (scoring kernel + one-CTA-per-(b, hkv) select kernel).
+
+    Reasons: scoring reads kmin+kmax (2/block_size of K: 16.8 MB for one 128K Qwen2.5-7B row)
+    and is memory-bound, so it gets many CTAs of 256 threads, each thread holding 8 (block,
+    16-byte vector) items of kmin and of kmax in registers (16 loads of 16 B in flight per
+    thread) before computing: 16 blocks per CTA at Hkv*D = 512, 512 CTAs per 128K row.
+    The select kernel is latency-bound (a radix select over NB fp32 scores, 4 passes, then an
+    ordered compaction), and only B*Hkv CTAs exist, so each CTA uses as many threads as help:
+    each thread keeps a contiguous chunk of C = NB / threads keys in registers (contiguous
+    chunks make the block-order compaction a plain prefix sum over threads); aim for C <= 8,
+    at most 1024 threads (C = 16 at NB = 16384, i.e. 256K tokens at block 16), at least 128.
+    """
+    from .kernels.selection import SelectionConfig
+    row_vectors = max(1, num_kv_heads * head_dim // 8)
+    score_threads = 256
+    rows = max(1, (8 * score_threads) // row_vectors)
+    t = 128
+    while t < 1024 and t * 8 < num_blocks:
+        t *= 2
+    return SelectionConfig(score_threads=score_threads, score_rows_per_cta=rows, select_threads=t)

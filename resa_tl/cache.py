@@ -1,0 +1,161 @@
+"""ReSACache: preallocated per-layer K/V (NHD) with incrementally maintained block summaries.
+
+Each layer keeps its own length vector (a row of ``seqlens`` [L, B], int32, on the device): a
+model's forward updates layer 0 before layer 1 reads its cache, so per-layer lengths keep every
+layer consistent at every moment. Rows may have different lengths. Host-side counters mirror the
+longest and shortest row so capacity errors are raised without reading the device.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .config import ReSAConfig
+
+
+class ReSACache:
+    """Static KV cache for ReSA decoding.
+
+    Parameters
+    ----------
+    num_layers, batch_size, max_seq_len, num_kv_heads, head_dim : int
+        Storage is ``k[l], v[l]`` of shape [batch_size, max_seq_len, num_kv_heads, head_dim]
+        and ``kmin[l], kmax[l]`` of shape [batch_size, ceil(max_seq_len / block_size),
+        num_kv_heads, head_dim], all in ``dtype``.
+    config : ReSAConfig, optional — its block_size sizes the summaries.
+    dtype : torch.dtype — float16, bfloat16 or float32.
+    device : torch.device or str.
+    v_head_dim : int, optional — defaults to head_dim.
+    backend : "auto" | "tilelang" | "torch" — used for the summary updates.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, max_seq_len: int, num_kv_heads: int,
+                 head_dim: int, *, config: ReSAConfig | None = None, dtype=torch.float16,
+                 device="cpu", v_head_dim: int | None = None, backend: str = "auto"):
+        for name, val in (("num_layers", num_layers), ("batch_size", batch_size),
+                          ("max_seq_len", max_seq_len), ("num_kv_heads", num_kv_heads),
+                          ("head_dim", head_dim)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"ReSACache: {name} must be an int >= 1, got {val!r}")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"ReSACache: dtype must be float16, bfloat16 or float32, got {dtype}")
+        self.config = config or ReSAConfig()
+        self.block_size = self.config.block_size
+        self.num_layers, self.batch_size, self.max_seq_len = num_layers, batch_size, max_seq_len
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.v_head_dim = v_head_dim or head_dim
+        self.backend = backend
+        self.num_blocks = -(-max_seq_len // self.block_size)
+        dev = torch.device(device)
+        shape = (batch_size, max_seq_len, num_kv_heads)
+        sshape = (batch_size, self.num_blocks, num_kv_heads, head_dim)
+        self.k = [torch.zeros(*shape, head_dim, dtype=dtype, device=dev) for _ in range(num_layers)]
+        self.v = [torch.zeros(*shape, self.v_head_dim, dtype=dtype, device=dev)
+                  for _ in range(num_layers)]
+        self.kmin = [torch.zeros(sshape, dtype=dtype, device=dev) for _ in range(num_layers)]
+        self.kmax = [torch.zeros(sshape, dtype=dtype, device=dev) for _ in range(num_layers)]
+        self.seqlens = torch.zeros(num_layers, batch_size, dtype=torch.int32, device=dev)
+        self._rows = torch.arange(batch_size, device=dev)
+        self._steps = torch.arange(max_seq_len, device=dev)
+        self._max_len = [0] * num_layers   # host mirrors of the longest / shortest row
+        self._min_len = [0] * num_layers
+
+    @property
+    def device(self) -> torch.device:
+        return self.seqlens.device
+
+    def lengths(self, layer: int) -> torch.Tensor:
+        """Valid positions per row of ``layer``: int32 [B] (a view; updated in place)."""
+        return self.seqlens[layer]
+
+    def max_length(self, layer: int = 0) -> int:
+        """Longest row of ``layer``, from the host mirror (no device sync)."""
+        return self._max_len[layer]
+
+    def min_length(self, layer: int = 0) -> int:
+        return self._min_len[layer]
+
+    def _check_kv(self, k, v, what: str):
+        B, Hkv, D, Dv = self.batch_size, self.num_kv_heads, self.head_dim, self.v_head_dim
+        if k.dim() != 4 or k.shape[0] != B or k.shape[2:] != (Hkv, D):
+            raise ValueError(f"{what}: key must be [B={B}, n, Hkv={Hkv}, D={D}], got {list(k.shape)}")
+        if v.dim() != 4 or v.shape[:3] != k.shape[:3] or v.shape[3] != Dv:
+            raise ValueError(f"{what}: value must be [B, n, Hkv, Dv={Dv}] like the key, got "
+                             f"{list(v.shape)}")
+
+    def prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, lengths=None):
+        """Write a prompt's K/V at positions [0, n) and rebuild the layer's summaries.
+
+        k, v : [B, n, Hkv, D] / [B, n, Hkv, Dv]. lengths : int tensor or list [B] of valid
+        positions per row (right padding beyond them is ignored), default n for every row.
+        Not on the decode hot path: the lengths are read on the host once.
+        """
+        self._check_kv(k, v, "prefill")
+        n = k.shape[1]
+        if n > self.max_seq_len:
+            raise ValueError(f"prefill: prompt of {n} tokens exceeds the cache capacity "
+                             f"max_seq_len={self.max_seq_len}")
+        if lengths is None:
+            lengths = [n] * self.batch_size
+        lens = torch.as_tensor(lengths, dtype=torch.int32).reshape(-1)
+        host = lens.tolist()
+        if len(host) != self.batch_size or min(host) < 0 or max(host) > n:
+            raise ValueError(f"prefill: lengths must be {self.batch_size} values in [0, {n}], "
+                             f"got {host}")
+        self.k[layer][:, :n].copy_(k)
+        self.v[layer][:, :n].copy_(v)
+        self.seqlens[layer].copy_(lens)
+        self._max_len[layer], self._min_len[layer] = max(host), min(host)
+        kmin, kmax = ops.block_summaries(self.k[layer], self.seqlens[layer], self.block_size,
+                                         backend=self.backend)
+        self.kmin[layer].copy_(kmin)
+        self.kmax[layer].copy_(kmax)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write n new positions per row at each row's end (decode: n = 1; a rectification pass
+        re-appends the rewound tokens) and refresh the O(n / block_size) touched summaries."""
+        self._check_kv(k, v, "append")
+        n = k.shape[1]
+        if self._max_len[layer] + n > self.max_seq_len:
+            raise ValueError(f"append: {n} more token(s) would exceed the cache capacity "
+                             f"max_seq_len={self.max_seq_len} (longest row holds "
+                             f"{self._max_len[layer]})")
+        start = self.seqlens[layer]
+        pos = start.long()[:, None] + self._steps[:n]                       # [B, n]
+        self.k[layer][self._rows[:, None], pos] = k.to(self.k[layer].dtype)
+        self.v[layer][self._rows[:, None], pos] = v.to(self.v[layer].dtype)
+        ops.update_block_summaries(self.kmin[layer], self.kmax[layer], self.k[layer], start, n,
+                                   self.block_size, backend=self.backend)
+        start.add_(n)
+        self._max_len[layer] += n
+        self._min_len[layer] += n
+
+    def rewind(self, n: int, layers=None):
+        """Drop the last n positions of every row (rectification rewrites them) and refresh the
+        block that becomes each row's last, so summaries equal a rebuild from scratch."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"rewind: n must be an int >= 0, got {n!r}")
+        for layer in range(self.num_layers) if layers is None else layers:
+            if n > self._min_len[layer]:
+                raise ValueError(f"rewind: cannot drop {n} positions; the shortest row of layer "
+                                 f"{layer} holds {self._min_len[layer]}")
+            if n == 0:
+                continue
+            lens = self.seqlens[layer]
+            lens.sub_(n)
+            self._max_len[layer] -= n
+            self._min_len[layer] -= n
+            if self._min_len[layer] >= 1:
+                # Recompute the block holding position len-1 over positions < len.
+                ops.update_block_summaries(self.kmin[layer], self.kmax[layer], self.k[layer],
+                                           lens - 1, 1, self.block_size, backend=self.backend)
+            else:
+                kmin, kmax = ops.block_summaries(self.k[layer], lens, self.block_size,
+                                                 backend=self.backend)
+                self.kmin[layer].copy_(kmin)
+                self.kmax[layer].copy_(kmax)
+
+    def reset(self):
+        self.seqlens.zero_()
+        self._max_len = [0] * self.num_layers
+        self._min_len = [0] * self.num_layers

@@ -1,0 +1,30 @@
+import pytest
+
+from resa_tl import ReSAConfig
+
+
+def test_defaults_are_the_papers():
+    c = ReSAConfig()
+    assert (c.block_size, c.sparse_ratio, c.min_blocks, c.local_blocks, c.rectify_every) == \
+        (16, 0.1, 16, 1, 32)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("block_size", 8), ("block_size", 24), ("block_size", 256), ("block_size", 16.0),
+    ("sparse_ratio", 0.0), ("sparse_ratio", 1.5), ("sparse_ratio", -0.1), ("sparse_ratio", "0.1"),
+    ("min_blocks", 0), ("min_blocks", 2.5),
+    ("local_blocks", -1), ("local_blocks", 17),
+    ("rectify_every", -1), ("rectify_every", 1.0),
+])
+def test_invalid_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        ReSAConfig(**{field: value})
+
+
+def test_valid_edges_and_replace():
+    c = ReSAConfig(block_size=128, sparse_ratio=1.0, min_blocks=1, local_blocks=0, rectify_every=0)
+    assert c.replace(local_blocks=1).local_blocks == 1
+    with pytest.raises(ValueError, match="local_blocks"):
+        c.replace(local_blocks=2)            # > min_blocks
+    with pytest.raises(TypeError, match="unknown ReSAConfig field"):
+        c.replace(ratio=0.5)
