@@ -1,0 +1,285 @@
+"""End-to-end decode speed: ReSA vs dense on a Qwen2.5-7B-shaped model (random weights).
+
+One harness for every mode: a gpt-fast style decoder (28 layers, 28 q / 4 kv heads, d=128,
+hidden 3584, intermediate 18944, vocab 152064, bf16) with a static NHD KV cache; each decode step
+is captured once as a CUDA graph and timed as graph replays, so no host overhead counts.
+
+Modes (per context x batch):
+  dense-sdpa   torch SDPA over the cache (the strongest dense kernel torch ships on the card)
+  dense-tl     resa_tl.ops.dense_decode (TileLang)
+  resa         sparse steps (select_blocks + sparse_decode + summary update) and, every f steps,
+               one fused rectification step feeding f+1 tokens densely (rectify_attention).
+               Per-token time = (f * t_sparse + t_rect) / (f + 1): a cycle of f+1 forwards
+               yields f+1 tokens.
+The cache is filled with random K/V (a real 256K prefill of a 7B model would take minutes and
+does not change the decode cost). Where the per-layer caches would not fit on the card, all layers
+share ONE K/V cache (the paper did the same on an A100); the script says when it does.
+
+Breakdown of a sparse step: selection (28 x select_blocks), sparse attention (28 x
+sparse_decode), the rest (projections, MLP, norms, RoPE, cache writes, summary updates), each
+captured and replayed on its own. Memory model: bytes per token
+  dense: W + KV;   ReSA: W + KV * (1/block + kept + 1/(f+1))
+with W the weight bytes, KV the K+V bytes of all layers, kept the fraction of blocks selected.
+
+    python examples/bench_e2e.py [--contexts 16384 65536 131072 262144] [--batches 1 4 8]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from resa_tl import ReSAConfig, ops
+from resa_tl.kernels.selection import blocks_to_keep
+
+
+@dataclass
+class Qwen7BShape:
+    layers: int = 28
+    hidden: int = 3584
+    heads: int = 28
+    kv_heads: int = 4
+    head_dim: int = 128
+    inter: int = 18944
+    vocab: int = 152064
+
+
+class Weights:
+    def __init__(self, s: Qwen7BShape, device, dtype=torch.bfloat16, seed=0):
+        torch.manual_seed(seed)
+        qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
+
+        def w(*shape):
+            return torch.randn(*shape, device=device, dtype=dtype) * (shape[0] ** -0.5)
+
+        self.embed = torch.randn(s.vocab, s.hidden, device=device, dtype=dtype)
+        self.lm_head = w(s.hidden, s.vocab)
+        self.wqkv = [w(s.hidden, qkv) for _ in range(s.layers)]
+        self.wo = [w(s.heads * s.head_dim, s.hidden) for _ in range(s.layers)]
+        self.wgu = [w(s.hidden, 2 * s.inter) for _ in range(s.layers)]
+        self.wdown = [w(s.inter, s.hidden) for _ in range(s.layers)]
+        self.ln = torch.ones(s.hidden, device=device, dtype=dtype)
+        self.bytes = sum(t.numel() * t.element_size() for t in
+                         [self.lm_head, *self.wqkv, *self.wo, *self.wgu, *self.wdown])
+
+
+class Decoder:
+    """Static-cache decoder; ``step(tokens [B, T], mode)`` is graph-capturable."""
+
+    def __init__(self, s: Qwen7BShape, W: Weights, batch: int, context: int, cfg: ReSAConfig,
+                 share_kv: bool, device):
+        self.s, self.W, self.cfg, self.B = s, W, cfg, batch
+        self.capacity = context + 4 * (cfg.rectify_every + 1) + 1024
+        shape = (batch, self.capacity, s.kv_heads, s.head_dim)
+        n_kv = 1 if share_kv else s.layers
+        gen = torch.Generator(device=device).manual_seed(1)
+        self.k = [torch.randn(shape, device=device, dtype=torch.bfloat16, generator=gen)
+                  for _ in range(n_kv)]
+        self.v = [torch.randn(shape, device=device, dtype=torch.bfloat16, generator=gen)
+                  for _ in range(n_kv)]
+        if share_kv:
+            self.k, self.v = self.k * s.layers, self.v * s.layers
+        self.seqlens = torch.full((batch,), context, device=device, dtype=torch.int32)
+        self.lens_after = self.seqlens.clone()
+        self.start = self.seqlens.clone()
+        self.kmin, self.kmax = [], []
+        for layer in range(n_kv):
+            mn, mx = ops.block_summaries(self.k[layer], self.seqlens, cfg.block_size)
+            self.kmin.append(mn)
+            self.kmax.append(mx)
+        if share_kv:
+            self.kmin, self.kmax = self.kmin * s.layers, self.kmax * s.layers
+        self.context = context
+        self.rows = torch.arange(batch, device=device)
+        self.steps = torch.arange(cfg.rectify_every + 1, device=device)
+        inv = 1.0 / (1e6 ** (torch.arange(0, s.head_dim, 2, device=device).float() / s.head_dim))
+        ang = torch.arange(self.capacity, device=device).float()[:, None] * inv[None]
+        self.cos, self.sin = ang.cos().to(torch.bfloat16), ang.sin().to(torch.bfloat16)
+        self.kv_bytes = 2 * s.layers * batch * context * s.kv_heads * s.head_dim * 2
+
+    def _rope(self, x, pos):                        # x [B, T, h, D], pos [B, T]
+        c, s_ = self.cos[pos][:, :, None], self.sin[pos][:, :, None]
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * c - x2 * s_, x2 * c + x1 * s_], dim=-1)
+
+    def attention(self, layer, q, mode):
+        cfg, kc, vc = self.cfg, self.k[layer], self.v[layer]
+        if mode == "dense-sdpa":                      # T == 1; a fixed context (see module doc)
+            n = self.context + 1
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :n].transpose(1, 2),
+                                               vc[:, :n].transpose(1, 2), enable_gqa=True)
+            return o.transpose(1, 2)
+        if mode == "dense-tl":
+            return ops.dense_decode(q[:, 0], kc, vc, self.lens_after)[:, None]
+        if mode == "rect":
+            return ops.rectify_attention(q, kc, vc, self.lens_after)
+        idx = self.select(layer, q[:, 0])
+        return ops.sparse_decode(q[:, 0], kc, vc, idx, self.lens_after,
+                                 block_size=cfg.block_size)[:, None]
+
+    def select(self, layer, q):
+        c = self.cfg
+        return ops.select_blocks(q, self.kmin[layer], self.kmax[layer], self.lens_after,
+                                 block_size=c.block_size, sparse_ratio=c.sparse_ratio,
+                                 min_blocks=c.min_blocks, local_blocks=c.local_blocks)
+
+    def step(self, tokens, mode):
+        s, W, B = self.s, self.W, self.B
+        T = tokens.shape[1]
+        # Lengths stay fixed across replays, so every timing is at its nominal context: a step
+        # writes positions [len - T + 1, len] and attends over len + 1 keys. For "rect" that is
+        # the fused rectification (rewind f, feed f + 1 tokens).
+        self.start.copy_(self.seqlens - (T - 1))
+        start = self.start
+        pos = start.long()[:, None] + self.steps[:T]
+        self.lens_after.copy_(self.seqlens + 1)
+        x = W.embed[tokens]
+        for layer in range(s.layers):
+            h = F.rms_norm(x, (s.hidden,), W.ln)
+            qkv = (h @ W.wqkv[layer]).view(B, T, s.heads + 2 * s.kv_heads, s.head_dim)
+            q, k, v = qkv.split([s.heads, s.kv_heads, s.kv_heads], dim=2)
+            q, k = self._rope(q, pos), self._rope(k, pos)
+            self.k[layer][self.rows[:, None], pos] = k
+            self.v[layer][self.rows[:, None], pos] = v
+            if mode in ("resa", "rect"):
+                ops.update_block_summaries(self.kmin[layer], self.kmax[layer], self.k[layer],
+                                           start, T, self.cfg.block_size)
+            o = self.attention(layer, q, mode)
+            x = x + o.reshape(B, T, -1) @ W.wo[layer]
+            h = F.rms_norm(x, (s.hidden,), W.ln)
+            g, u = (h @ W.wgu[layer]).chunk(2, dim=-1)
+            x = x + (F.silu(g) * u) @ W.wdown[layer]
+        logits = F.rms_norm(x[:, -1], (s.hidden,), W.ln) @ W.lm_head
+        return logits.argmax(-1)
+
+    def parts(self, q, which):
+        """Only the selection or only the sparse attention of a sparse step, all layers."""
+        for layer in range(self.s.layers):
+            if which == "select":
+                self.select(layer, q)
+            else:
+                ops.sparse_decode(q, self.k[layer], self.v[layer], self._idx[layer],
+                                  self.lens_after, block_size=self.cfg.block_size)
+
+
+def graph_time_ms(fn, iters=20, reps=7):
+    """Capture fn once as a CUDA graph; median over reps of the mean replay time."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / iters)
+    del g
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth_gbs():
+    x = torch.empty(2 * 1024 ** 3, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = graph_time_ms(lambda: y.copy_(x), iters=10, reps=5)
+    return 2 * x.numel() / ms / 1e6
+
+
+def git_commit():
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def run_one(s, W, context, batch, cfg, free_bytes):
+    kv_bytes = 2 * s.layers * batch * (context + 2048) * s.kv_heads * s.head_dim * 2
+    share = kv_bytes * 1.15 > free_bytes - 6 * 1024 ** 3
+    dec = Decoder(s, W, batch, context, cfg, share, "cuda")
+    tok1 = torch.randint(0, s.vocab, (batch, 1), device="cuda")
+    tokf = torch.randint(0, s.vocab, (batch, cfg.rectify_every + 1), device="cuda")
+    row = dict(context=context, batch=batch, shared_kv=share)
+    for mode in ("dense-sdpa", "dense-tl", "resa"):
+        try:
+            row[mode] = graph_time_ms(lambda: dec.step(tok1, mode))
+        except Exception as e:                                      # report, keep going
+            row[mode] = float("nan")
+            row[f"{mode}-error"] = repr(e)[:200]
+    try:
+        row["rect"] = graph_time_ms(lambda: dec.step(tokf, "rect"))
+    except Exception as e:
+        row["rect"], row["rect-error"] = float("nan"), repr(e)[:200]
+    q = torch.randn(batch, s.heads, s.head_dim, device="cuda", dtype=torch.bfloat16)
+    dec._idx = [dec.select(layer, q) for layer in range(s.layers)]
+    row["select"] = graph_time_ms(lambda: dec.parts(q, "select"))
+    row["sparse_attn"] = graph_time_ms(lambda: dec.parts(q, "sparse"))
+    f = cfg.rectify_every
+    row["resa_per_token"] = (f * row["resa"] + row["rect"]) / (f + 1)
+    row["rest"] = row["resa"] - row["select"] - row["sparse_attn"]
+    row["rect_amortized"] = row["rect"] / (f + 1)
+    best_dense = min(row["dense-sdpa"], row["dense-tl"])
+    row["speedup_vs_best_dense"] = best_dense / row["resa_per_token"]
+    nb = math.ceil(context / cfg.block_size)
+    kept = blocks_to_keep(nb, cfg.sparse_ratio, cfg.min_blocks) / nb
+    kv = dec.kv_bytes
+    row["model_speedup"] = (W.bytes + kv) / (W.bytes + kv * (1 / cfg.block_size + kept + 1 / (f + 1)))
+    row["kept_fraction"] = kept
+    del dec
+    torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[16384, 65536, 131072, 262144])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--json", default=None, help="write all rows here")
+    args = ap.parse_args()
+    s = Qwen7BShape(layers=args.layers)
+    cfg = ReSAConfig()
+    W = Weights(s, "cuda")
+    bw = copy_bandwidth_gbs()
+    header = dict(gpu=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                  commit=git_commit(), torch=torch.__version__, copy_gbs=round(bw),
+                  weights_gb=round(W.bytes / 1e9, 2), config=cfg.__dict__)
+    print(json.dumps(header))
+    rows = []
+    for context in args.contexts:
+        for batch in args.batches:
+            free = torch.cuda.mem_get_info()[0]
+            rows.append(run_one(s, W, context, batch, cfg, free))
+            print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(header=header, rows=rows), fh, indent=1)
+    print(f"\n{header['gpu']}, {header['date']}, commit {header['commit']}; ms per token")
+    print(f"{'ctx':>7} {'B':>2} {'shared':>6} {'sdpa':>7} {'dense-tl':>8} {'resa/tok':>8} "
+          f"{'sparse':>7} {'rect':>7} {'select':>7} {'sp-attn':>7} {'rest':>7} {'speedup':>7} "
+          f"{'model':>6}")
+    for r in rows:
+        print(f"{r['context']:>7} {r['batch']:>2} {str(r['shared_kv']):>6} {r['dense-sdpa']:7.3f} "
+              f"{r['dense-tl']:8.3f} {r['resa_per_token']:8.3f} {r['resa']:7.3f} {r['rect']:7.3f} "
+              f"{r['select']:7.3f} {r['sparse_attn']:7.3f} {r['rest']:7.3f} "
+              f"{r['speedup_vs_best_dense']:6.2f}x {r['model_speedup']:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
