@@ -105,8 +105,14 @@ class CompilePool:
         return out
 
     def shutdown(self):
+        """Cancel what has not started and stop the workers (a compile in flight is not
+        waited for)."""
         if self._executor is not None:
+            procs = list(getattr(self._executor, "_processes", {}).values())
             self._executor.shutdown(wait=False, cancel_futures=True)
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
             self._executor = None
 
 

@@ -23,13 +23,12 @@ the heuristic default.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import multiprocessing as mp
 import os
-import queue
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -50,6 +49,7 @@ from autotune.report import TARGET_SPEEDUP, write_report, write_results  # noqa:
 ARCHES = ("sm80", "sm86", "sm89", "sm90")
 TIE_TOLERANCE = 0.01         # the heuristic default wins unless another config is > 1% faster
 WATCHDOG_S = 240.0           # a GPU process silent this long is considered hung
+ROTATION_MEMORY = 4 << 30    # device memory for rotated input sets (beyond a single set)
 
 
 class UsageError(Exception):
@@ -324,22 +324,33 @@ def _free(torch):
     torch.cuda.empty_cache()
 
 
-def _measure_task(task, info, opts, result_q):
+def _measure_task(task, info, opts, result_q, timer=None):
+    """Validate then time the candidates of one problem (in the GPU process).
+
+    ``task``: {"idx", "op", "key", "candidates": [{"config", "is_default", "compile", "skip"?}]}.
+    Posts ("cand", idx, i, phase) before each candidate. ``opts["device"]`` (default "cuda")
+    and ``timer`` (default measure.time_calls) exist for CPU tests of this flow."""
     import torch
     from autotune import measure
     from autotune.spaces import NotWired, adapter
+    dev = torch.device(opts.get("device", "cuda"))
+    cuda = dev.type == "cuda"
+    timer = timer or measure.time_calls
     ad = adapter(task["op"])
     key = task["key"]
-    cands = task["candidates"]                    # list of dicts with config, compile, skip
-    out = [dict(c) for c in cands]
+    out = [dict(c) for c in task["candidates"]]
     seed = opts.get("seed", 0)
 
     def gen(s):
-        return torch.Generator(device="cuda").manual_seed(s)
+        return torch.Generator(device=dev).manual_seed(s)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
 
     # 1. validation on a small problem with the same static parameters (same kernel)
     vkey = ad.validation_key(key)
-    vin = ad.make_inputs(vkey, "cuda", gen(seed + 1), ragged=True)
+    vin = ad.make_inputs(vkey, dev, gen(seed + 1), ragged=True)
     for i, c in enumerate(out):
         if not (c.get("compile") or {}).get("ok") or c.get("skip"):
             continue
@@ -348,28 +359,30 @@ def _measure_task(task, info, opts, result_q):
         try:
             buf = ad.poisoned_out(vin)
             res = ad.call(vin, cfg, out=buf)
-            torch.cuda.synchronize()
+            sync()
             err = ad.check(res, vin)
         except NotWired as e:
             err = f"not wired: {e}"
-        except torch.cuda.OutOfMemoryError as e:
+        except torch.OutOfMemoryError as e:
             err = f"out of memory: {str(e)[:200]}"
         except Exception as e:                      # noqa: BLE001 - recorded
             err = f"{type(e).__name__}: {str(e)[:400]}"
         c["validation"] = {"ok": err is None, "error": err}
     del vin
-    torch.cuda.empty_cache()
-    if task.get("validate_only"):
-        return {"candidates": out}
+    if cuda:
+        torch.cuda.empty_cache()
     # 2. timing on the full problem, inputs rotated past 2x L2
     valid = [i for i, c in enumerate(out) if (c.get("validation") or {}).get("ok")]
-    if not valid:
+    if not valid or task.get("validate_only"):
         return {"candidates": out}
-    n_sets = measure.rotation_sets(ad.input_bytes(key), info["l2_bytes"])
+    # enough sets that one pass over the bytes the op touches exceeds 2x L2, within a memory
+    # cap (sets of a small op over a large cache, e.g. the summary update, are mostly unread)
+    n_sets = min(measure.rotation_sets(ad.bytes_moved(key), info["l2_bytes"]),
+                 max(1, ROTATION_MEMORY // max(1, ad.alloc_bytes(key))))
     g = gen(seed + 2)
     try:
-        sets = [ad.make_inputs(key, "cuda", g) for _ in range(n_sets)]
-    except torch.cuda.OutOfMemoryError as e:
+        sets = [ad.make_inputs(key, dev, g) for _ in range(n_sets)]
+    except torch.OutOfMemoryError as e:
         return {"candidates": out, "error": f"out of memory building inputs: {str(e)[:200]}"}
     in_place = task["op"] == "update_block_summaries"
     for i in valid:
@@ -377,33 +390,52 @@ def _measure_task(task, info, opts, result_q):
         result_q.put(("cand", task["idx"], i, "time"))
         cfg = ad.config_from_dict(c["config"])
         try:
-            c["timing"] = measure.time_calls(lambda j: ad.call(sets[j], cfg), n_sets,
-                                             samples=opts.get("samples", 15), in_place=in_place)
+            c["timing"] = timer(lambda j, cfg=cfg: ad.call(sets[j], cfg), n_sets,
+                                samples=opts.get("samples", 15), in_place=in_place)
         except Exception as e:                      # noqa: BLE001 - recorded
             c["timing"] = None
             c["validation"] = {"ok": False, "error": f"timing failed: {type(e).__name__}: "
                                                      f"{str(e)[:300]}"}
-    del sets
+    sets.clear()
     return {"candidates": out, "n_sets": n_sets}
+
+
+class _PipeQueue:
+    """put() over the sending end of a pipe (synchronous, unlike mp.Queue)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def put(self, msg):
+        self.conn.send(msg)
 
 
 class GpuRunner:
     """Parent side: one GPU child at a time, restarted after a crash or hang."""
 
-    def __init__(self, opts):
+    def __init__(self, opts, child=None, watchdog_s: float = WATCHDOG_S):
         self.opts = opts
+        self.child = child or _gpu_child
+        self.watchdog_s = watchdog_s
         self.ctx = mp.get_context("spawn")
         self.proc = None
         self.info = None
 
     def start(self, copy_bw: bool):
-        self.task_q, self.result_q = self.ctx.Queue(), self.ctx.Queue()
-        self.proc = self.ctx.Process(target=_gpu_child, args=(
-            self.task_q, self.result_q, dict(self.opts, copy_bw=copy_bw)), daemon=True)
+        # results come back through a pipe: Connection.send writes synchronously, so the
+        # progress message naming the candidate survives a crash right after it (an
+        # mp.Queue's feeder thread would die with the process, message unsent)
+        self.task_q = self.ctx.Queue()
+        recv, send = self.ctx.Pipe(duplex=False)
+        self.result_conn = recv
+        self.proc = self.ctx.Process(target=self.child, args=(
+            self.task_q, _PipeQueue(send), dict(self.opts, copy_bw=copy_bw)), daemon=True)
         self.proc.start()
-        msg = self._get(WATCHDOG_S)
+        send.close()
+        msg = self._get(max(self.watchdog_s, 60.0))
         if msg is None or msg[0] != "ready":
-            raise RuntimeError(msg[1] if msg else "GPU process did not start")
+            self.kill()
+            raise RuntimeError(f"GPU process did not start: {msg[1] if msg else 'timeout'}")
         self.info = msg[1] if self.info is None else {**self.info, **msg[1]}
         return msg[1]
 
@@ -411,12 +443,17 @@ class GpuRunner:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                return self.result_q.get(timeout=min(5.0, max(0.1, deadline - time.monotonic())))
-            except queue.Empty:
-                if not self.proc.is_alive():
-                    return ("dead", self.proc.exitcode)
-                if time.monotonic() >= deadline:
-                    return None
+                if self.result_conn.poll(min(1.0, max(0.05, deadline - time.monotonic()))):
+                    return self.result_conn.recv()
+            except (EOFError, OSError):
+                self.proc.join(5)
+                return ("dead", self.proc.exitcode)
+            if not self.proc.is_alive():
+                if self.result_conn.poll(0):
+                    continue
+                return ("dead", self.proc.exitcode)
+            if time.monotonic() >= deadline:
+                return None
 
     def kill(self):
         if self.proc is not None and self.proc.is_alive():
@@ -434,13 +471,13 @@ class GpuRunner:
             self.task_q.put(task)
             current = None
             while True:
-                msg = self._get(WATCHDOG_S)
+                msg = self._get(self.watchdog_s)
                 if msg is not None and msg[0] == "cand":
                     current = msg[2:]
                     continue
                 if msg is not None and msg[0] == "done":
                     return msg[2]
-                why = ("hung (no progress for %ds)" % WATCHDOG_S if msg is None
+                why = ("hung (no progress for %ds)" % self.watchdog_s if msg is None
                        else f"crashed (exit code {msg[1]})")
                 self.kill()
                 if current is None:
@@ -639,26 +676,41 @@ def run_tune(args, ops, t0):
     copy = info.get("copy_bandwidth") or {}
     print(f"copy roofline: {copy.get('gbps')} GB/s; L2 {info['l2_bytes'] / 2**20:.0f} MiB")
     bar = _progress(len(items), "tune", args.no_progress)
-    probs, truncated = [], False
+    probs, truncated, interrupted = [], False, False
     try:
         for it, fl in zip(items, futs):
+            over = interrupted or time.monotonic() - t0 > args.budget_s
             cands = []
             for c, f in zip(it["candidates"], fl):
-                remaining = max(1.0, args.budget_s - (time.monotonic() - t0))
-                cands.append({"config": c, "is_default": c == it["default"],
-                              "compile": pool.result(f, timeout=remaining)})
-            if time.monotonic() - t0 > args.budget_s:
+                if over:
+                    comp = pool.result(f, 0) if f.done() else {
+                        "ok": None, "seconds": None, "error": "not waited for (time budget)"}
+                else:
+                    remaining = max(1.0, args.budget_s - (time.monotonic() - t0))
+                    comp = pool.result(f, timeout=remaining)
+                cands.append({"config": c, "is_default": c == it["default"], "compile": comp})
+            if over or time.monotonic() - t0 > args.budget_s:
                 truncated = True
-                it = dict(it, status="skipped (time budget)")
-                probs.append(summarize_problem(it, cands, None, None))
+                why = "interrupted" if interrupted else "time budget"
+                probs.append(summarize_problem(dict(it, status=f"skipped ({why})"), cands,
+                                               None, None))
                 bar.update(1)
                 continue
             if it["error"]:
                 probs.append(summarize_problem(dict(it, status=it["error"]), cands, None, None))
                 bar.update(1)
                 continue
-            res = gpu.run_task({"idx": len(probs), "op": it["op"], "key": it["key"],
-                                "candidates": cands})
+            try:
+                res = gpu.run_task({"idx": len(probs), "op": it["op"], "key": it["key"],
+                                    "candidates": cands})
+            except KeyboardInterrupt:
+                # SIGTERM/Ctrl-C: stop measuring, still write what was measured
+                interrupted = True
+                gpu.kill()
+                probs.append(summarize_problem(dict(it, status="skipped (interrupted)"),
+                                               cands, None, None))
+                bar.update(1)
+                continue
             cands = res.get("candidates", cands)
             status = None if "error" not in res else f"error: {res['error']}"
             p = summarize_problem(dict(it, status=status), cands, copy.get("gbps"),
@@ -784,9 +836,16 @@ def run_check(args, ops, t0):
     return 1 if failures else 0
 
 
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.monotonic()
+    if not args.compile_only:
+        # a time limit's SIGTERM ends the tuning loop early; the report is still written
+        signal.signal(signal.SIGTERM, _sigterm)
     try:
         ops = selected_ops(args)
         if args.compile_only:

@@ -12,7 +12,8 @@ An adapter is a small class; everything op-specific lives in its methods:
     call(inp, cfg)               -> runs the production host wrapper with ``cfg``
     check(out, inp)              -> None, or why the output is wrong (vs the torch reference)
     validation_key(key)          -> a small problem with the same static params (same kernel)
-    bytes_moved(key)             -> compulsory DRAM bytes of one call (roofline %)
+    bytes_moved(key)             -> compulsory DRAM bytes of one call (roofline %, rotation)
+    alloc_bytes(key)             -> device memory of one input set
 
 Candidates run through the real wrapper (workspaces, split heuristics, combine kernel): the
 config reaches it through its ``config=`` argument when it has one, else through
@@ -200,7 +201,8 @@ class Adapter:
             k["context"] = min(k["context"], 4103)
         return k
 
-    def input_bytes(self, key: dict) -> int:
+    def alloc_bytes(self, key: dict) -> int:
+        """Device memory of one input set (bounds how many sets rotate)."""
         return self.bytes_moved(key)
 
     def bytes_moved(self, key: dict) -> int:
@@ -399,7 +401,7 @@ class UpdateSummariesAdapter(SummariesAdapter):
     op = "update_block_summaries"
     wrapper = "update_block_summaries_tilelang"
     mode = "update"
-    CONTEXT = 8192             # cache capacity of the problem (the op's cost does not depend on it)
+    CONTEXT = 1024             # cache capacity of the problem (the op's cost does not depend on it)
 
     def make_inputs(self, key, device, gen, ragged=False):
         import torch
@@ -435,6 +437,12 @@ class UpdateSummariesAdapter(SummariesAdapter):
         k = dict(key)
         k["batch"] = min(key["batch"], 3)
         return k
+
+    def alloc_bytes(self, key):
+        B, n, bs = key["batch"], key["length"], key["block_size"]
+        S = max(self.CONTEXT, 4 * n)
+        row = key["hkv"] * key["head_dim"] * 2
+        return B * S * row + 2 * B * (-(-S // bs)) * row
 
     def bytes_moved(self, key):
         B, n, bs = key["batch"], key["length"], key["block_size"]
@@ -762,7 +770,7 @@ class SparseDecodeAdapter(_DecodeAdapter):
         k["batch"] = min(key["batch"], 3)
         return k
 
-    def input_bytes(self, key):
+    def alloc_bytes(self, key):
         B, D = key["batch"], key["head_dim"]
         return 2 * B * self.context_of(key) * key["hkv"] * 2 * D
 
