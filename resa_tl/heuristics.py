@@ -70,7 +70,8 @@ def rectify_ctas_per_sm(config) -> int:
 
 
 def rectify_num_splits(batch: int, num_kv_heads: int, row_tiles: int, s_max: int, config,
-                       device: torch.device | None = None, max_splits: int = 64) -> int:
+                       device: torch.device | None = None, max_splits: int = 64,
+                       num_sms: int | None = None) -> int:
     """Split-KV count of the rectify kernel: enough CTAs for one full wave on the device.
 
     Reasons: a row's work is one sequential stream over its cache, so without splitting
@@ -80,7 +81,7 @@ def rectify_num_splits(batch: int, num_kv_heads: int, row_tiles: int, s_max: int
     key blocks each (from the cache capacity S_max, host-known: no sync on the lengths), and
     are capped at ``max_splits`` to bound the workspace."""
     per_split = max(1, batch * num_kv_heads * row_tiles)
-    slots = sm_count(device) * rectify_ctas_per_sm(config)
+    slots = (sm_count(device) if num_sms is None else num_sms) * rectify_ctas_per_sm(config)
     ns = max(1, slots // per_split)
     max_by_len = max(1, -(-s_max // config.block_N) // 2)
     return int(max(1, min(ns, max_by_len, max_splits)))
