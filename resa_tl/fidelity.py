@@ -1,0 +1,175 @@
+"""Teacher-forced ReSA fidelity without a token-by-token loop.
+
+Under teacher forcing every decoded token is known in advance, so the K/V that sparse decoding
+would have produced can be computed layer by layer for all decoded positions at once: at layer l,
+the inputs of every position come from layer l-1 of the same (sparse) computation, and the
+attention of each position is evaluated with exactly the keys the decode cycle would hold at that
+step. This gives the same per-token logits as feeding the tokens one at a time through
+``resa_tl.attach`` (tests check that on a short sequence) at the cost of a prefill, which makes
+perplexity over thousands of decoded tokens affordable on a CPU.
+
+The cycle (rectification fused into decoding, as ``attach`` runs it): after a dense prefill of L
+tokens, decode step i feeds position L+i. With rectification every f steps, steps come in cycles
+of f+1: the first f feed one token each through select_blocks + sparse_decode, the last rewinds
+those f and feeds all f+1 densely (rewriting their K/V). A sparse step in a cycle starting at
+position cs sees dense K/V below cs and the sparse K/V of positions cs..itself. f = 0 means
+sparse-only decoding: one endless cycle.
+
+Supported: transformers decoder-only models whose attention calls the attention interface with
+``module.layer_idx`` (Llama, Qwen2, Qwen3, Mistral, ...).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .config import ReSAConfig
+
+_IMPL = "resa_tl_teacher_forced"
+
+
+class _State:
+    """What the registered attention function does for the current forward."""
+    mode: str = "off"          # "capture" (dense, records K/V) | "simulate"
+    dense_k: dict = {}         # layer -> [1, Hkv, S, D] dense K (after RoPE) of the whole sequence
+    dense_v: dict = {}
+    prompt_len: int = 0
+    config: ReSAConfig | None = None
+    backend: str = "auto"
+    chunk: int = 128
+
+
+_state = _State()
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query [1, H, T, D], key/value [1, Hkv, T, D] of the positions of this forward."""
+    layer = module.layer_idx
+    if _state.mode == "capture":
+        _state.dense_k[layer], _state.dense_v[layer] = key.detach(), value.detach()
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                             enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+    if _state.mode != "simulate":
+        raise RuntimeError("resa_tl.fidelity attention used outside teacher_forced_logits")
+    return _simulate_layer(layer, query, key, value, scaling), None
+
+
+def _simulate_layer(layer, q, k_sim, v_sim, scale):
+    cfg, L = _state.config, _state.prompt_len
+    N = q.shape[2]
+    f = cfg.rectify_every
+    kd, vd = _state.dense_k[layer], _state.dense_v[layer]          # [1, Hkv, L + N (+1), D]
+    out = torch.empty(1, N, q.shape[1], v_sim.shape[-1], dtype=q.dtype, device=q.device)
+    cycle = f + 1 if f else N
+    for c0 in range(0, N, cycle):
+        c1 = min(c0 + cycle, N)
+        n_sparse = c1 - c0 if not f else min(f, c1 - c0)
+        # NHD cache for this cycle: dense below its start, the sparse path's K/V inside it.
+        S = L + c1
+        kc = kd[0, :, :S].transpose(0, 1).clone()                   # [S, Hkv, D]
+        vc = vd[0, :, :S].transpose(0, 1).clone()
+        kc[L + c0:L + c0 + n_sparse] = k_sim[0, :, c0:c0 + n_sparse].transpose(0, 1)
+        vc[L + c0:L + c0 + n_sparse] = v_sim[0, :, c0:c0 + n_sparse].transpose(0, 1)
+        kmin, kmax = ops.block_summaries(kc[None], torch.tensor([S], device=q.device),
+                                         cfg.block_size, backend=_state.backend)
+        for r0 in range(c0, c0 + n_sparse, _state.chunk):
+            r1 = min(r0 + _state.chunk, c0 + n_sparse)
+            R = r1 - r0
+            pos = torch.arange(L + r0, L + r1, device=q.device)
+            lens = (pos + 1).to(torch.int32)
+            kx, vx = kc[None].expand(R, *kc.shape), vc[None].expand(R, *vc.shape)
+            # Each query's last block holds only the keys up to its own position.
+            mn, mx = kmin.expand(R, *kmin.shape[1:]).clone(), kmax.expand(R, *kmax.shape[1:]).clone()
+            ops.update_block_summaries(mn, mx, kx, pos, 1, cfg.block_size, backend=_state.backend)
+            qr = q[0, :, r0:r1].transpose(0, 1).contiguous()         # [R, H, D]
+            idx = ops.select_blocks(qr, mn, mx, lens, block_size=cfg.block_size,
+                                    sparse_ratio=cfg.sparse_ratio, min_blocks=cfg.min_blocks,
+                                    local_blocks=cfg.local_blocks, backend=_state.backend)
+            out[0, r0:r1] = ops.sparse_decode(qr, kx, vx, idx, lens, block_size=cfg.block_size,
+                                              softmax_scale=scale, backend=_state.backend)
+        if n_sparse < c1 - c0:                                      # the fused dense step
+            p = L + c1 - 1
+            qd = q[0, :, c1 - 1][None]                              # [1, H, D]
+            out[0, c1 - 1] = ops.dense_decode(qd, kd[0, :, :p + 1].transpose(0, 1)[None].contiguous(),
+                                              vd[0, :, :p + 1].transpose(0, 1)[None].contiguous(),
+                                              torch.tensor([p + 1], device=q.device),
+                                              softmax_scale=scale, backend="torch")[0]
+    return out
+
+
+@contextlib.contextmanager
+def _registered(model):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register(_IMPL, _attention)
+    AttentionMaskInterface.register(_IMPL, lambda *args, **kwargs: None)   # we mask ourselves
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(_IMPL)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+        _state.mode, _state.dense_k, _state.dense_v = "off", {}, {}
+
+
+@torch.no_grad()
+def teacher_forced_logits(model, token_ids, prompt_len: int, configs: dict, *,
+                          backend: str = "auto", chunk: int = 128):
+    """Per-position logits of decoding ``token_ids[prompt_len:]`` one at a time after a dense
+    prefill of ``token_ids[:prompt_len]``, for dense attention and each ReSA configuration.
+
+    Parameters
+    ----------
+    model : transformers causal LM (batch 1).
+    token_ids : LongTensor [T] — the true sequence.
+    prompt_len : int — L, the densely prefilled part (>= 1).
+    configs : dict name -> ReSAConfig (rectify_every = 0 for sparse-only).
+
+    Returns
+    -------
+    dict name -> float32 Tensor [T - L, vocab]: row i holds the logits produced when position
+    L+i is fed, i.e. the prediction of token L+i+1. Key "dense" is always included.
+    """
+    T = token_ids.shape[0]
+    L = prompt_len
+    if not 1 <= L < T:
+        raise ValueError(f"prompt_len must be in [1, {T - 1}], got {L}")
+    dev = next(model.parameters()).device
+    ids = token_ids.to(dev)[None]
+    results = {}
+    with _registered(model):
+        _state.mode = "capture"
+        dense = model(ids, use_cache=False).logits[0, L:].float()
+        results["dense"] = dense
+        decode_ids = ids[:, L:]
+        positions = torch.arange(L, T, device=dev)[None]
+        for name, cfg in configs.items():
+            _state.mode, _state.config, _state.prompt_len = "simulate", cfg, L
+            _state.backend, _state.chunk = backend, chunk
+            results[name] = model(decode_ids, position_ids=positions, use_cache=False).logits[0].float()
+    return results
+
+
+def nll_and_agreement(logits: dict, token_ids, prompt_len: int):
+    """Per-position NLL of the true next token and top-1 agreement with dense.
+
+    Returns dict name -> (nll [n], agree [n]) over the positions that have a next token.
+    """
+    targets = token_ids[prompt_len + 1:].to(logits["dense"].device)
+    n = targets.shape[0]
+    dense_top = logits["dense"][:n].argmax(-1)
+    out = {}
+    for name, lg in logits.items():
+        lp = torch.log_softmax(lg[:n], dim=-1)
+        nll = -lp.gather(1, targets[:, None])[:, 0]
+        out[name] = (nll.cpu(), (lg[:n].argmax(-1) == dense_top).cpu())
+    return out
+
+
+def perplexity(nll: torch.Tensor) -> float:
+    return math.exp(nll.double().mean().item())
