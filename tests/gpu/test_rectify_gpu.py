@@ -48,8 +48,9 @@ CASES = [
     (17, 4, 2, 128, 64, BF16, None, [([17, 1000, 4103], None)]),
     (2, 6, 2, 128, 128, BF16, None, [([2], None), ([3], None)]),
 ]
-# the hand-scheduled sm_90a variant on the cases with > 64 rows per KV head
-PINGPONG_CASES = [CASES[0], CASES[4], CASES[8], CASES[10]]
+# Cases run with both sm_90a schedules ("auto" and "pingpong"; > 64 rows per KV head): the
+# heuristic default plus the other one.
+BOTH_SCHEDULE_CASES = [CASES[0], CASES[4], CASES[8], CASES[10]]
 
 
 def _arch():
@@ -59,6 +60,12 @@ def _arch():
 
 def _pingpong_ok(T, g, arch):
     return arch.startswith("sm_9") and T * g > 64
+
+
+def _other_schedule(T, g, D, Dv, arch):
+    from resa_tl import heuristics
+    return "auto" if heuristics.rectify_config(T, g, D, Dv, arch).schedule == "pingpong" \
+        else "pingpong"
 
 
 def _config(T, g, D, Dv, arch, schedule):
@@ -76,11 +83,11 @@ def KERNEL_SPECS(arch):
     for T, g, Hkv, D, Dv, dt, scale, _ in CASES:
         sc = D ** -0.5 if scale is None else scale
         specs.append((T, g, Hkv, D, Dv, _dts(dt), sc, _config(T, g, D, Dv, arch, None), arch))
-    for T, g, Hkv, D, Dv, dt, scale, _ in PINGPONG_CASES:
+    for T, g, Hkv, D, Dv, dt, scale, _ in BOTH_SCHEDULE_CASES:
         if _pingpong_ok(T, g, arch):
             sc = D ** -0.5 if scale is None else scale
             specs.append((T, g, Hkv, D, Dv, _dts(dt), sc,
-                          _config(T, g, D, Dv, arch, "pingpong"), arch))
+                          _config(T, g, D, Dv, arch, _other_schedule(T, g, D, Dv, arch)), arch))
     return list(dict.fromkeys(specs))
 
 
@@ -148,15 +155,17 @@ def test_rectify_matches_reference(case):
     _check(T, g, Hkv, D, Dv, dt, scale, lspec, ns, None, seed=zlib.crc32(case[-1].encode()) % 1000)
 
 
-_FLAT_PP = _ids(PINGPONG_CASES)
+_FLAT_2 = _ids(BOTH_SCHEDULE_CASES)
 
 
-@pytest.mark.parametrize("case", _FLAT_PP, ids=[c[-1] for c in _FLAT_PP])
-def test_rectify_pingpong_matches_reference(case):
+@pytest.mark.parametrize("case", _FLAT_2, ids=[c[-1] for c in _FLAT_2])
+def test_rectify_other_schedule_matches_reference(case):
     T, g, Hkv, D, Dv, dt, scale, lspec, ns, _ = case
-    if not _pingpong_ok(T, g, _arch()):
-        pytest.skip("pingpong schedule needs sm_90a and T*g > 64")
-    _check(T, g, Hkv, D, Dv, dt, scale, lspec, ns, "pingpong", seed=zlib.crc32(case[-1].encode()) % 1000 + 1)
+    arch = _arch()
+    if not _pingpong_ok(T, g, arch):
+        pytest.skip("the second (pingpong) schedule needs sm_90a and T*g > 64")
+    _check(T, g, Hkv, D, Dv, dt, scale, lspec, ns, _other_schedule(T, g, D, Dv, arch),
+           seed=zlib.crc32(case[-1].encode()) % 1000 + 1)
 
 
 def test_rectify_t1_equals_dense_decode():
@@ -195,11 +204,13 @@ def test_non_contiguous_q():
     assert_close_to_reference(out, ref, low, name="non-contiguous q")
 
 
-@pytest.mark.parametrize("schedule", [None, "pingpong"])
+@pytest.mark.parametrize("schedule", [None, "other"])
 def test_cuda_graph_capture_replay(schedule):
     """Capture after one warm-up call, replay with new data and new lengths in the same buffers."""
-    if schedule == "pingpong" and not _pingpong_ok(33, 7, _arch()):
-        pytest.skip("pingpong schedule needs sm_90a")
+    if schedule == "other":
+        if not _pingpong_ok(33, 7, _arch()):
+            pytest.skip("the second (pingpong) schedule needs sm_90a")
+        schedule = _other_schedule(33, 7, 128, 128, _arch())
     T, g, Hkv, D = 33, 7, 4, 128
     cfg = _config(T, g, D, D, _arch(), schedule)
     q, k, v, cl = _inputs(2, T, g, Hkv, D, D, BF16, [4000, 300], seed=21, pad=300)
