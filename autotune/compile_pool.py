@@ -19,10 +19,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _init_worker(repo: str, env: dict):
+def _init_worker(repo: str, env: dict, log_dir: str | None):
     if repo not in sys.path:
         sys.path.insert(0, repo)
     os.environ.update(env)
+    if log_dir:
+        # TileLang prints whole generated programs on a failed build, nvcc its diagnostics:
+        # keep them in a per-worker log (the error itself is recorded in the results)
+        f = open(os.path.join(log_dir, f"worker-{os.getpid()}.log"), "a", buffering=1)
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        sys.stdout = sys.stderr = f
 
 
 def compile_job(op: str, key_items: tuple, cfg_dict: dict, target: str) -> dict:
@@ -56,8 +63,10 @@ class CompilePool:
     """Submit (op, key, config) compile jobs; identical kernels (same op, static shape and
     config) are compiled once. ``jobs=0`` compiles inline in this process."""
 
-    def __init__(self, jobs: int, target: str, timeout_s: float | None = None):
+    def __init__(self, jobs: int, target: str, timeout_s: float | None = None,
+                 log_dir: str | None = None):
         self.target = target
+        self.log_dir = log_dir
         self.jobs = jobs
         self.timeout_s = timeout_s
         self._futures: dict = {}
@@ -69,7 +78,7 @@ class CompilePool:
                 env.setdefault("TILELANG_COMPILE_TIMEOUT_SECONDS", str(int(timeout_s)))
             self._executor = cf.ProcessPoolExecutor(
                 max_workers=jobs, mp_context=mp.get_context("spawn"),
-                initializer=_init_worker, initargs=(str(REPO), env))
+                initializer=_init_worker, initargs=(str(REPO), env, log_dir))
 
     def submit(self, op: str, static_id: tuple, key: dict, cfg_dict: dict):
         ident = (op, static_id, tuple(sorted((k, str(v)) for k, v in cfg_dict.items())))

@@ -564,6 +564,13 @@ def default_report_dir(arch: str, gpu: str, compile_only: bool) -> Path:
     return d
 
 
+def _log_dir() -> str:
+    import tempfile
+    d = tempfile.mkdtemp(prefix="resa_tl_compile_logs_")
+    print(f"compile worker logs: {d}")
+    return d
+
+
 def _rel(p: Path) -> str:
     try:
         return str(Path(p).resolve().relative_to(REPO))
@@ -616,7 +623,7 @@ def run_compile_only(args, ops, t0):
     problems, wl = build_workload(args, ops)
     items, unavailable = plan_problems(problems, target, args.space, args.max_candidates)
     jobs = default_jobs() if args.jobs is None else args.jobs
-    pool = CompilePool(jobs, target, timeout_s=600)
+    pool = CompilePool(jobs, target, timeout_s=600, log_dir=_log_dir())
     futs = submit_compiles(pool, items)
     n = sum(len(f) for f in futs)
     print(f"{args.arch} ({target}) compile-only: {len(items)} problems, {n} candidate "
@@ -664,7 +671,7 @@ def run_tune(args, ops, t0):
     problems, wl = build_workload(args, ops)
     items, unavailable = plan_problems(problems, target, args.space, args.max_candidates)
     jobs = default_jobs() if args.jobs is None else args.jobs
-    pool = CompilePool(jobs, target, timeout_s=600)
+    pool = CompilePool(jobs, target, timeout_s=600, log_dir=_log_dir())
     futs = submit_compiles(pool, items)
     print(f"{args.arch} tuning: {len(items)} problems, "
           f"{sum(len(i['candidates']) for i in items)} candidates, {len(pool._futures)} "
@@ -781,7 +788,7 @@ def run_check(args, ops, t0):
     print(f"checking {len(entries)} entries of {_rel(path)} ({'tuned' if sched.tuned else 'untuned'}"
           f", {sched.provenance.get('gpu')}, {sched.provenance.get('date')})")
     jobs = default_jobs() if args.jobs is None else args.jobs
-    pool = CompilePool(jobs, target, timeout_s=600)
+    pool = CompilePool(jobs, target, timeout_s=600, log_dir=_log_dir())
     items = []
     for e in entries:
         ad = adapter(e.op)
