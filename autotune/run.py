@@ -316,7 +316,8 @@ def _gpu_child(task_q, result_q, opts: dict):
 def _free(torch):
     import gc
     gc.collect()
-    for name in ("rectify", "selection", "summaries", "dense_decode", "sparse_decode"):
+    for name in ("rectify", "selection", "summaries", "dense_decode", "sparse_decode",
+                 "_splitkv"):
         mod = sys.modules.get(f"resa_tl.kernels.{name}")
         ws = getattr(mod, "_WORKSPACES", None)
         if isinstance(ws, dict):

@@ -125,13 +125,28 @@ class Adapter:
                 continue
             if self.legal(cfg, key, target):
                 cands.setdefault(self._ident(cfg), cfg)
-        def order(c):
+        # order: fewest changed fields first; within that, round-robin over which fields
+        # changed, nearest values first (so every axis gets explored under a small cap)
+        def dist(k, v):
+            b = base[k]
+            if isinstance(v, (int, float)) and isinstance(b, (int, float)) and v > 0 and b > 0:
+                return abs(math.log2(v / b))
+            return 0.0 if v == b else 1.0
+
+        groups: dict = {}
+        for c in cands.values():
             d = dataclasses.asdict(c)
-            changed = sum(d[k] != base[k] for k in d)
-            return (changed, self._ident(c))
+            changed = tuple(sorted(k for k in ax if d[k] != base[k]))   # derived ones aside
+            groups.setdefault(changed, []).append(
+                (sum(dist(k, d[k]) for k in changed), self._ident(c), c))
+        ranked = []
+        for changed, members in groups.items():
+            for pos, (_, ident, c) in enumerate(sorted(members, key=lambda m: m[:2])):
+                ranked.append(((len(changed), pos, changed, ident), c))
+        ranked.sort(key=lambda r: r[0])
+        out = [c for _, c in ranked]
         n = self.max_candidates if max_candidates is None else max_candidates
-        out = sorted(cands.values(), key=order)[:max(1, n)]
-        return sorted(out, key=self._ident)
+        return sorted(out[:max(1, n)], key=self._ident)
 
     @staticmethod
     def _ident(cfg) -> tuple:
@@ -462,7 +477,8 @@ class SelectAdapter(Adapter):
     config_class = "SelectionConfig"
     heuristic = "selection_config"
     dynamic_fields = ("batch",)
-    max_candidates = 6             # one kernel per NB: keep the compile count down
+    max_candidates = 8             # one kernel per NB: keep the compile count down
+    out_arg = "out"
 
     def _missing_factories(self, m):
         return [] if hasattr(m, "build_select_blocks_kernel") else ["build_select_blocks_kernel"]
@@ -475,7 +491,14 @@ class SelectAdapter(Adapter):
         t = getattr(default, "select_threads", 256)
         return {"score_threads": [128, 256, 512],
                 "score_rows_per_cta": [4, 8, 16, 32, 64],
-                "select_threads": sorted({max(128, t // 2), t, min(1024, 2 * t)})}
+                "select_threads": sorted({max(128, t // 2), t, min(1024, 2 * t)}),
+                "hist": ["match", "hybrid", "priv"]}
+
+    def poisoned_out(self, inp):
+        import torch
+        B, H = inp["q"].shape[:2]
+        hkv = inp["kmin"].shape[2]
+        return torch.full((B, hkv, inp["K"]), -7, dtype=torch.int32, device=inp["q"].device)
 
     def legal(self, cfg, key, target):
         row_vectors = key["hkv"] * key["head_dim"] // 8
@@ -635,21 +658,34 @@ class _DecodeAdapter(Adapter):
         return fn(*args, **kwargs)
 
     def axes(self, key, target, default):
-        """Powers of two around the default for the usual tile fields."""
-        hop = is_hopper(target)
-        cand = {
-            "block_N": [32, 64, 128],
-            "block_H": [16, 32, 64],
-            "num_stages": [1, 2, 3] if hop else [0, 1],
-            "threads": [64, 128, 256],
-        }
-        return cand
+        """Keys per pipeline stage, padded query rows per CTA (GQA rows per tile: wgmma wants
+        64 on sm_90a, mma_sync takes 16/32), stages (1 on sm_80/89: runtime trip count)."""
+        bs = key.get("block_size", 16)
+        return {"block_N": sorted({max(bs, n) for n in (32, 64, 128)}),
+                "block_H": [16, 32, 64],
+                "num_stages": [1, 2, 3] if is_hopper(target) else [1],
+                # split policy, if the config class carries one (ignored otherwise)
+                "split_overhead": [0.5, 1.0, 2.0, 4.0]}
+
+    def derive(self, f, key, target):
+        if "threads" in f and "block_H" in f:
+            f["threads"] = 2 * f["block_H"]      # each warp owns 16 full rows (FullRow)
+        return f
 
     def legal(self, cfg, key, target):
         D = key["head_dim"]
-        bn = getattr(cfg, "block_N", 64)
+        bn = max(getattr(cfg, "block_N", 64), key.get("block_size", 16))
         bh = getattr(cfg, "block_H", 64)
         st = max(getattr(cfg, "num_stages", 1), 1)
+        if bh < key["g"]:
+            return False
+        check = getattr(self.mod(), "_check_config", None)
+        if check is not None:                    # the kernel module's own rules
+            try:
+                args, kwargs = _bind(check, dict(self.values(key, target, cfg), cfg=cfg))
+                check(*args, **kwargs)
+            except (TypeError, ValueError):
+                return False
         smem = (bh * D + st * bn * 2 * D) * 2
         return smem <= SMEM_LIMIT.get(schedules.arch_key(target), 99 * 1024)
 
