@@ -1,6 +1,7 @@
 """resa_tl: Rectified Sparse Attention (Sun et al. 2025) with TileLang kernels."""
 from .config import ReSAConfig
 from . import ops
+from .integration import attach, detach
 
 __version__ = "0.1.0"
-__all__ = ["ReSAConfig", "ops", "__version__"]
+__all__ = ["ReSAConfig", "ops", "attach", "detach", "__version__"]

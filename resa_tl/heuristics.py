@@ -116,20 +116,27 @@ def selection_config(num_blocks: int, num_kv_heads: int, head_dim: int):
     """Launch shape of select_blocks (scoring kernel + one-CTA-per-(b, hkv) select kernel).
 
     Reasons: scoring reads kmin+kmax (2/block_size of K: 16.8 MB for one 128K Qwen2.5-7B row)
-    and is memory-bound, so it gets many CTAs of 256 threads, each thread holding 8 (block,
-    16-byte vector) items of kmin and of kmax in registers (16 loads of 16 B in flight per
-    thread) before computing: 16 blocks per CTA at Hkv*D = 512, 512 CTAs per 128K row.
-    The select kernel is latency-bound (a radix select over NB fp32 scores, 4 passes, then an
-    ordered compaction), and only B*Hkv CTAs exist, so each CTA uses as many threads as help:
-    each thread keeps a contiguous chunk of C = NB / threads keys in registers (contiguous
-    chunks make the block-order compaction a plain prefix sum over threads); aim for C <= 8,
-    at most 1024 threads (C = 16 at NB = 16384, i.e. 256K tokens at block 16), at least 128.
+    and is memory-bound, so it gets many CTAs of 256 threads, each thread holding 4 (block,
+    16-byte vector) items of kmin and of kmax in registers (8 loads of 16 B in flight) before
+    computing: 16 blocks per CTA at Hkv*D = 512, 512 CTAs per 128K row, ~54 registers, so
+    several CTAs share an SM (32 blocks per CTA measured the same on the H100, at 168 regs).
+    The select kernel is latency/throughput-bound inside one SM (a radix select over NB fp32
+    scores, up to 4 passes, then an ordered compaction) and only B*Hkv CTAs exist, so each CTA
+    uses as many threads as help: a thread keeps a contiguous chunk of C = NB / threads keys
+    (contiguous chunks make the block-order compaction a plain prefix sum over threads).
+    Measured on the H100 (2026-11-27, examples/bench_selection_kernels.py): at NB=1024, 256
+    threads (C=4) beat 128 (C=8) and 1024; at NB=8192, 1024 threads (C=8) beat 512 and 256.
+    So: C <= 4, 256..1024 threads (C = 16 at NB = 16384, i.e. 256K tokens at block 16); 128
+    threads for tiny rows. Histogram: "hybrid" (match_any aggregation in the first radix pass
+    only) was fastest at every size: select kernel 8.5 us vs 14.8 ("match" in every pass) and
+    11.0 ("priv", 8 lane-private copies) at NB=8192; 17.1 / 28.4 / 17.2 us at NB=16384.
     """
     from .kernels.selection import SelectionConfig
     row_vectors = max(1, num_kv_heads * head_dim // 8)
     score_threads = 256
-    rows = max(1, (8 * score_threads) // row_vectors)
-    t = 128
-    while t < 1024 and t * 8 < num_blocks:
+    rows = max(1, (4 * score_threads) // row_vectors)
+    t = 128 if num_blocks <= 256 else 256
+    while t < 1024 and t * 4 < num_blocks:
         t *= 2
-    return SelectionConfig(score_threads=score_threads, score_rows_per_cta=rows, select_threads=t)
+    return SelectionConfig(score_threads=score_threads, score_rows_per_cta=rows, select_threads=t,
+                           hist="hybrid")

@@ -1,6 +1,6 @@
 """Block selection: score every valid block against the group-mean query with the min/max upper
 bound, always keep the newest ``local_blocks``, keep the top n overall, emit them sorted."""
-from __future__ import annotations
+# (no `from __future__ import annotations`: TileLang evaluates the prim_func annotations)
 
 import torch
 
@@ -60,3 +60,426 @@ def select_blocks_reference(q, kmin, kmax, cache_seqlens, *, block_size, sparse_
     if kk < K:
         top = torch.nn.functional.pad(top, (0, K - kk), value=-1)
     return top
+
+
+# ---------------------------------------------------------------------------------------------
+# TileLang backend: two kernels in one program (one host call, launched back to back).
+#
+# 1. Scoring (memory-bound): grid (ceil(NB / rows_per_cta), B); a CTA scores rows_per_cta
+#    blocks for all Hkv heads. Its threads lie over (block, 16-byte vector of the Hkv*D row)
+#    items; every thread first issues all of its kmin/kmax vector loads (registers), then
+#    computes the group-mean query qm (fp32, in shared memory, scaled by D^-0.5) from q, then
+#    sum_d max(qm*lo, qm*hi) over its 8 elements and a shuffle reduction over the D/8 lanes of
+#    one (block, head). fp32 scores go to a workspace [B, Hkv, NB] (stays in L2). CTAs whose
+#    blocks all lie past the row's length exit at once, so short rows cost nothing.
+# 2. Select (latency-bound): one CTA per (b, hkv). Thread t owns the contiguous block range
+#    [t*C, (t+1)*C) and turns its scores into order-preserving uint32 keys (local blocks ->
+#    0xFFFFFFFF, i.e. above any score). A 4-pass 8-bit radix select (shared-memory histogram,
+#    SelectionConfig.hist: warp-aggregated atomics via __match_any_sync in the first pass, whose
+#    top bits (sign, exponent) are shared by most keys, plain atomics after; one warp finds the
+#    bucket by a suffix scan) finds the n-th largest key T and how many keys equal to T to keep;
+#    it stops early once the threshold bucket is kept whole. Then an ordered compaction: two
+#    block-wide exclusive scans over threads (keys == T before me; kept before me) give every thread its
+#    output offset, so kept ids come out ascending with no sort, and -1 fills the tail.
+#    Ties (equal fp32 scores at the threshold) keep the LOWER block ids: deterministic.
+# Keys live in registers while C <= 16 (NB <= 16384 at 1024 threads: 256K tokens at block 16)
+# and in shared memory (layout [c][thread], bank-conflict free) up to NB = 49152.
+# ---------------------------------------------------------------------------------------------
+import functools  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+_VEC = 8                     # fp16/bf16 elements per 16-byte load
+_MAX_REG_KEYS = 16           # keys per thread kept in registers
+_MAX_SMEM_KEYS = 49152       # keys kept in shared memory (192 KB)
+_RADIX_BITS = 8
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Launch shape of select_blocks (see resa_tl.heuristics.selection_config).
+
+    ``hist`` picks how the radix histogram is built (all give the same result):
+    "match": warp-aggregated atomics (__match_any_sync) in every pass; "hybrid": aggregated in
+    the first pass (the top bits: few distinct digits, heavy same-address contention), plain
+    shared atomics in the others (mostly distinct digits); "priv": plain atomics into 8
+    lane-private histogram copies (interleaved [bin][copy], summed when the bucket is found).
+    """
+    score_threads: int = 256
+    score_rows_per_cta: int = 16
+    select_threads: int = 1024
+    hist: str = "hybrid"
+
+
+def _orderable_key(T, s):
+    """fp32 -> uint32 with the same order (negatives flipped); -0.0 and +0.0 map together."""
+    bits = T.reinterpret(s, "uint32")
+    return T.if_then_else(s < T.float32(0), ~bits,
+                          T.if_then_else(s == T.float32(0), T.uint32(0x80000000),
+                                         bits | T.uint32(0x80000000)))
+
+
+def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: int,
+                          block_size: int, sparse_ratio: float, min_blocks: int,
+                          local_blocks: int, max_selected: int, dtype: str = "bfloat16",
+                          index_dtype: str = "int32", config: SelectionConfig | None = None):
+    """The TileLang PrimFunc of select_blocks. Static: NB (kmin's block dim, fixed per cache),
+    Hkv, g, D, the selection hyper-parameters and K; symbolic: B. The row lengths are data, so
+    nothing recompiles as they change."""
+    import tilelang.language as T
+
+    cfg = config or SelectionConfig()
+    NB, HKV, G, D, BS, K = num_blocks, heads_kv, group, head_dim, block_size, max_selected
+    H = HKV * G
+    if D % _VEC or (D // _VEC) & (D // _VEC - 1) or D // _VEC > 32:
+        raise ValueError(f"head_dim must be 8 * 2^k <= 256 for the tilelang select_blocks, got {D}")
+    NUM, DEN = ratio_numerator(sparse_ratio), RATIO_DENOM
+    MINB, LOCAL = min_blocks, local_blocks
+    scale = float(D) ** -0.5
+    f32, dt, it = "float32", dtype, index_dtype
+    # scoring
+    TS, RPC = cfg.score_threads, cfg.score_rows_per_cta
+    RV = HKV * D // _VEC                 # 16-byte vectors per block row (all heads)
+    DV = D // _VEC                       # lanes that share one (block, head) dot product
+    ITEMS = RPC * RV
+    U = -(-ITEMS // TS)
+    QE = HKV * D
+    QFIXED = TS % RV == 0                # a thread's vector column is the same for every item
+    if TS % 32:
+        raise ValueError(f"score_threads must be a multiple of 32, got {TS}")
+    # select
+    TT = cfg.select_threads
+    if TT % 32 or TT > 1024:
+        raise ValueError(f"select_threads must be a multiple of 32 and <= 1024, got {TT}")
+    NW = TT // 32
+    C = -(-NB // TT)
+    in_regs = C <= _MAX_REG_KEYS
+    if not in_regs and C * TT > _MAX_SMEM_KEYS:
+        raise ValueError(f"kmin has NB={NB} blocks; the tilelang select_blocks supports at most "
+                         f"{_MAX_SMEM_KEYS} blocks per row")
+    RADIX = 1 << _RADIX_BITS
+    PASSES = 32 // _RADIX_BITS
+    BPL = RADIX // 32                    # histogram bins per lane of the bucket-finding warp
+    if cfg.hist not in ("match", "hybrid", "priv"):
+        raise ValueError(f"hist must be 'match', 'hybrid' or 'priv', got {cfg.hist!r}")
+    COPIES = 8 if cfg.hist == "priv" else 1
+    NBP = C * TT                         # score workspace row, padded: unmasked vector loads
+    VL = 4 if C % 4 == 0 else 1          # fp32 scores per load in the select kernel
+    B = T.dynamic("B")
+    FULL = T.uint32(0xFFFFFFFF)
+
+    @T.macro
+    def block_exclusive_scan(src, dst, buf, slot, lane, warp):
+        """dst[0] = sum of src[0] over threads < me (thread order); buf: shared [2, 32]."""
+        x = T.alloc_var("int32")
+        y = T.alloc_var("int32")
+        w = T.alloc_var("int32")
+        x = src[0]
+        for o in T.unroll(5):
+            y = T.shfl_up(x, 1 << o)
+            if lane >= (1 << o):
+                x = x + y
+        if lane == 31:
+            buf[slot, warp] = x
+        T.sync_threads()
+        if warp == 0:
+            w = 0
+            if lane < NW:
+                w = buf[slot, lane]
+            for o in T.unroll(5):
+                y = T.shfl_up(w, 1 << o)
+                if lane >= (1 << o):
+                    w = w + y
+            if lane < NW:
+                buf[slot, lane] = w
+        T.sync_threads()
+        dst[0] = x - src[0]
+        if warp > 0:
+            dst[0] = dst[0] + buf[slot, warp - 1]
+
+    @T.prim_func
+    def select_blocks_kernel(
+            Q: T.Tensor((B, H, D), dt),
+            Kmin: T.Tensor((B, NB, HKV, D), dt),
+            Kmax: T.Tensor((B, NB, HKV, D), dt),
+            Lens: T.Tensor((B,), it),
+            Scores: T.Tensor((B, HKV, NBP), f32),
+            Out: T.Tensor((B, HKV, K), "int32")):
+        # ---- 1. scoring -------------------------------------------------------------------
+        with T.Kernel(T.ceildiv(NB, RPC), B, threads=TS) as (bx, b):
+            tx = T.get_thread_binding()
+            lo = T.alloc_local((U, _VEC), dt)
+            hi = T.alloc_local((U, _VEC), dt)
+            qm_s = T.alloc_shared((QE,), f32)
+            qv = T.alloc_local((_VEC,), f32)
+            nvalid = T.alloc_var("int32")
+            acc = T.alloc_var(f32)
+            nvalid = T.Cast("int32", (T.Cast("int64", Lens[b]) + (BS - 1)) // BS)
+            if bx * RPC < nvalid:
+                for u in T.unroll(U):
+                    item = tx + u * TS
+                    row = bx * RPC + item // RV
+                    e0 = (item % RV) * _VEC
+                    if item < ITEMS and row < nvalid:
+                        for v in T.vectorized(_VEC):
+                            lo[u, v] = Kmin[b, row, e0 // D, e0 % D + v]
+                        for v in T.vectorized(_VEC):
+                            hi[u, v] = Kmax[b, row, e0 // D, e0 % D + v]
+                    else:
+                        for v in T.vectorized(_VEC):
+                            lo[u, v] = T.Cast(dt, 0)
+                        for v in T.vectorized(_VEC):
+                            hi[u, v] = T.Cast(dt, 0)
+                for i in T.serial(-(-QE // TS)):
+                    e = tx + i * TS
+                    if e < QE:
+                        acc = T.float32(0)
+                        for gg in T.serial(G):
+                            acc = acc + T.Cast(f32, Q[b, (e // D) * G + gg, e % D])
+                        qm_s[e] = acc / T.float32(G) * T.float32(scale)
+                T.sync_threads()
+                if QFIXED:                       # every item of this thread has the same lanes
+                    for v in T.vectorized(_VEC):
+                        qv[v] = qm_s[(tx % RV) * _VEC + v]
+                for u in T.unroll(U):
+                    item = tx + u * TS
+                    row = bx * RPC + item // RV
+                    e0 = (item % RV) * _VEC
+                    if not QFIXED:
+                        for v in T.vectorized(_VEC):
+                            qv[v] = qm_s[e0 + v]
+                    acc = T.float32(0)
+                    for v in T.unroll(_VEC):
+                        acc = acc + T.max(qv[v] * T.Cast(f32, lo[u, v]),
+                                          qv[v] * T.Cast(f32, hi[u, v]))
+                    for o in T.unroll(DV.bit_length() - 1):
+                        acc = acc + T.shfl_xor(acc, DV >> (o + 1))
+                    if item < ITEMS and row < nvalid and item % DV == 0:
+                        Scores[b, e0 // D, row] = acc
+
+        # ---- 2. radix select + ordered compaction -------------------------------------------
+        with T.Kernel(HKV, B, threads=TT) as (h, b):
+            tx = T.get_thread_binding()
+            lane = tx % 32
+            warp = tx // 32
+            lanes_below = (T.uint32(1) << T.Cast("uint32", lane)) - T.uint32(1)
+            if in_regs:
+                keys = T.alloc_local((C,), "uint32")
+            else:
+                keys = T.alloc_shared((C * TT,), "uint32")
+            hist = T.alloc_shared((RADIX * COPIES,), "int32")
+            scv = T.alloc_local((C if in_regs else 1,), f32)
+            bcast = T.alloc_shared((4,), "int32")
+            sbuf = T.alloc_shared((2, 32), "int32")
+            binv = T.alloc_local((BPL,), "int32")
+            s_in = T.alloc_local((1,), "int32")
+            s_out = T.alloc_local((1,), "int32")
+            nv64 = T.alloc_var("int64")
+            nvalid = T.alloc_var("int32")
+            n = T.alloc_var("int32")
+            kk = T.alloc_var("int32")
+            prefix = T.alloc_var("uint32")
+            mask = T.alloc_var("uint32")
+            done = T.alloc_var("int32")
+            d = T.alloc_var("uint32")
+            peers = T.alloc_var("uint32")
+            tot = T.alloc_var("int32")
+            suf = T.alloc_var("int32")
+            y = T.alloc_var("int32")
+            run = T.alloc_var("int32")
+            gt = T.alloc_var("int32")
+            eq = T.alloc_var("int32")
+            pos = T.alloc_var("int32")
+            rank = T.alloc_var("int32")
+            sc = T.alloc_var(f32)
+            mk = T.alloc_var("uint32")
+
+            nv64 = (T.Cast("int64", Lens[b]) + (BS - 1)) // BS
+            nvalid = T.Cast("int32", nv64)
+            n = T.Cast("int32", T.min(T.max((nv64 * NUM + (DEN - 1)) // DEN,
+                                            T.min(nv64, T.int64(MINB))), T.int64(K)))
+            j0 = tx * C
+            if in_regs:
+                for c0 in T.unroll(C // VL):              # in bounds: the row is padded to C*TT
+                    for v in T.vectorized(VL):
+                        scv[c0 * VL + v] = Scores[b, h, j0 + c0 * VL + v]
+            for c in T.unroll(C):
+                kidx = c if in_regs else c * TT + tx
+                keys[kidx] = T.uint32(0)
+                if j0 + c < nvalid:
+                    if j0 + c >= nvalid - LOCAL:
+                        keys[kidx] = FULL
+                    else:
+                        if in_regs:
+                            sc = scv[c]
+                        else:
+                            sc = Scores[b, h, j0 + c]
+                        keys[kidx] = _orderable_key(T, sc)
+            kk = n
+            prefix = T.uint32(0)
+            mask = T.uint32(0)
+            done = T.if_then_else(n == 0, 1, 0)
+            for p in T.serial(PASSES):
+                if done == 0:
+                    for i in T.serial(-(-(RADIX * COPIES) // TT)):
+                        if tx + i * TT < RADIX * COPIES:
+                            hist[tx + i * TT] = 0
+                    T.sync_threads()
+                    shift = T.Cast("uint32", (PASSES - 1 - p) * _RADIX_BITS)
+                    for c in T.unroll(C):
+                        kidx = c if in_regs else c * TT + tx
+                        d = T.uint32(RADIX)
+                        if j0 + c < nvalid and (keys[kidx] & mask) == prefix:
+                            d = (keys[kidx] >> shift) & T.uint32(RADIX - 1)
+                        if cfg.hist == "priv":
+                            if d < T.uint32(RADIX):
+                                T.atomic_add(hist[T.Cast("int32", d) * COPIES + lane % COPIES], 1)
+                        elif cfg.hist == "match":
+                            peers = T.match_any_sync(d)          # lanes holding the same digit
+                            if d < T.uint32(RADIX) and (peers & lanes_below) == T.uint32(0):
+                                T.atomic_add(hist[d], T.Cast("int32", T.popcount(peers)))
+                        else:
+                            if p == 0:
+                                peers = T.match_any_sync(d)          # lanes holding the same digit
+                                if d < T.uint32(RADIX) and (peers & lanes_below) == T.uint32(0):
+                                    T.atomic_add(hist[d], T.Cast("int32", T.popcount(peers)))
+                            else:
+                                if d < T.uint32(RADIX):
+                                    T.atomic_add(hist[d], 1)
+                    T.sync_threads()
+                    if warp == 0:
+                        tot = 0
+                        for i in T.unroll(BPL):
+                            binv[i] = 0
+                            for cp in T.unroll(COPIES):
+                                binv[i] = binv[i] + hist[(lane * BPL + i) * COPIES + cp]
+                            tot = tot + binv[i]
+                        suf = tot
+                        for o in T.unroll(5):
+                            y = T.shfl_down(suf, 1 << o)
+                            if lane + (1 << o) < 32:
+                                suf = suf + y
+                        run = suf - tot                       # keys in the bins above mine
+                        for i in T.unroll(BPL):
+                            if run < kk and kk <= run + binv[BPL - 1 - i]:
+                                bcast[0] = lane * BPL + BPL - 1 - i
+                                bcast[1] = kk - run
+                                bcast[2] = binv[BPL - 1 - i]
+                            run = run + binv[BPL - 1 - i]
+                    T.sync_threads()
+                    prefix = prefix | (T.Cast("uint32", bcast[0]) << shift)
+                    mask = mask | (T.uint32(RADIX - 1) << shift)
+                    kk = bcast[1]
+                    if bcast[2] == kk:
+                        done = 1                              # threshold bucket kept whole
+            # ordered compaction
+            gt = 0
+            eq = 0
+            for c in T.unroll(C):
+                kidx = c if in_regs else c * TT + tx
+                mk = keys[kidx] & mask
+                if j0 + c < nvalid:
+                    if mk > prefix:
+                        gt = gt + 1
+                    if mk == prefix:
+                        eq = eq + 1
+            s_in[0] = eq
+            block_exclusive_scan(s_in, s_out, sbuf, 0, lane, warp)
+            rank = s_out[0]                                   # keys == T in blocks before mine
+            s_in[0] = gt + T.max(T.min(kk - rank, eq), 0)
+            block_exclusive_scan(s_in, s_out, sbuf, 1, lane, warp)
+            pos = s_out[0]
+            for c in T.unroll(C):
+                kidx = c if in_regs else c * TT + tx
+                mk = keys[kidx] & mask
+                if j0 + c < nvalid:
+                    if mk > prefix:
+                        Out[b, h, pos] = j0 + c
+                        pos = pos + 1
+                    if mk == prefix:
+                        if rank < kk:
+                            Out[b, h, pos] = j0 + c
+                            pos = pos + 1
+                        rank = rank + 1
+            for i in T.serial(-(-K // TT)):
+                if tx + i * TT >= n and tx + i * TT < K:
+                    Out[b, h, tx + i * TT] = -1
+
+    return select_blocks_kernel
+
+
+_PASS_CONFIGS = None
+
+
+def _pass_configs():
+    import tilelang
+    # Barriers are placed by hand (the select kernel's are inside uniform branches).
+    return {tilelang.PassConfigKey.TL_DISABLE_THREAD_STORAGE_SYNC: True}
+
+
+@functools.lru_cache(maxsize=None)
+def build_select_blocks_kernel(num_blocks: int, heads_kv: int, group: int, head_dim: int,
+                               block_size: int, sparse_ratio: float, min_blocks: int,
+                               local_blocks: int, max_selected: int, dtype: str,
+                               index_dtype: str, config: SelectionConfig, target: str):
+    """Compile (memoised) the select_blocks program for ``target`` ("sm_90a", "sm_80", ...)."""
+    import tilelang
+    prog = select_blocks_program(num_blocks, heads_kv, group, head_dim, block_size, sparse_ratio,
+                                 min_blocks, local_blocks, max_selected, dtype, index_dtype,
+                                 config)
+    return tilelang.compile(prog, target={"kind": "cuda", "arch": target},
+                            pass_configs=_pass_configs())
+
+
+_WORKSPACES: dict = {}
+
+
+def _scores_workspace(device, B, Hkv, NB):
+    """fp32 scores [B, Hkv, NB], allocated once per shape/device and reused (graph-safe after
+    one warm-up call). Calls on different streams must not overlap."""
+    key = (str(device), B, Hkv, NB)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        ws = torch.empty((B, Hkv, NB), dtype=torch.float32, device=device)
+        _WORKSPACES[key] = ws
+    return ws
+
+
+def _contig16(t: torch.Tensor) -> torch.Tensor:
+    if t.is_contiguous() and t.data_ptr() % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def select_blocks_tilelang(q, kmin, kmax, cache_seqlens, *, block_size, sparse_ratio,
+                           min_blocks, local_blocks, max_selected, out=None, config=None):
+    """TileLang backend of :func:`resa_tl.ops.select_blocks` (arguments already validated).
+
+    ``out`` (optional): an int32 [B, Hkv, K] contiguous tensor to write into.
+    ``config`` (optional): a :class:`SelectionConfig` overriding the heuristic (tests, tuning).
+    Among blocks with equal fp32 scores at the threshold, the lower block ids are kept.
+    """
+    from .. import heuristics
+    B, H, D = q.shape
+    NB, Hkv = kmin.shape[1], kmin.shape[2]
+    K = int(max_selected)
+    if D % _VEC or (D // _VEC) & (D // _VEC - 1) or D // _VEC > 32:
+        raise ValueError(f"head_dim must be one of 8, 16, 32, 64, 128, 256 for the tilelang "
+                         f"select_blocks, got {D}")
+    cfg = config or heuristics.selection_config(NB, Hkv, D)
+    if -(-NB // cfg.select_threads) > _MAX_REG_KEYS and \
+            -(-NB // cfg.select_threads) * cfg.select_threads > _MAX_SMEM_KEYS:
+        raise ValueError(f"kmin has NB={NB} blocks per row; the tilelang select_blocks supports "
+                         f"at most {_MAX_SMEM_KEYS} (use a larger block_size)")
+    if out is None:
+        out = torch.empty((B, Hkv, K), dtype=torch.int32, device=q.device)
+    if B == 0:
+        return out
+    kern = build_select_blocks_kernel(
+        NB, Hkv, H // Hkv, D, block_size, float(sparse_ratio), int(min_blocks),
+        int(local_blocks), K, {torch.float16: "float16", torch.bfloat16: "bfloat16"}[q.dtype],
+        "int64" if cache_seqlens.dtype == torch.int64 else "int32", cfg,
+        heuristics.arch_of(q.device))
+    nbp = -(-NB // cfg.select_threads) * cfg.select_threads     # padded row (see NBP)
+    scores = _scores_workspace(q.device, B, Hkv, nbp)
+    kern(_contig16(q), _contig16(kmin), _contig16(kmax), cache_seqlens.contiguous(), scores, out)
+    return out

@@ -3,7 +3,7 @@
 ReSA bounds q·k over a block by sum_d max(q_d*kmin_d, q_d*kmax_d), so selection reads only these
 two tensors (2/block_size of K) instead of the keys themselves.
 """
-from __future__ import annotations
+# (no `from __future__ import annotations`: TileLang evaluates the prim_func annotations)
 
 import torch
 
@@ -57,4 +57,199 @@ def update_block_summaries_reference(kmin, kmax, k_cache, start, length: int, bl
     # Repeated block ids (rows touching fewer than nt blocks) write identical values.
     kmin[rows[:, None], blk] = torch.where(valid, keys, inf).amin(dim=2)
     kmax[rows[:, None], blk] = torch.where(valid, keys, -inf).amax(dim=2)
+    return kmin, kmax
+
+
+# ---------------------------------------------------------------------------------------------
+# TileLang backend
+#
+# One program serves both ops. A CTA owns ``blocks_per_cta`` KV blocks of one batch row; its
+# threads are laid over (block, 16-byte vector of the Hkv*D row) items, and each thread walks the
+# ``block_size`` tokens of its block with 16-byte loads (all independent, so they are in flight
+# together), keeping an fp32 running min/max of its 8 elements (exact: fp16/bf16 -> fp32 is
+# lossless). The op is a pure streaming read of K (build) or of O(length / bs) blocks (update).
+#
+# - build  ("summaries"): grid over every block of the cache; a block with no valid key is
+#   written as zeros (the contract), so the output needs no prior fill.
+# - update: grid over the ceil(length / bs) + 1 block slots that positions [start, start+length)
+#   can touch, per row; slot i is block start//bs + i, skipped once past the row's last touched
+#   block. ``length`` is a runtime scalar argument: one compiled kernel serves every length.
+# Sequence length, S_max, NB and B are symbolic, so nothing recompiles as lengths change.
+# ---------------------------------------------------------------------------------------------
+import functools  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+_VEC = 8  # fp16/bf16 elements per 16-byte vector load
+
+
+@dataclass(frozen=True)
+class SummariesConfig:
+    """Launch shape of the summaries kernels (see resa_tl.heuristics.summaries_config)."""
+    threads: int = 256          # threads per CTA
+    blocks_per_cta: int = 4     # KV blocks per CTA (threads are spread over block x vector items)
+
+
+def _tl_dtype(dtype) -> str:
+    return {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype] \
+        if isinstance(dtype, torch.dtype) else str(dtype)
+
+
+def summaries_program(heads_kv: int, head_dim: int, block_size: int, dtype: str = "bfloat16",
+                      index_dtype: str = "int32", mode: str = "build",
+                      config: SummariesConfig | None = None):
+    """The TileLang PrimFunc of block_summaries (mode="build") or update_block_summaries
+    (mode="update"). Static: Hkv, D, block size, dtypes, config; symbolic: B, S_max, NB."""
+    import tilelang.language as T
+
+    if mode not in ("build", "update"):
+        raise ValueError(f"mode must be 'build' or 'update', got {mode!r}")
+    cfg = config or SummariesConfig()
+    HKV, D, BS, TH, BPC = heads_kv, head_dim, block_size, cfg.threads, cfg.blocks_per_cta
+    if D % _VEC:
+        raise ValueError(f"head_dim must be a multiple of {_VEC}, got {D}")
+    RV = HKV * D // _VEC                     # 16-byte vectors per token row (all KV heads)
+    ITEMS = BPC * RV                         # (block, vector) items per CTA
+    PER_THREAD = -(-ITEMS // TH)
+    UNROLL = min(BS, 16)                     # tokens whose loads are issued together
+    dt, it, f32 = dtype, index_dtype, "float32"
+    B, S, NB = T.dynamic("B S NB")
+    update = mode == "update"
+
+    @T.macro
+    def body(K, Idx, Kmin, Kmax, length):
+        with T.Kernel(T.ceildiv(T.ceildiv(length, BS) + 1, BPC) if update else T.ceildiv(NB, BPC),
+                      B, threads=TH) as (bx, b):
+            tx = T.get_thread_binding()
+            x = T.alloc_local((_VEC,), dt)
+            mn = T.alloc_local((_VEC,), f32)
+            mx = T.alloc_local((_VEC,), f32)
+            end = T.alloc_var("int32")
+            first = T.alloc_var("int32")
+            last = T.alloc_var("int32")
+            if update:
+                end = T.Cast("int32", Idx[b]) + length
+                first = T.Cast("int32", Idx[b]) // BS
+                last = (end - 1) // BS
+            else:
+                end = T.Cast("int32", Idx[b])
+                first = 0
+                last = NB - 1
+            for i in T.serial(PER_THREAD):
+                item = tx + i * TH
+                blk = first + bx * BPC + item // RV
+                e0 = (item % RV) * _VEC
+                h = e0 // D
+                d0 = e0 % D
+                if item < ITEMS and blk <= last:
+                    cnt = end - blk * BS                 # valid tokens of this block (may be <= 0)
+                    for v in T.serial(_VEC):
+                        mn[v] = T.infinity(f32)
+                        mx[v] = -T.infinity(f32)
+                    for t0 in T.serial(BS // UNROLL):
+                        for t1 in T.unroll(UNROLL):
+                            t = t0 * UNROLL + t1
+                            if t < cnt:
+                                for v in T.vectorized(_VEC):
+                                    x[v] = K[b, blk * BS + t, h, d0 + v]
+                                for v in T.serial(_VEC):
+                                    mn[v] = T.min(mn[v], T.Cast(f32, x[v]))
+                                    mx[v] = T.max(mx[v], T.Cast(f32, x[v]))
+                    for v in T.serial(_VEC):                 # empty block -> zeros
+                        mn[v] = T.if_then_else(cnt > 0, mn[v], T.float32(0))
+                        mx[v] = T.if_then_else(cnt > 0, mx[v], T.float32(0))
+                    for v in T.vectorized(_VEC):
+                        Kmin[b, blk, h, d0 + v] = T.Cast(dt, mn[v])
+                    for v in T.vectorized(_VEC):
+                        Kmax[b, blk, h, d0 + v] = T.Cast(dt, mx[v])
+
+    if update:
+        @T.prim_func
+        def update_block_summaries_kernel(
+                K: T.Tensor((B, S, HKV, D), dt), Start: T.Tensor((B,), it),
+                Kmin: T.Tensor((B, NB, HKV, D), dt), Kmax: T.Tensor((B, NB, HKV, D), dt),
+                length: T.int32):
+            body(K, Start, Kmin, Kmax, length)
+        return update_block_summaries_kernel
+
+    @T.prim_func
+    def block_summaries_kernel(
+            K: T.Tensor((B, S, HKV, D), dt), Lens: T.Tensor((B,), it),
+            Kmin: T.Tensor((B, NB, HKV, D), dt), Kmax: T.Tensor((B, NB, HKV, D), dt)):
+        body(K, Lens, Kmin, Kmax, 0)
+    return block_summaries_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def build_summaries_kernel(heads_kv: int, head_dim: int, block_size: int, dtype: str,
+                           index_dtype: str, mode: str, config: SummariesConfig, target: str):
+    """Compile (memoised) the summaries program for ``target`` ("sm_90a", "sm_80", ...)."""
+    import tilelang
+    prog = summaries_program(heads_kv, head_dim, block_size, dtype, index_dtype, mode, config)
+    return tilelang.compile(prog, target={"kind": "cuda", "arch": target})
+
+
+def _check_tilelang_shapes(k_cache: torch.Tensor):
+    D = k_cache.shape[-1]
+    if D % _VEC:
+        raise ValueError(f"head_dim must be a multiple of {_VEC} for the tilelang backend of the "
+                         f"block summaries, got {D}")
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if contiguous and 16-byte aligned (the kernels use 16-byte vector loads and
+    stores), else a contiguous copy."""
+    if t.is_contiguous() and t.data_ptr() % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _kernel_for(k_cache, index: torch.Tensor, block_size: int, mode: str):
+    from .. import heuristics
+    B, S, Hkv, D = k_cache.shape
+    cfg = heuristics.summaries_config(Hkv, D, block_size)
+    return build_summaries_kernel(Hkv, D, block_size, _tl_dtype(k_cache.dtype),
+                                  "int64" if index.dtype == torch.int64 else "int32", mode, cfg,
+                                  heuristics.arch_of(k_cache.device))
+
+
+def block_summaries_tilelang(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, block_size: int,
+                             *, out=None):
+    """TileLang backend of :func:`resa_tl.ops.block_summaries` (arguments already validated).
+
+    ``out`` (optional): a (kmin, kmax) pair of contiguous tensors to write into.
+    """
+    _check_tilelang_shapes(k_cache)
+    B, S, Hkv, D = k_cache.shape
+    nb = -(-S // block_size)
+    k = _aligned(k_cache)
+    if out is None:
+        kmin = torch.empty((B, nb, Hkv, D), dtype=k.dtype, device=k.device)
+        kmax = torch.empty_like(kmin)
+    else:
+        kmin, kmax = out
+    if B == 0 or nb == 0:
+        return kmin, kmax
+    kern = _kernel_for(k, cache_seqlens, block_size, "build")
+    kern(k, cache_seqlens.contiguous(), kmin, kmax)
+    return kmin, kmax
+
+
+def update_block_summaries_tilelang(kmin, kmax, k_cache, start, length: int, block_size: int):
+    """TileLang backend of :func:`resa_tl.ops.update_block_summaries` (in place; arguments
+    already validated, ``length`` >= 1). Launches ceil(ceil(length/bs)+1, blocks_per_cta) CTAs
+    per row: the cost is O(length / block_size) blocks, independent of the cache length."""
+    _check_tilelang_shapes(k_cache)
+    B = k_cache.shape[0]
+    if length <= 0 or B == 0:
+        return kmin, kmax
+    if length >= 2 ** 31 - 2 * block_size:
+        raise ValueError(f"length must be < 2**31 for the tilelang backend, got {length}")
+    k = _aligned(k_cache)
+    lo, hi = _aligned(kmin), _aligned(kmax)
+    kern = _kernel_for(k, start, block_size, "update")
+    kern(k, start.contiguous(), lo, hi, int(length))
+    if lo is not kmin:
+        kmin.copy_(lo)
+    if hi is not kmax:
+        kmax.copy_(hi)
     return kmin, kmax

@@ -1,0 +1,259 @@
+"""A transformers ``Cache`` backed by :class:`resa_tl.ReSACache`.
+
+``ReSAHFCache`` is a ``transformers.Cache`` whose layers (``ReSACacheLayer``, one
+``CacheLayerMixin`` per decoder layer) write into the static, preallocated NHD storage of a
+``ReSACache`` and keep its block summaries up to date. Each layer's ``update`` returns views of
+that storage (``[B, Hkv, S_max, D]``, like ``StaticLayer``), and the attention function that
+``resa_tl.attach`` registers reads the storage, the per-row lengths and the summaries directly.
+
+Lengths. Every row keeps its own number of valid positions (``store.seqlens[layer]``): padding
+tokens of a left-padded batch are never stored (rows are compacted), and keys already carry RoPE,
+so where a key sits in storage does not matter. ``get_seq_length`` reports the *logical* length
+(tokens fed so far, padding included: what the 2D attention mask of ``generate`` counts), as a
+0-d device tensor like ``StaticLayer`` so a compiled decode step never specialises on it.
+
+Host bookkeeping (capacity checks, the lengths' host mirrors, the count of sparse steps since the
+last dense pass) happens in :meth:`ReSAHFCache.begin_step`, which ``resa_tl.attach``'s
+``prepare_inputs_for_generation`` calls before every forward. A forward that nobody planned
+(a direct ``model(...)`` call) is planned on the fly by the first layer's ``update``, eagerly.
+The decode step itself only touches device tensors, so it can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .. import ops
+from ..cache import ReSACache
+from ..config import ReSAConfig
+from . import _torch_ops  # noqa: F401  (registers torch.ops.resa_tl.hf_*)
+
+# The ReSA layer whose ``update`` ran last. In every supported model the attention call of a
+# layer immediately follows its cache update, so the attention function finds its cache here
+# (the model does not pass ``past_key_values`` to the attention function). It is cleared once
+# read, so a forward without a ReSA cache never sees a stale layer.
+ACTIVE = {"layer": None}
+
+
+def text_config(model_config):
+    return model_config.get_text_config(decoder=True)
+
+
+def head_dim_of(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def sliding_windows(cfg) -> dict:
+    """{layer index: window} for the layers that use sliding-window attention."""
+    window = getattr(cfg, "sliding_window", None)
+    if window is None:
+        return {}
+    types = getattr(cfg, "layer_types", None)
+    if types is None:                                  # Mistral: every layer uses the window
+        return {i: window for i in range(cfg.num_hidden_layers)}
+    return {i: window for i, t in enumerate(types) if t == "sliding_attention"}
+
+
+class ReSACacheLayer(CacheLayerMixin):
+    """One decoder layer's view of a :class:`ReSAHFCache` (storage lives in the owner)."""
+
+    is_sliding = False
+    is_croppable = False
+    supports_early_init = False           # storage is allocated up front
+
+    def __init__(self, owner: "ReSAHFCache", layer_idx: int, compileable: bool):
+        super().__init__()
+        self.owner, self.layer_idx = owner, layer_idx
+        self.is_compileable = compileable
+        store = owner.store
+        self.keys = store.k[layer_idx].transpose(1, 2)           # [B, Hkv, S_max, D] views
+        self.values = store.v[layer_idx].transpose(1, 2)
+        self.batch_size, self.num_heads = store.batch_size, store.num_kv_heads
+        self.dtype, self.device = store.k[layer_idx].dtype, store.device
+        self.max_cache_len = store.max_seq_len
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self.owner._write(self.layer_idx, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.max_cache_len, 0
+
+    def get_seq_length(self):
+        return self.owner.seen[self.layer_idx]
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:              # the owner resets all layers at once
+        pass
+
+    def offload(self):
+        raise NotImplementedError("ReSAHFCache does not support offloading")
+
+    def prefetch(self):
+        raise NotImplementedError("ReSAHFCache does not support offloading")
+
+    def _unsupported(self, what):
+        raise NotImplementedError(
+            f"ReSAHFCache does not support {what} (used by beam search, contrastive search and "
+            "assisted decoding); ReSA decoding supports greedy decoding and sampling")
+
+    def reorder_cache(self, beam_idx):
+        self._unsupported("reorder_cache")
+
+    def crop(self, tokens_to_remove):
+        self._unsupported("crop")
+
+    def batch_repeat_interleave(self, repeats):
+        self._unsupported("batch_repeat_interleave")
+
+    def batch_select_indices(self, indices):
+        self._unsupported("batch_select_indices")
+
+
+class ReSAHFCache(Cache):
+    """transformers ``Cache`` for ReSA decoding: static per-layer K/V (NHD) + block summaries.
+
+    Parameters
+    ----------
+    model_config : transformers ``PretrainedConfig`` of the model (layers, KV heads, head_dim,
+        sliding windows are read from it).
+    batch_size, max_cache_len : int — rows and positions per row the cache can hold.
+    config : ReSAConfig — block size, sparsity and rectification period.
+    dtype, device : storage dtype / device (the model's).
+    backend : "auto" | "tilelang" | "torch" — for every ReSA op.
+    compileable : bool — report ``is_compileable`` to transformers (``generate`` then compiles
+        the decode step on CUDA, as it does for ``cache_implementation="static"``).
+
+    Attributes of interest: ``store`` (the :class:`resa_tl.ReSACache`), ``num_rectifications``,
+    ``last_step_rectified`` (the last forward re-fed sparse tokens densely).
+    """
+
+    def __init__(self, model_config, batch_size: int, max_cache_len: int, *,
+                 config: ReSAConfig | None = None, dtype=torch.float32, device="cpu",
+                 backend: str = "auto", compileable: bool = False):
+        cfg = text_config(model_config)
+        windows = sliding_windows(cfg)
+        if windows:
+            first, window = min(windows.items())
+            if max_cache_len > window:
+                raise ValueError(
+                    f"layer {first} of this model uses sliding-window attention (window {window}), "
+                    f"and the cache would hold up to {max_cache_len} tokens: resa_tl does not "
+                    "implement sliding windows. Keep prompt + new tokens within the window, or "
+                    "use a model without sliding-window layers")
+        ops.resolve_backend(backend, torch.device(device), dtype)      # validates the pair
+        self.config = config or ReSAConfig()
+        self.backend = backend
+        self.store = ReSACache(cfg.num_hidden_layers, batch_size, max_cache_len,
+                               cfg.num_key_value_heads, head_dim_of(cfg), config=self.config,
+                               dtype=dtype, device=device, backend=backend)
+        self.max_cache_len = max_cache_len
+        self.seen = torch.zeros(cfg.num_hidden_layers, dtype=torch.int64, device=device)
+        super().__init__(layers=[ReSACacheLayer(self, i, compileable)
+                                 for i in range(cfg.num_hidden_layers)])
+        self._rows = self.store._rows[:, None]
+        self._steps = self.store._steps
+        # host-side state
+        self._seen_host = 0          # logical length (tokens fed, padding included)
+        self.pending = 0             # tokens decoded sparsely since the last dense pass
+        self._planned = False
+        self.num_rectifications = 0
+        self.last_step_rectified = False
+        if not torch.compiler.is_compiling():
+            # fixed addresses: the CUDA graphs of a compiled decode step keep pointing at them
+            for t in (*self.store.k, *self.store.v, *self.store.kmin, *self.store.kmax,
+                      self.store.seqlens, self.seen):
+                torch._dynamo.mark_static_address(t)
+
+    # ------------------------------------------------------------------ host side
+    def get_seq_length(self, layer_idx: int = 0):
+        return self.seen[layer_idx]
+
+    def lengths(self, layer_idx: int = 0) -> torch.Tensor:
+        """Stored (non-padding) positions per row of a layer, int32 [B]."""
+        return self.store.lengths(layer_idx)
+
+    def begin_step(self, num_tokens: int, rewind: int = 0):
+        """Host bookkeeping before a forward that feeds ``num_tokens`` new tokens per row, after
+        dropping the last ``rewind`` (rectification: they are fed again in the same forward)."""
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
+            raise ValueError(f"num_tokens must be an int >= 1, got {num_tokens!r}")
+        cap = self.max_cache_len
+        if self._seen_host + num_tokens > cap:
+            if self._seen_host == 0:
+                raise ValueError(f"the prompt ({num_tokens} tokens) is longer than the ReSA cache "
+                                 f"(max_cache_len={cap})")
+            raise ValueError(f"{num_tokens} more token(s) would exceed the ReSA cache "
+                             f"(max_cache_len={cap}, {self._seen_host} tokens held)")
+        if rewind:
+            self.rewind(rewind)
+        n = num_tokens + rewind
+        self._seen_host += n
+        store = self.store
+        for layer in range(store.num_layers):
+            store._max_len[layer] += n
+            store._min_len[layer] += n        # padded chunks lower it after compaction
+        self.pending = self.pending + 1 if n == 1 else 0
+        self.last_step_rectified = rewind > 0
+        self.num_rectifications += rewind > 0
+        self._planned = True
+
+    def rewind(self, n: int):
+        """Drop the last n positions of every row (they must all be non-padding)."""
+        self.store.rewind(n)
+        self.seen.sub_(n)
+        self._seen_host -= n
+
+    def reset(self):
+        self.store.reset()
+        self.seen.zero_()
+        self._seen_host = 0
+        self.pending = 0
+        self._planned = False
+        self.num_rectifications = 0
+        self.last_step_rectified = False
+
+    # ------------------------------------------------------------------ device side
+    def _write(self, i: int, key_states, value_states):
+        """Append the new K/V ([B, Hkv, T, D]) at each row's end; refresh touched summaries."""
+        if i == 0:
+            if not self._planned and not torch.compiler.is_compiling():
+                self.begin_step(key_states.shape[-2])         # a forward nobody planned
+            self._planned = False
+        store = self.store
+        T = key_states.shape[-2]
+        lens = store.seqlens[i]
+        pos = lens.long()[:, None] + self._steps[:T]                       # [B, T]
+        store.k[i][self._rows, pos] = key_states.transpose(1, 2).to(store.k[i].dtype)
+        store.v[i][self._rows, pos] = value_states.transpose(1, 2).to(store.v[i].dtype)
+        torch.ops.resa_tl.hf_update_summaries(store.kmin[i], store.kmax[i], store.k[i], lens, T,
+                                              store.block_size, self.backend)
+        lens.add_(T)
+        self.seen[i].add_(T)
+        layer = self.layers[i]
+        ACTIVE["layer"] = layer
+        return layer.keys, layer.values
+
+    def compact_chunk(self, i: int, valid: torch.Tensor):
+        """Drop the padding of the chunk just written to layer i. valid: bool [B, T] (True =
+        real token). Eager only (reads lengths on the host); used for padded prompts."""
+        store = self.store
+        T = valid.shape[1]
+        lens = store.seqlens[i]
+        base = lens.long() - T
+        pos = base[:, None] + self._steps[:T]                              # raw positions
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # real tokens first
+        src = pos.gather(1, order)
+        for buf in (store.k[i], store.v[i]):
+            buf[self._rows, pos] = buf[self._rows, src]
+        lens.copy_(base + valid.sum(-1))
+        kmin, kmax = ops.block_summaries(store.k[i], lens, store.block_size, backend=self.backend)
+        store.kmin[i].copy_(kmin)
+        store.kmax[i].copy_(kmax)
+        host = lens.tolist()
+        store._max_len[i], store._min_len[i] = max(host), min(host)

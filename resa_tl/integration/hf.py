@@ -1,0 +1,353 @@
+"""``resa_tl.attach(model)`` / ``resa_tl.detach(model)``: ReSA decoding inside an unchanged
+``model.generate(...)`` of a transformers causal LM (Llama, Qwen2, Qwen3, Mistral).
+
+How it plugs in (transformers >= 5.17):
+
+* An attention function and a matching mask function are registered under the name
+  ``"resa_tl"`` (``transformers.AttentionInterface`` / ``masking_utils.AttentionMaskInterface``)
+  and the model is switched to it with ``model.set_attn_implementation("resa_tl")``. The
+  attention function gets the query after RoPE and computes attention itself from the ReSA cache:
+  one query token -> block selection + sparse attention; several (prefill, rectification) ->
+  dense causal attention. The mask function hands the 2D padding mask through unchanged.
+* ``_prepare_cache_for_generation`` is wrapped (instance attribute) to inject a
+  :class:`~resa_tl.integration.cache_layer.ReSAHFCache` when the caller passed none (sized like
+  transformers sizes its caches; ``cache_implementation="static"`` gives a compileable one that is
+  reused across calls), and to reject what ReSA cannot do (beam search, assisted decoding, ...).
+* ``prepare_inputs_for_generation`` is wrapped (instance attribute, ``functools.wraps``) to fuse
+  rectification into decoding: once ``rectify_every`` tokens were decoded sparsely, the next step
+  rewinds them and feeds them again together with the new token, densely, in the same forward
+  (``generate`` keeps one row of logits: ``logits_to_keep=1``). Inputs, position ids and masks of
+  that step are sliced by transformers' own ``prepare_inputs_for_generation`` for the f + 1 tokens.
+
+Left padding: padding keys are never written to the cache (each row is compacted; keys carry RoPE
+already), so rows simply have different lengths; the dense pass over a padded prompt runs per
+row on its real tokens. Sliding-window layers: accepted only while the window can never bind (the
+cache is no longer than the window); otherwise creating the cache raises.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..config import ReSAConfig
+from .cache_layer import ACTIVE, ReSAHFCache, head_dim_of, text_config
+
+IMPLEMENTATION = "resa_tl"
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+TILELANG_HEAD_DIMS = (64, 128)
+_WRAPPED = ("prepare_inputs_for_generation", "_prepare_cache_for_generation")
+_MISSING = object()
+
+
+@dataclass
+class AttachState:
+    config: ReSAConfig
+    backend: str
+    previous_implementation: object
+    saved_attributes: dict = field(default_factory=dict)
+    static_cache: ReSAHFCache | None = None       # reused by cache_implementation="static"
+
+
+def attached_state(model) -> AttachState | None:
+    return model.__dict__.get("_resa_state")
+
+
+# ---------------------------------------------------------------------------------- checks
+def check_model(model, backend: str) -> None:
+    """Architecture, dtype, head_dim and backend checks, with the reason in the message."""
+    from transformers import PreTrainedModel
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"resa_tl.attach expects a transformers PreTrainedModel, got "
+                        f"{type(model).__name__}")
+    cfg = text_config(model.config)
+    mt = getattr(cfg, "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES or getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"resa_tl.attach supports the decoder-only architectures "
+                         f"{SUPPORTED_MODEL_TYPES}; got model_type={mt!r} "
+                         f"({type(model).__name__})")
+    if not model.can_generate():
+        raise ValueError(f"{type(model).__name__} cannot generate; attach a *ForCausalLM model")
+    dtype = model.dtype
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"resa_tl supports float16, bfloat16 and float32 models; this one is "
+                        f"{str(dtype).replace('torch.', '')}")
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+    resolved = ops.resolve_backend(backend, model.device, dtype)
+    d = head_dim_of(cfg)
+    if resolved == "tilelang" and d not in TILELANG_HEAD_DIMS:
+        raise ValueError(f"head_dim={d} is not supported by the TileLang kernels (supported: "
+                         f"{TILELANG_HEAD_DIMS}); use backend='torch' (slow) for this model")
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise ValueError(f"num_attention_heads={cfg.num_attention_heads} must be a multiple of "
+                         f"num_key_value_heads={cfg.num_key_value_heads}")
+
+
+def _check_generation(generation_config, generation_mode) -> None:
+    from transformers.generation.configuration_utils import GenerationMode
+    if generation_config.is_assistant:
+        raise ValueError("a model with resa_tl attached cannot serve as an assistant model "
+                         "(assisted decoding rolls the cache back; ReSA's cache cannot)")
+    if generation_mode == GenerationMode.ASSISTED_GENERATION:
+        raise ValueError("assisted decoding (assistant_model / prompt_lookup_num_tokens) is not "
+                         "supported with resa_tl attached: it rolls the cache back")
+    if generation_mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+        raise ValueError(f"resa_tl supports greedy decoding and sampling (num_beams=1); got "
+                         f"{generation_mode.value} (num_beams={generation_config.num_beams})")
+
+
+def new_cache(model, batch_size: int, max_cache_len: int, *, compileable: bool = False,
+              config: ReSAConfig | None = None) -> ReSAHFCache:
+    """A ReSA cache for an attached model, e.g. to pass as ``past_key_values`` to ``generate``
+    (and to continue from it later). ``config`` defaults to the one given to ``attach``."""
+    state = attached_state(model)
+    if state is None:
+        raise ValueError("resa_tl is not attached to this model; call resa_tl.attach(model)")
+    check_model(model, state.backend)
+    return ReSAHFCache(model.config, batch_size, max_cache_len, config=config or state.config,
+                       dtype=model.dtype, device=model.device, backend=state.backend,
+                       compileable=compileable)
+
+
+# ------------------------------------------------------------------ attention / mask functions
+def resa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                   **kwargs):
+    """AttentionInterface function. query [B, H, T, D] (after RoPE); key/value are the views the
+    cache update returned. Returns ([B, T, H, Dv], None)."""
+    layer = ACTIVE["layer"]
+    ACTIVE["layer"] = None
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    if layer is None or layer.layer_idx != getattr(module, "layer_idx", None):
+        return _dense_without_cache(query, key, value, attention_mask, scale)
+    cache, i = layer.owner, layer.layer_idx
+    store, cfg = cache.store, cache.config
+    B, H, T, D = query.shape
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError("resa_tl takes 2D padding masks ([batch, tokens]); got a "
+                         f"{attention_mask.dim()}D attention mask")
+    if T == 1:
+        out = torch.ops.resa_tl.hf_sparse_attention(
+            query[:, :, 0].contiguous(), store.k[i], store.v[i], store.kmin[i], store.kmax[i],
+            store.seqlens[i], cfg.block_size, float(cfg.sparse_ratio), cfg.min_blocks,
+            cfg.local_blocks, scale, cache.backend)
+        return out.unsqueeze(1), None
+    if attention_mask is not None:
+        valid = attention_mask[:, -T:].to(device=query.device, dtype=torch.bool)
+        if torch.compiler.is_compiling():
+            raise NotImplementedError("a padded multi-token chunk cannot be compiled; run the "
+                                      "prefill of a padded batch eagerly")
+        if not bool(valid.all()):
+            return _padded_chunk(cache, i, query, valid, scale), None
+    out = torch.ops.resa_tl.hf_dense_attention(query.transpose(1, 2).contiguous(), store.k[i],
+                                               store.v[i], store.seqlens[i], scale,
+                                               cache.backend)
+    return out, None
+
+
+def _padded_chunk(cache, i, query, valid, scale):
+    """Compact the chunk's padding out of layer i, then run each row's real tokens densely."""
+    cache.compact_chunk(i, valid)
+    store = cache.store
+    B, H, T, D = query.shape
+    out = query.new_zeros(B, T, H, store.v[i].shape[-1])
+    q = query.transpose(1, 2)                                          # [B, T, H, D]
+    for b, n in enumerate(valid.sum(-1).tolist()):
+        if n == 0:
+            continue
+        rows = valid[b].nonzero().squeeze(1)
+        o = ops.rectify_attention(q[b:b + 1, rows].contiguous(), store.k[i][b:b + 1],
+                                  store.v[i][b:b + 1], store.seqlens[i][b:b + 1],
+                                  softmax_scale=scale, backend=cache.backend)
+        out[b, rows] = o[0]
+    return out
+
+
+def _dense_without_cache(query, key, value, attention_mask, scale):
+    """Plain causal attention for a forward that runs without a ReSA cache (use_cache=False)."""
+    B, H, Tq, D = query.shape
+    Tk = key.shape[2]
+    g = H // key.shape[1]
+    k = key.repeat_interleave(g, dim=1)
+    v = value.repeat_interleave(g, dim=1)
+    qi = torch.arange(Tq, device=query.device)[:, None] + (Tk - Tq)
+    kj = torch.arange(Tk, device=query.device)[None]
+    allowed = (kj <= qi)[None, None]                                   # [1, 1, Tq, Tk]
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[-1] != Tk:
+            raise ValueError("without a ReSA cache, resa_tl attention takes a 2D padding mask "
+                             f"covering all {Tk} keys; got shape {tuple(attention_mask.shape)}")
+        allowed = allowed & attention_mask.to(torch.bool)[:, None, None, :]
+        allowed = allowed | (kj == qi)[None, None]        # a padding query attends to itself
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=allowed, scale=scale)
+    return out.transpose(1, 2), None
+
+
+def resa_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0,
+              mask_function=None, attention_mask=None, **kwargs):
+    """AttentionMaskInterface function: the attention function needs only which tokens are
+    padding, so the 2D mask goes through as a bool tensor (None: no padding)."""
+    if attention_mask is None:
+        return None
+    return attention_mask.to(torch.bool)
+
+
+_REGISTERED = False
+
+
+def _register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register(IMPLEMENTATION, resa_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, resa_mask)
+    _REGISTERED = True
+
+
+# ------------------------------------------------------------------------ generate() wrappers
+def _wrap_prepare_cache(model, state: AttachState):
+    original = model._prepare_cache_for_generation
+
+    @functools.wraps(original)
+    def _prepare_cache_for_generation(generation_config, model_kwargs, generation_mode,
+                                      batch_size, max_cache_length, *args, **kwargs):
+        _check_generation(generation_config, generation_mode)
+        rows = max(generation_config.num_beams or 1,
+                   generation_config.num_return_sequences or 1) * batch_size
+        cache = model_kwargs.get("past_key_values")
+        if cache is not None:
+            if not isinstance(cache, ReSAHFCache):
+                raise TypeError(f"with resa_tl attached, past_key_values must be a ReSAHFCache "
+                                f"(resa_tl.integration.new_cache) or None; got "
+                                f"{type(cache).__name__}")
+            if cache.store.batch_size != rows:
+                raise ValueError(f"the ReSA cache holds {cache.store.batch_size} rows; this "
+                                 f"generate call needs {rows}")
+            if max_cache_length > cache.max_cache_len:
+                raise ValueError(f"generation needs up to {max_cache_length} cached tokens "
+                                 f"(max_length - 1) but the ReSA cache holds "
+                                 f"{cache.max_cache_len} (max_cache_len); the prompt plus "
+                                 "max_new_tokens must fit the cache")
+            return original(generation_config, model_kwargs, generation_mode, batch_size,
+                            max_cache_length, *args, **kwargs)
+        if generation_config.use_cache is False:
+            raise ValueError("ReSA decoding needs the KV cache; generate(use_cache=False) is not "
+                             "supported with resa_tl attached")
+        impl = generation_config.cache_implementation
+        if impl not in (None, "dynamic", "static"):
+            raise ValueError(f"cache_implementation={impl!r} is not supported with resa_tl "
+                             "attached; use None (default) or 'static'")
+        check_model(model, state.backend)
+        capacity = max_cache_length
+        if impl == "static":
+            capacity = max(capacity, generation_config.max_cache_len or 0)
+            reuse = state.static_cache
+            if (reuse is not None and reuse.store.batch_size == rows
+                    and reuse.max_cache_len >= capacity and reuse.config == state.config
+                    and reuse.store.k[0].dtype == model.dtype
+                    and reuse.store.device == model.device):
+                reuse.reset()
+                model_kwargs["past_key_values"] = reuse
+                return
+        cache = new_cache(model, rows, capacity, compileable=impl == "static")
+        if impl == "static":
+            state.static_cache = cache
+        model_kwargs["past_key_values"] = cache
+
+    return _prepare_cache_for_generation
+
+
+def _wrap_prepare_inputs(model):
+    original = model.prepare_inputs_for_generation
+
+    @functools.wraps(original)
+    def prepare_inputs_for_generation(input_ids, next_sequence_length=None, past_key_values=None,
+                                      attention_mask=None, inputs_embeds=None,
+                                      is_first_iteration=False, **kwargs):
+        cache = past_key_values
+        call = functools.partial(original, input_ids, past_key_values=past_key_values,
+                                 attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                 is_first_iteration=is_first_iteration, **kwargs)
+        if not isinstance(cache, ReSAHFCache):
+            return call(next_sequence_length=next_sequence_length)
+        embeds = inputs_embeds is not None and is_first_iteration and not \
+            model.config.is_encoder_decoder
+        available = inputs_embeds.shape[1] if embeds else input_ids.shape[1]
+        T = available if next_sequence_length is None else int(next_sequence_length)
+        # Rectification, fused: re-feed the sparse tokens densely together with the new ones.
+        f = cache.config.rectify_every
+        fold = 0
+        if cache.pending and (T > 1 or (f and cache.pending >= f)):
+            if not embeds and next_sequence_length is not None and \
+                    input_ids.shape[1] >= T + cache.pending:
+                fold = cache.pending
+        n = T + fold
+        # Padding: only a chunk holding prompt tokens can contain any (generated ones never do).
+        padded = False
+        if attention_mask is not None and T > 1:
+            padded = not bool(attention_mask[:, -n:].to(torch.bool).all())
+        cache.begin_step(T, rewind=fold)
+        model_inputs = call(next_sequence_length=n if fold else next_sequence_length)
+        if padded:
+            model_inputs["attention_mask"] = attention_mask.to(torch.bool)
+        else:
+            model_inputs.pop("attention_mask", None)
+        return model_inputs
+
+    return prepare_inputs_for_generation
+
+
+# ------------------------------------------------------------------------------- attach/detach
+def attach(model, config: ReSAConfig | None = None, *, backend: str = "auto", **overrides):
+    """Make ``model.generate(...)`` decode with ReSA.
+
+    Parameters
+    ----------
+    model : a transformers causal LM (Llama, Qwen2, Qwen3 or Mistral architecture).
+    config : ReSAConfig, optional (paper defaults); ``**overrides`` replace some of its fields,
+        e.g. ``attach(model, sparse_ratio=0.1, rectify_every=32)``.
+    backend : "auto" (TileLang for fp16/bf16 CUDA models, torch otherwise), "tilelang", "torch".
+
+    Returns the model. Attaching again replaces the configuration. Raises ValueError / TypeError
+    for unsupported architectures, dtypes, head dims and backends.
+    """
+    if config is None:
+        config = ReSAConfig()
+    elif not isinstance(config, ReSAConfig):
+        raise TypeError(f"config must be a resa_tl.ReSAConfig, got {type(config).__name__}")
+    if overrides:
+        config = config.replace(**overrides)
+    check_model(model, backend)
+    if attached_state(model) is not None:
+        detach(model)
+    _register()
+    previous = model.config._attn_implementation
+    state = AttachState(config=config, backend=backend, previous_implementation=previous,
+                        saved_attributes={n: model.__dict__.get(n, _MISSING) for n in _WRAPPED})
+    model.set_attn_implementation(IMPLEMENTATION)
+    model.__dict__["prepare_inputs_for_generation"] = _wrap_prepare_inputs(model)
+    model.__dict__["_prepare_cache_for_generation"] = _wrap_prepare_cache(model, state)
+    model.__dict__["_resa_state"] = state
+    return model
+
+
+def detach(model):
+    """Undo :func:`attach`: the previous attention implementation and the model's own
+    ``prepare_inputs_for_generation`` / ``_prepare_cache_for_generation`` come back. Returns
+    the model."""
+    state = attached_state(model)
+    if state is None:
+        raise ValueError("resa_tl is not attached to this model")
+    model.set_attn_implementation(state.previous_implementation)
+    for name, saved in state.saved_attributes.items():
+        if saved is _MISSING:
+            model.__dict__.pop(name, None)
+        else:
+            model.__dict__[name] = saved
+    del model.__dict__["_resa_state"]
+    return model

@@ -1,0 +1,433 @@
+"""GPU tests of the TileLang block_summaries / update_block_summaries / select_blocks kernels
+against the torch references (resa_tl/kernels/summaries.py, selection.py).
+
+- Summaries are min/max of the input values, so they must match the reference EXACTLY
+  (including zeros for blocks with no valid key); outputs are poisoned before every call.
+- Selection: the reference uses torch.topk, which is arbitrary among equal scores, and the
+  kernel's fp32 sums run in another order, so the tests check the SET: count == n, ascending,
+  -1 padding, in range, locals kept, and every kept block's reference score >= every dropped
+  valid block's score minus a tiny tolerance; and it must equal the reference exactly except
+  for blocks whose score is within that tolerance of the threshold (none on random data,
+  in practice). Exact ties resolve to the lower block ids (tested on constructed ties).
+"""
+import pytest
+import torch
+
+from resa_tl import ops
+from resa_tl.kernels import selection as sel
+from resa_tl.kernels import summaries as summ
+
+pytestmark = pytest.mark.gpu
+
+LENGTHS = [1, 15, 16, 17, 1000, 4103, 65536]
+F16, BF16 = torch.float16, torch.bfloat16
+I32, I64 = torch.int32, torch.int64
+POISON_F = 1234.0           # finite sentinel (fp16-representable) for "not written" checks
+
+
+def _dev():
+    return torch.device("cuda")
+
+
+def _lens(values, dtype=I32):
+    return torch.tensor(values, dtype=dtype, device=_dev())
+
+
+# ------------------------------------------------------------------------------------------
+# block_summaries
+# ------------------------------------------------------------------------------------------
+# (B, lengths, S_max, Hkv, D, block_size, dtype, index dtype)
+SUMMARY_CASES = [
+    (8, LENGTHS + [0], 65536, 4, 128, 16, BF16, I32),
+    (3, [4103, 17, 1000], 4103, 2, 64, 16, F16, I64),
+    (1, [999], 1000, 1, 128, 64, F16, I32),
+    (3, [4200, 129, 1], 4200, 8, 64, 128, BF16, I32),
+    (2, [77, 33], 100, 3, 128, 32, BF16, I64),       # Hkv*D/8 does not divide the CTA
+]
+
+
+def summary_specs():
+    """(Hkv, D, bs, dtype, index dtype, mode) of every summaries kernel these tests build."""
+    out = set()
+    for _, _, _, hkv, d, bs, dt, it in SUMMARY_CASES:
+        out.add((hkv, d, bs, dt, it, "build"))
+    for _, _, hkv, d, bs, dt, it in UPDATE_CASES:
+        out.add((hkv, d, bs, dt, it, "build"))
+        out.add((hkv, d, bs, dt, it, "update"))
+    return sorted(out, key=str)
+
+
+@pytest.mark.parametrize("case", SUMMARY_CASES, ids=lambda c: f"B{c[0]}-S{c[2]}-h{c[3]}-d{c[4]}"
+                         f"-bs{c[5]}-{str(c[6])[6:]}-{str(c[7])[6:]}")
+def test_block_summaries_exact(case):
+    B, lens, S, Hkv, D, bs, dt, it = case
+    torch.manual_seed(0)
+    k = torch.randn(B, S, Hkv, D, device=_dev()).to(dt)
+    sl = _lens(lens, it)
+    nb = -(-S // bs)
+    kmin = torch.full((B, nb, Hkv, D), float("nan"), dtype=dt, device=_dev())
+    kmax = torch.full_like(kmin, float("nan"))
+    summ.block_summaries_tilelang(k, sl, bs, out=(kmin, kmax))
+    rmin, rmax = summ.block_summaries_reference(k, sl, bs)
+    assert torch.equal(kmin, rmin), "kmin differs from the reference"
+    assert torch.equal(kmax, rmax), "kmax differs from the reference"
+    # the public op dispatches to the same kernel
+    omin, omax = ops.block_summaries(k, sl, bs, backend="tilelang")
+    assert torch.equal(omin, rmin) and torch.equal(omax, rmax)
+
+
+# ------------------------------------------------------------------------------------------
+# update_block_summaries: random appends and rewinds == rebuilt summaries
+# ------------------------------------------------------------------------------------------
+# (B, S_max, Hkv, D, block_size, dtype, index dtype)
+UPDATE_CASES = [
+    (3, 4200, 4, 128, 16, BF16, I32),
+    (8, 1100, 2, 64, 32, F16, I64),
+    (1, 70000, 4, 128, 16, BF16, I32),
+]
+
+
+@pytest.mark.parametrize("case", UPDATE_CASES, ids=lambda c: f"B{c[0]}-S{c[1]}-h{c[2]}-d{c[3]}"
+                         f"-bs{c[4]}-{str(c[5])[6:]}-{str(c[6])[6:]}")
+def test_update_block_summaries_random_appends_rewinds(case):
+    B, S, Hkv, D, bs, dt, it = case
+    g = torch.Generator().manual_seed(1)
+    dev = _dev()
+    k = torch.randn(B, S, Hkv, D, device=dev).to(dt)
+    cur = torch.randint(1, min(S, 66000) // 2, (B,), generator=g)
+    if S > 65536:
+        cur[0] = 65530                                   # crosses 65536 while appending
+    kmin, kmax = summ.block_summaries_tilelang(k, cur.to(device=dev, dtype=it), bs)
+    nb = kmin.shape[1]
+    for step, length in enumerate([1, 33, 1, 5, 16, 17, 64, 1, 2, 33, 1, 100]):
+        # rewind some rows (start < current length), append on the others
+        rewind = torch.rand(B, generator=g) < 0.35
+        back = torch.randint(0, 40, (B,), generator=g)
+        start = torch.where(rewind, (cur - back).clamp(min=0), cur)
+        start = start.clamp(max=S - length)
+        end = start + length
+        for b in range(B):                               # fresh keys at the written positions
+            k[b, int(start[b]):int(end[b])] = torch.randn(length, Hkv, D, device=dev).to(dt)
+        # poison every block past the last one any row touches: the kernel must not write there
+        hi_blk = int(((end - 1) // bs).max()) + 1
+        kmin[:, hi_blk:] = POISON_F
+        kmax[:, hi_blk:] = POISON_F
+        rmin, rmax = kmin.clone(), kmax.clone()
+        st = start.to(device=dev, dtype=it)
+        out = summ.update_block_summaries_tilelang(kmin, kmax, k, st, length, bs)
+        assert out[0] is kmin and out[1] is kmax, "update must be in place"
+        summ.update_block_summaries_reference(rmin, rmax, k, st, length, bs)
+        assert torch.equal(kmin, rmin), f"step {step}: kmin differs from the reference update"
+        assert torch.equal(kmax, rmax), f"step {step}: kmax differs from the reference update"
+        assert (kmin[:, hi_blk:] == POISON_F).all(), "update wrote past the touched blocks"
+        # == summaries rebuilt from scratch over every row's valid blocks
+        bmin, bmax = summ.block_summaries_reference(k, end.to(dev), bs)
+        nvalid = (end + bs - 1) // bs
+        for b in range(B):
+            nv = int(nvalid[b])
+            assert torch.equal(kmin[b, :nv], bmin[b, :nv]), f"step {step} row {b}: kmin != rebuilt"
+            assert torch.equal(kmax[b, :nv], bmax[b, :nv]), f"step {step} row {b}: kmax != rebuilt"
+        cur = end
+    assert nb == -(-S // bs)
+
+
+def test_update_block_summaries_cuda_graph():
+    B, S, Hkv, D, bs, dt = 3, 3000, 4, 128, 16, BF16
+    dev = _dev()
+    torch.manual_seed(2)
+    k = torch.randn(B, S, Hkv, D, device=dev).to(dt)
+    lens = _lens([100, 1, 2047])
+    kmin, kmax = summ.block_summaries_tilelang(k, lens, bs)
+    start = lens.clone()
+    summ.update_block_summaries_tilelang(kmin, kmax, k, start, 1, bs)       # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        summ.update_block_summaries_tilelang(kmin, kmax, k, start, 1, bs)
+    cur = lens.clone() + 1
+    for _ in range(40):                                  # decode steps: write a key, replay
+        for b in range(B):
+            k[b, int(cur[b])] = torch.randn(Hkv, D, device=dev).to(dt)
+        start.copy_(cur)
+        graph.replay()
+        cur += 1
+    torch.cuda.synchronize()
+    bmin, bmax = summ.block_summaries_reference(k, cur, bs)
+    for b in range(B):
+        nv = int((cur[b] + bs - 1) // bs)
+        assert torch.equal(kmin[b, :nv], bmin[b, :nv])
+        assert torch.equal(kmax[b, :nv], bmax[b, :nv])
+
+
+# ------------------------------------------------------------------------------------------
+# select_blocks
+# ------------------------------------------------------------------------------------------
+# (B, lengths or None = random ragged, S_max, Hkv, g, D, dtype, index dtype, block_size,
+#  sparse_ratio, min_blocks, local_blocks, max_selected or None = default)
+SELECT_CASES = [
+    (8, LENGTHS + [70], 65536, 4, 7, 128, BF16, I32, 16, 0.1, 16, 1, None),
+    (3, [65536, 1000, 17], 65536, 4, 7, 128, F16, I64, 16, 0.1, 16, 1, None),
+    (1, [4103], 4103, 8, 1, 64, F16, I32, 16, 0.1, 16, 1, None),
+    (3, [15, 16, 4103], 4103, 2, 2, 128, BF16, I32, 16, 0.1, 16, 1, None),
+    (3, None, 5000, 4, 4, 64, BF16, I64, 16, 0.1, 16, 2, None),
+    (8, None, 3000, 2, 6, 128, F16, I32, 32, 0.2, 8, 1, None),
+    (3, [2000, 1, 1999], 2000, 1, 8, 128, BF16, I32, 16, 0.1, 16, 1, None),
+    (3, [1000, 4103, 17], 4103, 4, 7, 64, BF16, I32, 16, 1.0, 16, 1, None),     # full density
+    (3, [4103, 1000, 50], 4103, 4, 7, 128, BF16, I32, 16, 0.1, 16, 0, 20),      # K caps n
+    (3, [4103, 65, 3000], 4103, 2, 7, 128, F16, I32, 64, 0.05, 4, 4, None),     # bs 64, 4 local
+    (1, [262144], 262144, 4, 7, 128, BF16, I32, 16, 0.1, 16, 1, None),          # NB 16384
+    (2, [524288, 300001], 524288, 4, 7, 128, BF16, I32, 16, 0.1, 16, 1, None),  # keys in smem
+]
+
+
+def _case_k(c):
+    B, lens, S, Hkv, g, D, dt, it, bs, ratio, minb, local, K = c
+    nb = -(-S // bs)
+    return K if K is not None else sel.default_max_selected(nb, ratio, minb)
+
+
+def select_specs():
+    """Static parameters (+ config hist override or None) of every select kernel these tests
+    build, for precompiling."""
+    out = set()
+    for c in SELECT_CASES:
+        B, lens, S, Hkv, g, D, dt, it, bs, ratio, minb, local, K = c
+        out.add((-(-S // bs), Hkv, g, D, bs, ratio, minb, local, _case_k(c), dt, it, None))
+    for i in VARIANT_CASES:
+        c = SELECT_CASES[i]
+        B, lens, S, Hkv, g, D, dt, it, bs, ratio, minb, local, K = c
+        for hist, threads in VARIANTS:
+            out.add((-(-S // bs), Hkv, g, D, bs, ratio, minb, local, _case_k(c), dt, it,
+                     (hist, threads)))
+    tie = (TIE_NB, 2, 2, 64, 16, 0.1, 16, 1, sel.default_max_selected(TIE_NB, 0.1, 16), F16, I32)
+    for hist in HISTS:
+        out.add(tie + ((hist, None),))
+    out.add((GRAPH_NB, 4, 7, 128, 16, 0.1, 16, 1, sel.default_max_selected(GRAPH_NB, 0.1, 16),
+             BF16, I32, None))
+    out.add((512, 4, 7, 128, 16, 0.1, 16, 1, sel.default_max_selected(512, 0.1, 16), BF16, I32,
+             None))
+    return sorted(out, key=str)
+
+
+def variant_config(nb, hkv, d, variant):
+    """The heuristic config with (hist, select_threads) overridden; None -> the heuristic."""
+    import dataclasses
+
+    from resa_tl import heuristics
+    cfg = heuristics.selection_config(nb, hkv, d)
+    if variant is None:
+        return cfg
+    hist, threads = variant
+    return dataclasses.replace(cfg, hist=hist, select_threads=threads or cfg.select_threads)
+
+
+def _random_summaries(B, nb, Hkv, D, dt, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    kmin = torch.randn(B, nb, Hkv, D, device=_dev(), generator=g)
+    kmax = kmin + torch.rand(B, nb, Hkv, D, device=_dev(), generator=g) * 2
+    return kmin.to(dt), kmax.to(dt)
+
+
+def check_selection(out, q, kmin, kmax, lens, *, block_size, sparse_ratio, min_blocks,
+                    local_blocks, max_selected, ref=None):
+    """Asserts that ``out`` is a valid selection (see the module docstring); returns the number
+    of rows that differ from ``ref`` (only allowed within the fp32 tolerance)."""
+    B, NB, Hkv, D = kmin.shape
+    K = max_selected
+    assert out.dtype == torch.int32 and tuple(out.shape) == (B, Hkv, K)
+    s = sel.block_scores_reference(q, kmin, kmax, lens, block_size, local_blocks).cpu()
+    # tolerance: a few fp32 ulps of the sum of |terms| of the score
+    qm = q.float().view(B, Hkv, -1, D).mean(2) * D ** -0.5
+    mag = torch.maximum(kmin.float().abs(), kmax.float().abs()).permute(0, 2, 1, 3)
+    tol = ((qm.abs()[:, :, None] * mag).sum(-1).amax(-1) * 1e-5 + 1e-6).cpu()   # [B, Hkv]
+    out_c = out.cpu().long()
+    nvalid = (lens.cpu().long() + block_size - 1) // block_size
+    n = sel.blocks_to_keep(nvalid, sparse_ratio, min_blocks).clamp(max=K)
+    ref_c = None if ref is None else ref.cpu().long()
+    differing = 0
+    for b in range(B):
+        nv, nn = int(nvalid[b]), int(n[b])
+        for h in range(Hkv):
+            row = out_c[b, h]
+            where = f"row b={b} h={h} (nvalid={nv}, n={nn})"
+            assert (row[nn:] == -1).all(), f"{where}: tail must be -1 padding, got {row[nn:][:8]}"
+            kept = row[:nn]
+            assert ((kept >= 0) & (kept < nv)).all(), f"{where}: ids out of [0, nvalid)"
+            assert (kept[1:] > kept[:-1]).all(), f"{where}: ids not strictly ascending"
+            if nn == 0:
+                continue
+            sc = s[b, h]
+            is_kept = torch.zeros(NB, dtype=torch.bool)
+            is_kept[kept] = True
+            valid = torch.arange(NB) < nv
+            nloc = min(local_blocks, nv)
+            if nloc <= nn:
+                assert is_kept[nv - nloc:nv].all(), f"{where}: local blocks not kept"
+            dropped = valid & ~is_kept
+            if dropped.any():
+                lo_kept = sc[is_kept].min()
+                hi_drop = sc[dropped].max()
+                assert lo_kept >= hi_drop - tol[b, h], \
+                    f"{where}: kept score {lo_kept} < dropped score {hi_drop} - tol {tol[b, h]}"
+            if ref_c is not None and not torch.equal(row, ref_c[b, h]):
+                differing += 1
+                ref_kept = torch.zeros(NB, dtype=torch.bool)
+                ref_kept[ref_c[b, h][:nn]] = True
+                thr = sc[ref_kept].min()
+                diff = is_kept ^ ref_kept
+                assert ((sc[diff] - thr).abs() <= 2 * tol[b, h]).all(), \
+                    f"{where}: differs from the reference away from the threshold"
+    return differing
+
+
+@pytest.mark.parametrize("case", SELECT_CASES, ids=lambda c: (
+    f"B{c[0]}-S{c[2]}-h{c[3]}-g{c[4]}-d{c[5]}-{str(c[6])[6:]}-{str(c[7])[6:]}-bs{c[8]}"
+    f"-r{c[9]}-min{c[10]}-loc{c[11]}-K{c[12]}"))
+def test_select_blocks(case):
+    B, lens, S, Hkv, g, D, dt, it, bs, ratio, minb, local, K = case
+    nb = -(-S // bs)
+    K = _case_k(case)
+    gen = torch.Generator().manual_seed(3)
+    if lens is None:
+        lens = torch.randint(1, S + 1, (B,), generator=gen).tolist()
+        lens[0] = 1
+    sl = _lens(lens, it)
+    q = torch.randn(B, Hkv * g, D, device=_dev()).to(dt)
+    kmin, kmax = _random_summaries(B, nb, Hkv, D, dt, seed=4)
+    out = torch.full((B, Hkv, K), 0x7FFFFFFF, dtype=torch.int32, device=_dev())   # poisoned
+    kw = dict(block_size=bs, sparse_ratio=ratio, min_blocks=minb, local_blocks=local,
+              max_selected=K)
+    sel.select_blocks_tilelang(q, kmin, kmax, sl, out=out, **kw)
+    ref = sel.select_blocks_reference(q, kmin, kmax, sl, **kw)
+    differing = check_selection(out, q, kmin, kmax, sl, ref=ref, **kw)
+    assert differing <= max(1, B * Hkv // 8), f"{differing} rows differ from torch.topk"
+    if ratio == 1.0:                                     # full density: every valid block
+        nvalid = (sl.long() + bs - 1) // bs
+        for b in range(B):
+            nv = min(int(nvalid[b]), K)
+            want = torch.arange(nv, dtype=torch.int32, device=_dev())
+            assert torch.equal(out[b, :, :nv], want.expand(Hkv, nv))
+    # the public op gives the same ids
+    via_op = ops.select_blocks(q, kmin, kmax, sl, backend="tilelang", **kw)
+    assert torch.equal(via_op, out)
+
+
+# every histogram mode (and other thread counts) on a few representative cases
+HISTS = ("match", "hybrid", "priv")
+VARIANTS = [("match", None), ("priv", None), ("hybrid", 512), ("priv", 1024)]
+VARIANT_CASES = [0, 4, 10, 11]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+@pytest.mark.parametrize("case_index", VARIANT_CASES)
+def test_select_blocks_config_variants(case_index, variant):
+    B, lens, S, Hkv, g, D, dt, it, bs, ratio, minb, local, K = SELECT_CASES[case_index]
+    nb = -(-S // bs)
+    K = _case_k(SELECT_CASES[case_index])
+    cfg = variant_config(nb, Hkv, D, variant)
+    gen = torch.Generator().manual_seed(13)
+    if lens is None:
+        lens = torch.randint(1, S + 1, (B,), generator=gen).tolist()
+    sl = _lens(lens, it)
+    q = torch.randn(B, Hkv * g, D, device=_dev()).to(dt)
+    kmin, kmax = _random_summaries(B, nb, Hkv, D, dt, seed=14)
+    out = torch.full((B, Hkv, K), 0x7FFFFFFF, dtype=torch.int32, device=_dev())
+    kw = dict(block_size=bs, sparse_ratio=ratio, min_blocks=minb, local_blocks=local,
+              max_selected=K)
+    sel.select_blocks_tilelang(q, kmin, kmax, sl, out=out, config=cfg, **kw)
+    ref = sel.select_blocks_reference(q, kmin, kmax, sl, **kw)
+    differing = check_selection(out, q, kmin, kmax, sl, ref=ref, **kw)
+    assert differing <= max(1, B * Hkv // 8)
+    default = sel.select_blocks_tilelang(q, kmin, kmax, sl, **kw)
+    assert torch.equal(default, out), "histogram modes / thread counts must agree exactly"
+
+
+TIE_NB = 100
+
+
+@pytest.mark.parametrize("hist", HISTS)
+def test_select_blocks_ties_prefer_lower_ids(hist):
+    """Blocks drawn from 3 patterns tie exactly; the kernel keeps the lower ids of the threshold
+    pattern (deterministic rule)."""
+    B, Hkv, g, D, bs, dt = 2, 2, 2, 64, 16, F16
+    torch.manual_seed(5)
+    pats_lo = torch.randn(3, Hkv, D, device=_dev())
+    pats_hi = pats_lo + torch.rand(3, Hkv, D, device=_dev())
+    which = torch.randint(0, 3, (B, TIE_NB), generator=torch.Generator().manual_seed(6)).to(_dev())
+    kmin, kmax = pats_lo[which].to(dt), pats_hi[which].to(dt)
+    q = torch.randn(B, Hkv * g, D, device=_dev()).to(dt)
+    sl = _lens([TIE_NB * bs, 70 * bs - 3])
+    K = sel.default_max_selected(TIE_NB, 0.1, 16)
+    kw = dict(block_size=bs, sparse_ratio=0.1, min_blocks=16, local_blocks=1, max_selected=K)
+    out = sel.select_blocks_tilelang(q, kmin, kmax, sl, config=variant_config(TIE_NB, Hkv, D,
+                                                                            (hist, None)), **kw)
+    check_selection(out, q, kmin, kmax, sl, **kw)
+    s = sel.block_scores_reference(q, kmin, kmax, sl, bs, 1).cpu()
+    nvalid = (sl.cpu() + bs - 1) // bs
+    n = sel.blocks_to_keep(nvalid, 0.1, 16).clamp(max=K)
+    for b in range(B):
+        for h in range(Hkv):
+            nv = int(nvalid[b])
+            order = sorted(range(nv), key=lambda j: (-float(s[b, h, j]), j))[: int(n[b])]
+            want = sorted(order) + [-1] * (K - int(n[b]))
+            assert out[b, h].cpu().tolist() == want, f"b={b} h={h}: tie rule (lower ids first)"
+
+
+GRAPH_NB = 2048
+
+
+def test_select_blocks_cuda_graph_and_no_recompile():
+    B, Hkv, g, D, bs, dt = 3, 4, 7, 128, 16, BF16
+    S = GRAPH_NB * bs
+    K = sel.default_max_selected(GRAPH_NB, 0.1, 16)
+    kw = dict(block_size=bs, sparse_ratio=0.1, min_blocks=16, local_blocks=1, max_selected=K)
+    q = torch.randn(B, Hkv * g, D, device=_dev()).to(dt)
+    kmin, kmax = _random_summaries(B, GRAPH_NB, Hkv, D, dt, seed=7)
+    sl = _lens([S, 17, 1000])
+    ops.select_blocks(q, kmin, kmax, sl, backend="tilelang", **kw)          # warm-up
+    misses = sel.build_select_blocks_kernel.cache_info().misses
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.select_blocks(q, kmin, kmax, sl, backend="tilelang", **kw)
+    for step, lens in enumerate([[5000, 1, 32768], [16, 15, 4103], [32767, 2048, 9]]):
+        q.copy_(torch.randn_like(q, dtype=torch.float32).to(dt))
+        new_min, new_max = _random_summaries(B, GRAPH_NB, Hkv, D, dt, seed=10 + step)
+        kmin.copy_(new_min)
+        kmax.copy_(new_max)
+        sl.copy_(_lens(lens))
+        out.fill_(0x7FFFFFFF)
+        graph.replay()
+        ref = sel.select_blocks_reference(q, kmin, kmax, sl, **kw)
+        check_selection(out, q, kmin, kmax, sl, ref=ref, **kw)
+        # eager calls with other lengths: no recompilation
+        ops.select_blocks(q, kmin, kmax, sl, backend="tilelang", **kw)
+    torch.cuda.synchronize()
+    assert sel.build_select_blocks_kernel.cache_info().misses == misses, "recompiled"
+
+
+def test_select_blocks_end_to_end_from_keys():
+    """Summaries built by the kernel from real keys, then selection: same as the reference
+    chain."""
+    B, S, Hkv, g, D, bs, dt = 3, 8192, 4, 7, 128, 16, BF16
+    torch.manual_seed(8)
+    k = torch.randn(B, S, Hkv, D, device=_dev()).to(dt)
+    q = torch.randn(B, Hkv * g, D, device=_dev()).to(dt)
+    sl = _lens([S, 4103, 17])
+    kmin, kmax = ops.block_summaries(k, sl, bs, backend="tilelang")
+    K = sel.default_max_selected(S // bs, 0.1, 16)
+    kw = dict(block_size=bs, sparse_ratio=0.1, min_blocks=16, local_blocks=1, max_selected=K)
+    out = ops.select_blocks(q, kmin, kmax, sl, backend="tilelang", **kw)
+    rmin, rmax = summ.block_summaries_reference(k, sl, bs)
+    ref = ops.select_blocks(q, rmin, rmax, sl, backend="torch", **kw)
+    check_selection(out, q, kmin, kmax, sl, ref=ref, **kw)
+
+
+def test_unsupported_shapes_raise_before_launch():
+    dev = _dev()
+    q = torch.randn(1, 4, 96, device=dev, dtype=BF16)
+    kmin = torch.randn(1, 8, 2, 96, device=dev, dtype=BF16)
+    with pytest.raises(ValueError, match="head_dim"):
+        sel.select_blocks_tilelang(q, kmin, kmin, _lens([100]), block_size=16, sparse_ratio=0.1,
+                                   min_blocks=16, local_blocks=1, max_selected=16)
+    k = torch.randn(1, 64, 2, 36, device=dev, dtype=BF16)
+    with pytest.raises(ValueError, match="head_dim"):
+        summ.block_summaries_tilelang(k, _lens([10]), 16)

@@ -1,0 +1,314 @@
+"""resa_tl.attach / detach on stock transformers models (CPU, torch backend).
+
+Small random Llama, Qwen2, Qwen3 and Mistral models with a large init std (so greedy decoding is
+decided by clear margins): ratio 1 is token-identical to the unattached model; with real sparsity,
+after every rectification each layer's K/V equal a teacher-forced dense pass over the same
+tokens; detach restores the model exactly; unsupported uses fail with clear errors.
+"""
+import copy
+
+import pytest
+import torch
+import transformers
+from transformers import CompileConfig, DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers.generation.streamers import BaseStreamer
+
+import resa_tl
+from resa_tl import ReSAConfig
+from resa_tl.integration import new_cache
+from resa_tl.integration.cache_layer import ReSAHFCache
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+VOCAB = 96
+GEN = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+def make_model(arch, *, layers=2, seed=0, **extra):
+    Config = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+              "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}[arch]
+    Model = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+             "qwen3": transformers.Qwen3ForCausalLM,
+             "mistral": transformers.MistralForCausalLM}[arch]
+    cfg = Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 max_position_embeddings=2048, initializer_range=0.2, pad_token_id=0,
+                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **extra)
+    torch.manual_seed(seed)
+    return Model(cfg).eval()
+
+
+def left_padded(lengths, seed=0):
+    """input_ids, attention_mask [B, max(lengths)], left padding with token 0."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.zeros(len(lengths), T, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, T - n:] = torch.randint(3, VOCAB, (n,), generator=g)
+        mask[b, T - n:] = 1
+    return ids, mask
+
+
+class Snapshots(LogitsProcessor):
+    """After every forward that rectified, keep the tokens fed so far and the cache's K/V."""
+
+    def __init__(self, cache: ReSAHFCache):
+        self.cache, self.taken = cache, []
+
+    def __call__(self, input_ids, scores):
+        if self.cache.last_step_rectified:
+            st = self.cache.store
+            self.taken.append((input_ids.clone(), st.seqlens.clone(),
+                               [k.clone() for k in st.k], [v.clone() for v in st.v]))
+        return scores
+
+
+def dense_kv(model, tokens):
+    """Teacher-forced dense pass of an unattached model over one row: [(K, V)] per layer,
+    each [n, Hkv, D]."""
+    with torch.no_grad():
+        out = model(tokens[None], use_cache=True, past_key_values=DynamicCache())
+    return [(lay.keys[0].transpose(0, 1), lay.values[0].transpose(0, 1))
+            for lay in out.past_key_values.layers]
+
+
+# ------------------------------------------------------------------------------ equivalence
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ratio_one_is_token_identical(arch):
+    model = make_model(arch)
+    single, _ = left_padded([150], seed=1)
+    batch, mask = left_padded([150, 97, 40], seed=2)
+    with torch.no_grad():
+        ref1 = model.generate(single, max_new_tokens=40, **GEN)
+        ref3 = model.generate(batch, attention_mask=mask, max_new_tokens=40, **GEN)
+        resa_tl.attach(model, sparse_ratio=1.0, min_blocks=1, rectify_every=8)
+        assert model.config._attn_implementation == "resa_tl"
+        out1 = model.generate(single, max_new_tokens=40, return_dict_in_generate=True, **GEN)
+        out3 = model.generate(batch, attention_mask=mask, max_new_tokens=40,
+                              return_dict_in_generate=True, **GEN)
+    assert torch.equal(out1.sequences, ref1)
+    assert torch.equal(out3.sequences, ref3)
+    cache = out3.past_key_values
+    assert isinstance(cache, ReSAHFCache)
+    assert cache.num_rectifications == 4                  # 39 fed tokens: 4 x (8 sparse + 1)
+    assert cache.lengths(0).tolist() == [150 + 39, 97 + 39, 40 + 39]   # padding never stored
+    assert int(cache.get_seq_length()) == 150 + 39                     # logical length
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rectified_kv_equal_teacher_forced_dense_pass(arch):
+    model = make_model(arch)
+    reference = copy.deepcopy(model)
+    lengths = [300, 251, 170]
+    ids, mask = left_padded(lengths, seed=3)
+    resa_tl.attach(model, sparse_ratio=0.1, min_blocks=2, local_blocks=1, rectify_every=8)
+    cache = new_cache(model, 3, 300 + 30)
+    snaps = Snapshots(cache)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=30, past_key_values=cache,
+                             logits_processor=LogitsProcessorList([snaps]), **GEN)
+    assert len(snaps.taken) == cache.num_rectifications == 3
+    pad = [ids.shape[1] - n for n in lengths]
+    for fed, seqlens, ks, vs in snaps.taken:
+        for b in range(3):
+            row = fed[b, pad[b]:]
+            assert seqlens[:, b].tolist() == [row.numel()] * len(ks)
+            for layer, (k_ref, v_ref) in enumerate(dense_kv(reference, row)):
+                n = row.numel()
+                torch.testing.assert_close(ks[layer][b, :n], k_ref, atol=2e-5, rtol=1e-5)
+                torch.testing.assert_close(vs[layer][b, :n], v_ref, atol=2e-5, rtol=1e-5)
+    # Between rectifications the sparse steps really drift, so the check above means something:
+    # the last tokens (fed sparsely, never rectified) of the deepest layer differ from dense.
+    drift = 0.0
+    for b in range(3):
+        row = out[b, pad[b]:-1]
+        k_ref, _ = dense_kv(reference, row)[-1]
+        n = row.numel()
+        drift = max(drift, (cache.store.k[-1][b, :n] - k_ref).abs().max().item())
+    assert drift > 1e-3
+
+
+def test_ratio_one_sampling_streamer_and_several_sequences():
+    model = make_model("llama")
+    ids, _ = left_padded([120], seed=4)
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.clone())
+
+        def end(self):
+            pass
+
+    kw = dict(do_sample=True, top_k=0, max_new_tokens=25, num_return_sequences=2,
+              eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        ref = model.generate(ids, **kw)
+        resa_tl.attach(model, sparse_ratio=1.0, min_blocks=1, rectify_every=5)
+        torch.manual_seed(7)
+        out = model.generate(ids, **kw)
+        streamer = Collect()
+        greedy = model.generate(ids, max_new_tokens=12, streamer=streamer, **GEN)
+    assert torch.equal(out, ref)
+    assert torch.equal(torch.cat([c.reshape(1, -1) for c in streamer.chunks], 1), greedy)
+
+
+def test_continue_from_an_existing_cache():
+    model = make_model("qwen2")
+    reference = copy.deepcopy(model)
+    ids, _ = left_padded([100], seed=5)
+    more, _ = left_padded([10], seed=6)
+    resa_tl.attach(model, sparse_ratio=1.0, min_blocks=1, rectify_every=8)
+    cache = new_cache(model, 1, 200)
+    with torch.no_grad():
+        first = model.generate(ids, past_key_values=cache, max_new_tokens=21, **GEN)
+        assert cache.pending > 0                   # sparse tokens left to fold into the next call
+        prompt2 = torch.cat([first, more], 1)
+        second = model.generate(prompt2, past_key_values=cache, max_new_tokens=15, **GEN)
+        ref = reference.generate(prompt2, max_new_tokens=15, **GEN)
+    assert torch.equal(second, ref)
+    assert cache.lengths(0).tolist() == [prompt2.shape[1] + 14]
+
+
+def test_static_cache_decode_step_compiles_without_graph_breaks():
+    """cache_implementation="static" gives a compileable ReSA cache; generate then compiles the
+    decode step. fullgraph=True fails on any graph break (attention included)."""
+    model = make_model("llama")
+    ids, _ = left_padded([90], seed=7)
+    resa_tl.attach(model, sparse_ratio=0.3, min_blocks=1, rectify_every=4)
+    cc = CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+    cc._compile_all_devices = True
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        compiled = model.generate(ids, max_new_tokens=14, cache_implementation="static",
+                                  compile_config=cc, **GEN)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+        assert not torch._dynamo.utils.counters["graph_break"]
+        eager = model.generate(ids, max_new_tokens=14, cache_implementation="static",
+                               disable_compile=True, **GEN)
+    assert torch.equal(compiled, eager)
+
+
+# ----------------------------------------------------------------------------------- detach
+def test_detach_restores_exactly():
+    model = make_model("mistral")
+    ids, mask = left_padded([80, 50], seed=8)
+    cls = type(model)
+    with torch.no_grad():
+        logits0 = model(ids, attention_mask=mask).logits
+        before = model.generate(ids, attention_mask=mask, max_new_tokens=20, **GEN)
+        impl0 = model.config._attn_implementation
+        resa_tl.attach(model, sparse_ratio=0.2, min_blocks=1, rectify_every=4)
+        resa_tl.attach(model, ReSAConfig(sparse_ratio=0.5, min_blocks=1))   # re-attach: replaces
+        model.generate(ids, attention_mask=mask, max_new_tokens=20, **GEN)
+        assert model.prepare_inputs_for_generation.__wrapped__.__func__ is \
+            cls.prepare_inputs_for_generation
+        assert resa_tl.detach(model) is model
+        assert model.config._attn_implementation == impl0
+        for name in ("prepare_inputs_for_generation", "_prepare_cache_for_generation",
+                     "_resa_state"):
+            assert name not in model.__dict__
+        assert model.prepare_inputs_for_generation.__func__ is cls.prepare_inputs_for_generation
+        assert torch.equal(model(ids, attention_mask=mask).logits, logits0)
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=20, **GEN),
+                           before)
+    with pytest.raises(ValueError, match="not attached"):
+        resa_tl.detach(model)
+
+
+def test_forward_without_cache_is_dense_attention():
+    model = make_model("qwen3")
+    ids, mask = left_padded([60, 33], seed=9)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, use_cache=False).logits
+        resa_tl.attach(model)
+        out = model(ids, attention_mask=mask, use_cache=False).logits
+    valid = mask.bool()
+    torch.testing.assert_close(out[valid], ref[valid], atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------- errors
+def test_unsupported_architecture():
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2)
+    with pytest.raises(ValueError, match="supports the decoder-only architectures"):
+        resa_tl.attach(transformers.GPT2LMHeadModel(cfg))
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        resa_tl.attach(torch.nn.Linear(2, 2))
+
+
+def test_unsupported_dtype_and_head_dim(monkeypatch):
+    with pytest.raises(TypeError, match="float16, bfloat16 and float32"):
+        resa_tl.attach(make_model("llama").to(torch.float64))
+    with pytest.raises(ValueError, match="needs CUDA"):
+        resa_tl.attach(make_model("llama"), backend="tilelang")
+    # As on a CUDA fp16 model, where "auto" picks the TileLang kernels (head_dim 64 / 128 only):
+    monkeypatch.setattr(resa_tl.ops, "resolve_backend", lambda *a, **k: "tilelang")
+    with pytest.raises(ValueError, match="head_dim=16 is not supported by the TileLang kernels"):
+        resa_tl.attach(make_model("llama"))
+
+
+def test_bad_config_overrides():
+    with pytest.raises(TypeError, match="unknown ReSAConfig field"):
+        resa_tl.attach(make_model("llama"), sparsity=0.1)
+    with pytest.raises(ValueError, match="sparse_ratio"):
+        resa_tl.attach(make_model("llama"), sparse_ratio=0.0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_beams=2), "greedy decoding and sampling"),
+    (dict(num_beams=2, do_sample=True), "greedy decoding and sampling"),
+    (dict(prompt_lookup_num_tokens=3), "assisted decoding"),
+    (dict(use_cache=False), "needs the KV cache"),
+    (dict(cache_implementation="offloaded"), "not supported"),
+])
+def test_unsupported_generation_modes(kwargs, match):
+    model = make_model("llama")
+    ids, _ = left_padded([40], seed=10)
+    resa_tl.attach(model)
+    with pytest.raises(ValueError, match=match):
+        model.generate(ids, max_new_tokens=5, **{**GEN, **kwargs})
+
+
+def test_assistant_model_rejected():
+    model = make_model("llama")
+    assistant = make_model("llama", seed=1)
+    ids, _ = left_padded([40], seed=10)
+    resa_tl.attach(model)
+    with pytest.raises(ValueError, match="assisted decoding"):
+        model.generate(ids, max_new_tokens=5, assistant_model=assistant, **GEN)
+    resa_tl.detach(model)
+    resa_tl.attach(assistant)
+    with pytest.raises(ValueError, match="assistant"):
+        model.generate(ids, max_new_tokens=5, assistant_model=assistant, **GEN)
+
+
+def test_prompt_longer_than_the_cache():
+    model = make_model("llama")
+    ids, _ = left_padded([100], seed=11)
+    resa_tl.attach(model)
+    with pytest.raises(ValueError, match="exceeds|holds 64"):
+        model.generate(ids, past_key_values=new_cache(model, 1, 64), max_new_tokens=5, **GEN)
+    with pytest.raises(ValueError, match="prompt plus max_new_tokens must fit"):
+        model.generate(ids, past_key_values=new_cache(model, 1, 110), max_new_tokens=20, **GEN)
+    with pytest.raises(ValueError, match="the prompt \\(100 tokens\\) is longer than the ReSA"):
+        model(ids, past_key_values=new_cache(model, 1, 64))          # direct forward
+    with pytest.raises(TypeError, match="must be a ReSAHFCache"):
+        model.generate(ids, past_key_values=DynamicCache(), max_new_tokens=5, **GEN)
+
+
+def test_sliding_window_layers():
+    model = make_model("mistral", sliding_window=64)
+    ids, _ = left_padded([100], seed=12)
+    resa_tl.attach(model)
+    with pytest.raises(ValueError, match="sliding-window attention \\(window 64\\)"):
+        model.generate(ids, max_new_tokens=5, **GEN)
+    short, _ = left_padded([40], seed=12)          # the window can never bind: accepted
+    model.generate(short, max_new_tokens=5, **GEN)
+    qwen = make_model("qwen2", use_sliding_window=True, sliding_window=32, max_window_layers=1)
+    resa_tl.attach(qwen)
+    with pytest.raises(ValueError, match="layer 1 of this model uses sliding-window"):
+        qwen.generate(ids, max_new_tokens=5, **GEN)

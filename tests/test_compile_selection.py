@@ -1,0 +1,81 @@
+"""Lower and compile (nvcc, no GPU) the TileLang kernels of block_summaries /
+update_block_summaries / select_blocks for sm_80 and sm_90a at representative shapes."""
+import pytest
+
+from resa_tl import heuristics
+from resa_tl.kernels import selection as sel
+from resa_tl.kernels import summaries as summ
+
+pytestmark = pytest.mark.compile
+
+ARCHS = ["sm_80", "sm_90a"]
+
+# (Hkv, D, block_size, dtype, index dtype)
+SUMMARY_SHAPES = [
+    (4, 128, 16, "bfloat16", "int32"),
+    (2, 64, 128, "float16", "int64"),
+]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("shape", SUMMARY_SHAPES, ids=str)
+@pytest.mark.parametrize("mode", ["build", "update"])
+def test_compile_summaries(arch, shape, mode):
+    hkv, d, bs, dt, it = shape
+    cfg = heuristics.summaries_config(hkv, d, bs)
+    kern = summ.build_summaries_kernel(hkv, d, bs, dt, it, mode, cfg, arch)
+    src = kern.get_kernel_source()
+    assert "uint4" in src, "expected 16-byte vector loads of K"
+    # S_max and NB stay symbolic (kernel arguments), so other caches and lengths reuse it
+    assert "int S" in src and "int NB" in src
+    if mode == "update":
+        assert "int length" in src, "length must be a runtime argument"
+    # memoised: same static config -> the same compiled object
+    assert summ.build_summaries_kernel(hkv, d, bs, dt, it, mode, cfg, arch) is kern
+
+
+# (NB, Hkv, g, D, dtype, index dtype, block_size, ratio, min_blocks, local_blocks)
+SELECT_SHAPES = [
+    (8192, 4, 7, 128, "bfloat16", "int32", 16, 0.1, 16, 1),     # Qwen2.5-7B at 128K
+    (300, 8, 1, 64, "float16", "int64", 16, 0.2, 8, 2),         # MHA-like, d 64, few blocks
+    (32768, 2, 6, 128, "float16", "int32", 16, 0.1, 16, 1),     # keys in shared memory
+]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("shape", SELECT_SHAPES, ids=str)
+def test_compile_select_blocks(arch, shape):
+    nb, hkv, g, d, dt, it, bs, ratio, minb, local = shape
+    if arch == "sm_80" and nb == 32768:
+        pytest.skip("one arch is enough for the shared-memory variant (CI time)")
+    K = sel.default_max_selected(nb, ratio, minb)
+    cfg = heuristics.selection_config(nb, hkv, d)
+    kern = sel.build_select_blocks_kernel(nb, hkv, g, d, bs, ratio, minb, local, K, dt, it, cfg,
+                                          arch)
+    src = kern.get_kernel_source()
+    assert "__match_any_sync" in src, "warp-aggregated histogram expected"
+    assert "uint4" in src, "16-byte loads of kmin/kmax expected"
+    assert src.count("__global__ void __launch_bounds__") == 2, "scoring + select kernels"
+    # the exact-integer ratio: ceil(NB * num / 1e6) appears as int64 arithmetic on the lengths
+    assert "int64_t" in src
+    assert sel.build_select_blocks_kernel(nb, hkv, g, d, bs, ratio, minb, local, K, dt, it, cfg,
+                                          arch) is kern
+
+
+def test_select_program_rejects_unsupported_shapes():
+    with pytest.raises(ValueError, match="head_dim"):
+        sel.select_blocks_program(64, 2, 2, 96, 16, 0.1, 16, 1, 16)
+    with pytest.raises(ValueError, match="blocks per row"):
+        sel.select_blocks_program(200000, 2, 2, 128, 16, 0.1, 16, 1, 16)
+    with pytest.raises(ValueError, match="head_dim"):
+        summ.summaries_program(2, 36, 16)
+
+
+def test_heuristics_are_sane():
+    for nb in (1, 64, 1000, 8192, 16384, 65536):
+        cfg = heuristics.selection_config(nb, 4, 128)
+        assert 128 <= cfg.select_threads <= 1024 and cfg.select_threads % 32 == 0
+        assert cfg.score_rows_per_cta >= 1
+    assert heuristics.selection_config(16384, 4, 128).select_threads == 1024
+    assert heuristics.summaries_config(4, 128, 16).blocks_per_cta == 4
+    assert heuristics.summaries_config(32, 128, 16).blocks_per_cta == 1
