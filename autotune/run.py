@@ -6,6 +6,7 @@
                                                              #   path to a config.json)
     python autotune/run.py --arch sm80 --compile-only        # no GPU: compile every candidate
     python autotune/run.py --arch sm90 --check               # re-measure the shipped schedule
+    python autotune/run.py --arch sm90 --from-results DIR    # publish a run made elsewhere
 
 A tuning run compiles the candidates of every problem in parallel worker processes (TileLang
 disk cache), while one GPU process validates each compiled candidate against the torch
@@ -84,6 +85,10 @@ def parse_args(argv=None):
                            "write an untuned (heuristic) schedule")
     mode.add_argument("--check", action="store_true",
                       help="re-measure the schedule's entries on the present GPU")
+    mode.add_argument("--from-results", metavar="RESULTS_JSON",
+                      help="no GPU: publish a run made elsewhere from its results.json: copy it "
+                           "to the report directory, render report.md and plots, write the "
+                           "schedule")
     ap.add_argument("--schedule", help="schedule to --check (default: schedules/<arch>.json)")
     ap.add_argument("--check-tolerance", type=float, default=0.03,
                     help="--check fails when tuned > default * (1 + this) (default 0.03)")
@@ -553,9 +558,9 @@ def _progress(total, desc, disable):
         return _P()
 
 
-def default_report_dir(arch: str, gpu: str, compile_only: bool) -> Path:
+def default_report_dir(arch: str, gpu: str, compile_only: bool, day: str | None = None) -> Path:
     from autotune.provenance import gpu_slug
-    day = datetime.date.today().isoformat()
+    day = day or datetime.date.today().isoformat()
     base = REPO / "autotune" / "reports" / arch / (
         f"{day}-compile-only" if compile_only else f"{day}-{gpu_slug(gpu)}")
     d, n = base, 2
@@ -844,6 +849,30 @@ def run_check(args, ops, t0):
     return 1 if failures else 0
 
 
+def run_from_results(args):
+    """Publish a tuning run's results.json (e.g. fetched from a remote GPU machine)."""
+    src = Path(args.from_results)
+    if src.is_dir():
+        src = src / "results.json"
+    try:
+        results = json.loads(src.read_text())
+        meta = results["meta"]
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise UsageError(f"--from-results {src}: not a results.json of autotune/run.py: {err}")
+    if meta.get("arch") != args.arch:
+        raise UsageError(f"--from-results {src}: the run was for {meta.get('arch')}, not "
+                         f"--arch {args.arch}")
+    tuned = meta.get("mode") == "tune"
+    day = str(meta.get("provenance", {}).get("date", ""))[:10] or None
+    rd = Path(args.report_dir) if args.report_dir else default_report_dir(
+        args.arch, meta.get("provenance", {}).get("gpu", ""), not tuned, day)
+    meta["report_dir"] = _rel(rd)
+    write_outputs(results, args, tuned=tuned)
+    if tuned:
+        print_summary(results)
+    return 0
+
+
 def _sigterm(signum, frame):
     raise KeyboardInterrupt
 
@@ -851,7 +880,7 @@ def _sigterm(signum, frame):
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.monotonic()
-    if not args.compile_only:
+    if not (args.compile_only or args.from_results):
         # a time limit's SIGTERM ends the tuning loop early; the report is still written
         signal.signal(signal.SIGTERM, _sigterm)
     try:
@@ -860,6 +889,8 @@ def main(argv=None) -> int:
             return run_compile_only(args, ops, t0)
         if args.check:
             return run_check(args, ops, t0)
+        if args.from_results:
+            return run_from_results(args)
         return run_tune(args, ops, t0)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)

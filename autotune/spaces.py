@@ -35,6 +35,8 @@ from .workloads import LOCAL_BLOCKS, MIN_BLOCKS, SPARSE_RATIO, blocks_kept
 # Largest dynamic shared memory per CTA (bytes) by arch; compile does not check it (TileLang
 # notes §8.2), so candidates over it are dropped before compiling.
 SMEM_LIMIT = {"sm80": 163 * 1024, "sm86": 99 * 1024, "sm89": 99 * 1024, "sm90": 227 * 1024}
+# Shared memory per SM (bytes): bounds CTAs per SM.
+SM_SMEM = {"sm80": 164 * 1024, "sm86": 100 * 1024, "sm89": 100 * 1024, "sm90": 228 * 1024}
 # SM counts for heuristics that need one when no GPU is present (--compile-only).
 NOMINAL_SMS = {"sm80": 108, "sm86": 84, "sm89": 128, "sm90": 132}
 
@@ -664,6 +666,9 @@ class _DecodeAdapter(Adapter):
         return {"block_N": sorted({max(bs, n) for n in (32, 64, 128)}),
                 "block_H": [16, 32, 64],
                 "num_stages": [1, 2, 3] if is_hopper(target) else [1],
+                # hand-written warp-specialised schedule (sm_90a), two CTAs per SM
+                "schedule": ["auto", "ws"] if is_hopper(target) else ["auto"],
+                "ctas_per_sm": [1, 2],
                 # split policy, if the config class carries one (ignored otherwise)
                 "split_overhead": [0.5, 1.0, 2.0, 4.0]}
 
@@ -686,8 +691,13 @@ class _DecodeAdapter(Adapter):
                 check(*args, **kwargs)
             except (TypeError, ValueError):
                 return False
+        if getattr(cfg, "schedule", "auto") != "auto" and not is_hopper(target):
+            return False
         smem = (bh * D + st * bn * 2 * D) * 2
-        return smem <= SMEM_LIMIT.get(schedules.arch_key(target), 99 * 1024)
+        ctas = getattr(cfg, "ctas_per_sm", 1)
+        a = schedules.arch_key(target)
+        return smem <= SMEM_LIMIT.get(a, 99 * 1024) and \
+            smem * ctas <= SM_SMEM.get(a, 100 * 1024)
 
     def compile(self, key, cfg, target):
         fn = self.factory()
