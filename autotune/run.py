@@ -330,6 +330,23 @@ def _free(torch):
     torch.cuda.empty_cache()
 
 
+CONTEXT_LOST_EXIT = 70
+
+
+def _exit_if_context_lost(cuda: bool):
+    """After a failed call: a sticky CUDA error (illegal address, launch failure) poisons the
+    context for every later call, so end the process; the parent attributes the crash to the
+    candidate it was told about last and resumes in a fresh process."""
+    if not cuda:
+        return
+    import torch
+    try:
+        torch.cuda.synchronize()
+        torch.zeros(1, device="cuda").add_(1).item()
+    except Exception:                               # noqa: BLE001
+        os._exit(CONTEXT_LOST_EXIT)
+
+
 def _measure_task(task, info, opts, result_q, timer=None):
     """Validate then time the candidates of one problem (in the GPU process).
 
@@ -373,6 +390,7 @@ def _measure_task(task, info, opts, result_q, timer=None):
             err = f"out of memory: {str(e)[:200]}"
         except Exception as e:                      # noqa: BLE001 - recorded
             err = f"{type(e).__name__}: {str(e)[:400]}"
+            _exit_if_context_lost(cuda)
         c["validation"] = {"ok": err is None, "error": err}
     del vin
     if cuda:
@@ -402,6 +420,7 @@ def _measure_task(task, info, opts, result_q, timer=None):
             c["timing"] = None
             c["validation"] = {"ok": False, "error": f"timing failed: {type(e).__name__}: "
                                                      f"{str(e)[:300]}"}
+            _exit_if_context_lost(cuda)
     sets.clear()
     return {"candidates": out, "n_sets": n_sets}
 
@@ -484,7 +503,8 @@ class GpuRunner:
                 if msg is not None and msg[0] == "done":
                     return msg[2]
                 why = ("hung (no progress for %ds)" % self.watchdog_s if msg is None
-                       else f"crashed (exit code {msg[1]})")
+                       else "lost its CUDA context (sticky CUDA error)"
+                       if msg[1] == CONTEXT_LOST_EXIT else f"crashed (exit code {msg[1]})")
                 self.kill()
                 if current is None:
                     return {"error": f"GPU process {why} before any candidate"}
