@@ -822,8 +822,14 @@ def run_check(args, ops, t0):
         if why:
             items.append((e, None, why))
             continue
-        default = schedules.config_to_dict(ad.default_config(e.key, target))
-        cands = [dict(e.config)] + ([default] if default != e.config else [])
+        dflt_obj = ad.default_config(e.key, target)
+        default = schedules.config_to_dict(dflt_obj)
+        try:                                # what config_for would run: entry over default
+            tuned_cfg = schedules.config_to_dict(schedules.apply_config(dflt_obj, e.config))
+        except (TypeError, ValueError) as err:
+            items.append((e, None, f"entry does not fit the kernel's config: {err}"))
+            continue
+        cands = [tuned_cfg] + ([default] if default != tuned_cfg else [])
         futs = [pool.submit(e.op, ad.static_id(e.key), e.key, c) for c in cands]
         items.append((e, (cands, futs, default), None))
     gpu = GpuRunner({"seed": args.seed, "samples": args.samples})
@@ -832,7 +838,8 @@ def run_check(args, ops, t0):
     try:
         for e, plan, why in items:
             if plan is None:
-                rows.append((e, None, None, None, f"unavailable: {why}"))
+                rows.append((e, None, None, e.latency_us, f"FAILED: {why}"))
+                failures += int(e.tuned)
                 continue
             cands, futs, default = plan
             cl = [{"config": c, "is_default": c == default, "compile": pool.result(f)}
