@@ -140,3 +140,84 @@ def selection_config(num_blocks: int, num_kv_heads: int, head_dim: int):
         t *= 2
     return SelectionConfig(score_threads=score_threads, score_rows_per_cta=rows, select_threads=t,
                            hist="hybrid")
+
+
+# --- sparse_decode / dense_decode (resa_tl/kernels/sparse_decode.py, dense_decode.py) --------
+
+def _decode_tile(arch: str, block_size: int = 16, head_dim: int = 128):
+    """(block_N, num_stages) of the split-KV decode kernels.
+
+    Reasons: decode is memory-bound (g <= 8 query rows per KV head: ~4 flop/byte), so a tile
+    only has to keep enough bytes in flight. On sm_90a the warp-specialised TMA producer with
+    2 stages of 64 keys (K+V: 32 KB per stage at D = 128) reached ~3.05 TB/s for dense decode
+    on the H100 (notes/h100-baselines.md); 64 keys = 4 gathered 16-token blocks per stage for
+    the sparse kernel. Smem 80 KB at D = 128. On sm_80 a run-time trip count with cp.async
+    only compiles with one stage in TileLang 0.1.15. A block larger than 64 tokens is one
+    stage by itself (block_N = block_size)."""
+    hopper = arch.startswith("sm_9")
+    return max(64, block_size), (2 if hopper else 1)
+
+
+def sparse_decode_config(num_kv_heads: int, group: int, head_dim: int, dtype: str,
+                         block_size: int, arch: str):
+    """Default SparseDecodeConfig (see _decode_tile for block_N / stages). block_H = 64 with
+    128 consumer threads: wgmma needs M = 64 per warpgroup, and the g <= 8 heads of a KV group
+    are padded to it (compute is not the bottleneck).
+
+    schedule "ws" on sm_90a: TileLang's automatic warp specialisation gives every gathered
+    copy (4 blocks x 2 column pieces x K/V per stage at block 16) its own mbarrier pair, i.e.
+    16 consumer arrivals per thread per stage; the hand-written producer needs 2. Measured on
+    the H100 (16K context, batch 1, Qwen2.5-7B shapes): 8.8 us vs 11.2 us per call as CUDA-graph
+    replays (examples/bench_decode_kernels.py). "auto" elsewhere (sm_80: cp.async)."""
+    from .kernels.sparse_decode import SparseDecodeConfig
+    bn, st = _decode_tile(arch, block_size, head_dim)
+    return SparseDecodeConfig(block_N=bn, block_H=64, threads=128, num_stages=st,
+                              schedule="ws" if arch.startswith("sm_9") else "auto")
+
+
+def dense_decode_config(num_kv_heads: int, group: int, head_dim: int, dtype: str, arch: str):
+    """Default DenseDecodeConfig: the same tile as sparse decode (see _decode_tile)."""
+    from .kernels.dense_decode import DenseDecodeConfig
+    bn, st = _decode_tile(arch, 64, head_dim)
+    return DenseDecodeConfig(block_N=bn, block_H=64, threads=128, num_stages=st)
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_splits(rows: int, tiles: int, slots: int, overhead: float, max_splits: int) -> int:
+    best_cost, best_ns = None, 1
+    per = 1
+    while per <= tiles:
+        ns = -(-tiles // per)
+        if ns <= max_splits:
+            waves = -(-(rows * ns) // slots)
+            cost = waves * (per + overhead)
+            if best_cost is None or cost < best_cost - 1e-9:
+                best_cost, best_ns = cost, ns
+        # only split counts that change ceil(tiles / per) matter
+        per = -(-tiles // (ns - 1)) if ns > 1 else tiles + 1
+    return best_ns
+
+
+def decode_num_splits(batch: int, num_kv_heads: int, num_tiles: int,
+                      device: torch.device | None = None, num_sms: int | None = None,
+                      ctas_per_sm: int = 1, split_overhead: float = 1.0,
+                      max_splits: int = 256) -> int:
+    """Split count of the split-KV decode kernels (sparse and dense).
+
+    The B * Hkv (row, KV head) pairs each have ``num_tiles`` pipeline tiles (host-known:
+    from the index width K or the cache capacity S_max, never from the lengths, so no sync).
+    Each of B * Hkv * NS CTAs runs ceil(num_tiles / NS) tiles. Reasons:
+    * at batch 1 B * Hkv is 4 for Qwen2.5-7B, so without splitting 128 of 132 SMs idle;
+    * the split kernel holds one CTA per SM (setmaxnreg gives its 128 MMA threads 240
+      registers: 256 threads x 142+ registers at launch), so CTAs run in waves of num_sms;
+    * the makespan is waves * (tiles per split + a fixed per-CTA cost: prologue, index scan,
+      pipeline fill, partial-output write ~ one tile): this model picks e.g. 26 splits of 4
+      tiles (104 CTAs, one wave) for 103 tiles at batch 1 rather than 35 splits of 3 (140 CTAs,
+      two waves); ties go to fewer splits (less partial-output traffic and combine work);
+    * split counts whose ceil(num_tiles / NS) is the same are collapsed to the smallest, so no
+      split is empty by construction.
+    The SM count is read from the device (never hard-coded)."""
+    rows = max(1, batch * num_kv_heads)
+    tiles = max(1, num_tiles)
+    slots = max(1, (sm_count(device) if num_sms is None else num_sms) * ctas_per_sm)
+    return _decode_splits(rows, tiles, slots, float(split_overhead), max_splits)

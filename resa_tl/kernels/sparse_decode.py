@@ -1,10 +1,14 @@
 """Block-sparse split-KV decoding: one query token per row attends to the keys of its selected
 blocks; the query heads of a KV group share each K/V block read."""
-from __future__ import annotations
+# (no `from __future__ import annotations`: TileLang evaluates the prim_func annotations)
+
+import functools
+from dataclasses import dataclass
 
 import torch
 
 from ._reference import group_queries, heads_major, masked_attention
+from . import _splitkv as skv
 
 
 def sparse_decode_reference(q, k_cache, v_cache, block_indices, cache_seqlens, *, block_size,
@@ -22,3 +26,419 @@ def sparse_decode_reference(q, k_cache, v_cache, block_indices, cache_seqlens, *
     o = masked_attention(group_queries(q, Hkv), keys, vals, mask[:, :, None, :], softmax_scale,
                          compute_dtype)
     return o.reshape(B, H, -1).to(q.dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# TileLang kernel
+# ------------------------------------------------------------------------------------------
+#
+# Design (split-KV flash decoding over gathered blocks, then a combine kernel):
+#
+# * GQA packing. The g query heads of KV head hk are the rows of one CTA tile (padded to
+#   block_H = 64, one wgmma M), so each selected K/V block is read once per KV group.
+# * Gathered tiles. A pipeline stage holds block_N = bpt * block_size key rows assembled from
+#   bpt selected blocks (block_N = 64: 4 blocks of 16, 2 of 32, 1 of 64). Each block is one
+#   T.copy whose source row is a run-time block id; on sm_90a these are TMA loads issued by
+#   the warp-specialised producer (a copy is split into 128-byte column pieces: TileLang
+#   lowers a row-slice of a swizzled tile to TMA only per swizzle atom), so one stage moves
+#   block_N * (D + Dv) * 2 bytes with bpt * (D + Dv) / 64 bulk copies instead of one 16-row
+#   block per loop iteration.
+# * Split-KV. The K index entries of (row, KV head) are cut into num_splits ranges of `per`
+#   tiles (a run-time kernel argument read from the workspace shape; resa_tl.heuristics picks
+#   it from the SM count so that B * Hkv * num_splits CTAs fill the device at batch 1).
+# * -1 padding. Every warp of a CTA scans its range of block_indices (lanes stride it, then a
+#   warp shuffle max) for the last entry >= 0, and the pipelined loop runs only up to it, so
+#   trailing -1 padding (what select_blocks emits) costs no loads and no loop iterations;
+#   a split with nothing left writes LSE = -inf. No CTA barrier: the TMA producer warps and
+#   the MMA warps compute the same trip count independently. A -1 in the middle of a tile
+#   (correct, not fast) loads block 0 and masks it out.
+# * Masking. Score (i, j) of tile t is kept iff its entry lies in the split, its block id is
+#   >= 0 and its position block * block_size + j % block_size < cache_seqlens[b] (the last
+#   selected block may be partial). Rows whose running max is still -inf are guarded (no
+#   NaN); a row with no valid key ends with O = 0, LSE = -inf and the combine returns 0.
+# * Trip count 1 (issue #2566, WS loops with one iteration) is exercised by the GPU tests.
+
+
+@dataclass(frozen=True)
+class SparseDecodeConfig:
+    """Static tile configuration of the sparse decode kernel (part of the compile key).
+
+    block_N: key rows per pipeline stage, a multiple of block_size (raised to block_size when
+        smaller): block_N // block_size selected blocks are gathered per stage.
+    block_H: padded query rows per CTA (>= g; 64 = one wgmma M); threads must be 2 * block_H
+        (each warp owns 16 full rows: the flash "P in registers" pattern).
+    threads: consumer threads (sm_90a adds a 128-thread TMA producer warpgroup).
+    num_stages: pipeline depth (1 on sm_80: a run-time trip count with cp.async >= 2 stages
+        does not compile in TileLang 0.1.15).
+    combine_chunk: split partials the combine kernel loads per step.
+    schedule: "auto" = T.Pipelined with TileLang's automatic warp specialisation on sm_90a
+        (one mbarrier pair per gathered copy) or cp.async on sm_80; "ws" = sm_90a only, a
+        hand-written producer warp (all gathered TMA copies of a stage complete on one
+        mbarrier: 4 barriers per stage instead of one pair per copy) and one MMA warpgroup.
+    ctas_per_sm: 1, or 2 ("ws" only) to cap registers (launch bounds; 224 registers for the
+        MMA warpgroup instead of 240) so that two CTAs share an SM (smem permitting).
+    """
+    block_N: int = 64
+    block_H: int = 64
+    threads: int = 128
+    num_stages: int = 2
+    combine_chunk: int = 16
+    schedule: str = "auto"
+    ctas_per_sm: int = 1
+
+
+SPARSE_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def _check_config(cfg: SparseDecodeConfig, block_size: int, group: int):
+    bn = max(cfg.block_N, block_size)
+    if bn % block_size or bn % 16:
+        raise ValueError(f"SparseDecodeConfig.block_N={cfg.block_N} must be a multiple of "
+                         f"block_size={block_size} and of 16")
+    if cfg.block_H not in (16, 32, 64) or cfg.threads != 2 * cfg.block_H:
+        raise ValueError(f"SparseDecodeConfig needs block_H in (16, 32, 64) and threads = "
+                         f"2 * block_H; got block_H={cfg.block_H}, threads={cfg.threads}")
+    if group > cfg.block_H:
+        raise ValueError(f"q heads per KV head (g={group}) must be <= block_H={cfg.block_H}")
+    if cfg.num_stages < 1 or cfg.combine_chunk < 1:
+        raise ValueError(f"SparseDecodeConfig needs num_stages >= 1 and combine_chunk >= 1, "
+                         f"got {cfg}")
+    if cfg.schedule not in ("auto", "ws"):
+        raise ValueError(f"SparseDecodeConfig.schedule must be 'auto' or 'ws', "
+                         f"got {cfg.schedule!r}")
+    if cfg.ctas_per_sm not in (1, 2):
+        raise ValueError(f"SparseDecodeConfig.ctas_per_sm must be 1 or 2, got {cfg.ctas_per_sm}")
+    if cfg.ctas_per_sm == 2 and cfg.schedule != "ws":
+        # TileLang's automatic warp specialisation may insert setmaxnreg(240) for the MMA
+        # warpgroup, which cannot be granted to two resident CTAs: the kernel deadlocks
+        # (seen on the H100 with the dense kernel)
+        raise ValueError("SparseDecodeConfig.ctas_per_sm=2 needs schedule='ws'")
+    if cfg.schedule == "ws" and (cfg.block_H != 64 or cfg.threads != 128):
+        raise ValueError("SparseDecodeConfig(schedule='ws') needs block_H=64, threads=128 "
+                         "(one MMA warpgroup)")
+    return bn
+
+
+def build_sparse_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int,
+                               block_size: int, dtype: str = "bfloat16",
+                               config: SparseDecodeConfig = None, arch: str = "sm_90a",
+                               index_dtype: str = "int32", seqlen_dtype: str = "int32"):
+    """The TileLang program (split kernel + combine kernel) for one static configuration.
+
+    Arguments of the compiled kernel, in order: q [B, H, D], k_cache [B, S, Hkv, D],
+    v_cache [B, S, Hkv, Dv], block_indices [B, Hkv, K] (index_dtype), cache_seqlens [B]
+    (seqlen_dtype), O_part [B, H, NS, Dv] f32, LSE_part [B, H, NS] f32, out [B, H, Dv],
+    scale_log2 (float: softmax_scale * log2(e)). B, S, K and NS are run-time dimensions.
+    ``arch`` only selects defaults elsewhere; the program itself is target-independent.
+    """
+    import tilelang.language as T
+    cfg = config or SparseDecodeConfig()
+    if heads % heads_kv:
+        raise ValueError(f"heads={heads} must be a multiple of heads_kv={heads_kv}")
+    G = heads // heads_kv
+    if block_size not in SPARSE_BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {SPARSE_BLOCK_SIZES}, got {block_size}")
+    skv.check_head_dims(dim, dim_v)
+    BN = _check_config(cfg, block_size, G)
+    BH, bs = cfg.block_H, block_size
+    bpt = BN // bs
+    SU = 4                                                # index-scan loads in flight per lane
+    ACC = skv.ACC
+    B, S, K, NS = T.dynamic("B S K NS")
+    update = skv.make_softmax_update(BH, BN, dim_v, dtype)
+    write = skv.make_write_partials(BH, G, dim_v)
+    combine = skv.make_combine(heads, dim_v, dtype, cfg.combine_chunk)
+    kchunks = skv.column_chunks(dim, dtype)
+    vchunks = skv.column_chunks(dim_v, dtype)
+    if cfg.schedule == "ws":
+        return _build_ws(heads, heads_kv, dim, dim_v, block_size, dtype, cfg, index_dtype,
+                         seqlen_dtype, BN)
+
+    @T.prim_func
+    def sparse_decode(Q: T.Tensor((B, heads, dim), dtype),
+                      Kc: T.Tensor((B, S, heads_kv, dim), dtype),
+                      Vc: T.Tensor((B, S, heads_kv, dim_v), dtype),
+                      Idx: T.Tensor((B, heads_kv, K), index_dtype),
+                      Lens: T.Tensor((B,), seqlen_dtype),
+                      O_part: T.Tensor((B, heads, NS, dim_v), ACC),
+                      LSE_part: T.Tensor((B, heads, NS), ACC),
+                      Out: T.Tensor((B, heads, dim_v), dtype),
+                      scale_log2: T.float32):
+        with T.Kernel(NS, heads_kv, B, threads=cfg.threads) as (sid, hk, b):
+            if cfg.ctas_per_sm > 1:
+                T.annotate_min_blocks_per_sm(cfg.ctas_per_sm)
+            Q_s = T.alloc_shared((BH, dim), dtype)
+            K_s = T.alloc_shared((BN, dim), dtype)
+            V_s = T.alloc_shared((BN, dim_v), dtype)
+            Sc = T.alloc_fragment((BH, BN), ACC)
+            P = T.alloc_fragment((BH, BN), dtype)
+            acc = T.alloc_fragment((BH, dim_v), ACC)
+            m = T.alloc_fragment((BH,), ACC)
+            m_prev = T.alloc_fragment((BH,), ACC)
+            m_use = T.alloc_fragment((BH,), ACC)
+            alpha = T.alloc_fragment((BH,), ACC)
+            rsum = T.alloc_fragment((BH,), ACC)
+            lsum = T.alloc_fragment((BH,), ACC)
+            last = T.alloc_var("int32")
+
+            L = T.cast(Lens[b], "int32")
+            per = T.ceildiv(T.ceildiv(K, bpt), NS)           # tiles per split
+            e0 = sid * per * bpt                              # first index entry of the split
+            e1 = T.min(e0 + per * bpt, K)                     # end of the split's entries
+            lane = T.get_thread_binding() % 32
+            last = e0
+            for c in T.serial(T.ceildiv(T.max(e1 - e0, 0), 32 * SU)):
+                for u in T.unroll(SU):
+                    last = T.max(last, T.if_then_else(
+                        (e0 + c * (32 * SU) + u * 32 + lane < e1)
+                        and (Idx[b, hk, T.min(e0 + c * (32 * SU) + u * 32 + lane, K - 1)] >= 0),
+                        e0 + c * (32 * SU) + u * 32 + lane + 1, 0))
+            last = T.warp_reduce_max(last)
+            trip = T.ceildiv(last - e0, bpt)
+
+            for i, d in T.Parallel(BH, dim):
+                Q_s[i, d] = T.if_then_else(i < G, Q[b, hk * G + i, d], T.cast(0, dtype))
+            T.fill(acc, 0)
+            T.fill(lsum, 0)
+            T.fill(m, -T.infinity(ACC))
+            for t in T.Pipelined(trip, num_stages=cfg.num_stages):
+                for j in tuple(range(bpt)):                  # Python-unrolled: one copy each
+                    for c0, cw in kchunks:
+                        T.copy(Kc[b, T.max(T.cast(Idx[b, hk, T.min(e0 + t * bpt + j, K - 1)],
+                                                  "int32"), 0) * bs:
+                                  T.max(T.cast(Idx[b, hk, T.min(e0 + t * bpt + j, K - 1)],
+                                               "int32"), 0) * bs + bs,
+                                  hk, c0:c0 + cw],
+                               K_s[j * bs:(j + 1) * bs, c0:c0 + cw])
+                T.clear(Sc)
+                T.gemm(Q_s, K_s, Sc, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                for i, jj in T.Parallel(BH, BN):
+                    Sc[i, jj] = T.if_then_else(
+                        (e0 + t * bpt + jj // bs < e1)
+                        and (Idx[b, hk, T.min(e0 + t * bpt + jj // bs, K - 1)] >= 0)
+                        and (T.cast(Idx[b, hk, T.min(e0 + t * bpt + jj // bs, K - 1)], "int32")
+                             * bs + jj % bs < L),
+                        Sc[i, jj] * scale_log2, -T.infinity(ACC))
+                update(Sc, P, acc, m, m_prev, m_use, alpha, rsum, lsum)
+                for j in tuple(range(bpt)):
+                    for c0, cw in vchunks:
+                        T.copy(Vc[b, T.max(T.cast(Idx[b, hk, T.min(e0 + t * bpt + j, K - 1)],
+                                                  "int32"), 0) * bs:
+                                  T.max(T.cast(Idx[b, hk, T.min(e0 + t * bpt + j, K - 1)],
+                                               "int32"), 0) * bs + bs,
+                                  hk, c0:c0 + cw],
+                               V_s[j * bs:(j + 1) * bs, c0:c0 + cw])
+                T.gemm(P, V_s, acc, policy=T.GemmWarpPolicy.FullRow)
+            write(acc, m, lsum, O_part, LSE_part, b, hk, sid)
+        combine(O_part, LSE_part, Out, B, NS)
+
+    return sparse_decode
+
+
+def _build_ws(heads, heads_kv, dim, dim_v, bs, dtype, cfg, index_dtype, seqlen_dtype, BN):
+    """Split kernel with a hand-written sm_90a schedule (SparseDecodeConfig.schedule="ws").
+
+    Threads 0-127: the MMA warpgroup (64 padded query rows); threads 128-255: the producer
+    warpgroup, whose first warp streams the gathered blocks with TMA into ``num_stages``
+    K and V buffers. All bulk copies of one stage arrive on one mbarrier (kready / vready, with
+    the summed byte count); the MMA warpgroup releases a buffer through kfree / vfree as soon
+    as its wgmma has read it. Same arguments, index scan, masking and combine as "auto"."""
+    import tilelang.language as T
+    from tilelang.layout import make_swizzled_layout
+    G = heads // heads_kv
+    BH, NST, NMMA = cfg.block_H, cfg.num_stages, 128
+    bpt = BN // bs
+    SU = 4
+    ACC = skv.ACC
+    B, S, K, NS = T.dynamic("B S K NS")
+    update = skv.make_softmax_update(BH, BN, dim_v, dtype)
+    write = skv.make_write_partials(BH, G, dim_v)
+    combine = skv.make_combine(heads, dim_v, dtype, cfg.combine_chunk)
+    kchunks = skv.column_chunks(dim, dtype)
+    vchunks = skv.column_chunks(dim_v, dtype)
+
+    @T.prim_func
+    def sparse_decode(Q: T.Tensor((B, heads, dim), dtype),
+                      Kc: T.Tensor((B, S, heads_kv, dim), dtype),
+                      Vc: T.Tensor((B, S, heads_kv, dim_v), dtype),
+                      Idx: T.Tensor((B, heads_kv, K), index_dtype),
+                      Lens: T.Tensor((B,), seqlen_dtype),
+                      O_part: T.Tensor((B, heads, NS, dim_v), ACC),
+                      LSE_part: T.Tensor((B, heads, NS), ACC),
+                      Out: T.Tensor((B, heads, dim_v), dtype),
+                      scale_log2: T.float32):
+        with T.Kernel(NS, heads_kv, B, threads=NMMA + 128) as (sid, hk, b):
+            if cfg.ctas_per_sm > 1:
+                T.annotate_min_blocks_per_sm(cfg.ctas_per_sm)
+            Q_s = T.alloc_shared((BH, dim), dtype)
+            K_s = T.alloc_shared((NST, BN, dim), dtype)
+            V_s = T.alloc_shared((NST, BN, dim_v), dtype)
+            T.annotate_layout({Q_s: make_swizzled_layout(Q_s), K_s: make_swizzled_layout(K_s),
+                               V_s: make_swizzled_layout(V_s)})
+            kready = T.alloc_barrier([32] * NST)
+            vready = T.alloc_barrier([32] * NST)
+            kfree = T.alloc_barrier([NMMA] * NST)
+            vfree = T.alloc_barrier([NMMA] * NST)
+            last = T.alloc_var("int32")
+
+            tx = T.get_thread_binding()
+            L = T.cast(Lens[b], "int32")
+            per = T.ceildiv(T.ceildiv(K, bpt), NS)
+            e0 = sid * per * bpt
+            e1 = T.min(e0 + per * bpt, K)
+            last = e0
+            for c in T.serial(T.ceildiv(T.max(e1 - e0, 0), 32 * SU)):
+                for u in T.unroll(SU):
+                    last = T.max(last, T.if_then_else(
+                        (e0 + c * (32 * SU) + u * 32 + tx % 32 < e1)
+                        and (Idx[b, hk, T.min(e0 + c * (32 * SU) + u * 32 + tx % 32, K - 1)]
+                             >= 0),
+                        e0 + c * (32 * SU) + u * 32 + tx % 32 + 1, 0))
+            last = T.warp_reduce_max(last)
+            n = T.ceildiv(last - e0, bpt)
+
+            for i, d in T.Parallel(BH, dim):
+                Q_s[i, d] = T.if_then_else(i < G, Q[b, hk * G + i, d], T.cast(0, dtype))
+            T.fence_proxy_async()
+            T.sync_threads()
+
+            if tx >= NMMA:
+                T.set_max_nreg(24, 0)
+            if tx >= NMMA and tx < NMMA + 32:
+                for it in T.serial(n):
+                    st = it % NST
+                    T.mbarrier_wait_parity(kfree[st], ((it // NST) & 1) ^ 1)
+                    for j in tuple(range(bpt)):
+                        for c0, cw in kchunks:
+                            T.tma_copy(
+                                Kc[b, T.max(T.cast(Idx[b, hk, T.min(e0 + it * bpt + j, K - 1)],
+                                                   "int32"), 0) * bs:
+                                   T.max(T.cast(Idx[b, hk, T.min(e0 + it * bpt + j, K - 1)],
+                                                "int32"), 0) * bs + bs, hk, c0:c0 + cw],
+                                K_s[st, j * bs:(j + 1) * bs, c0:c0 + cw],
+                                barrier=kready[st], leader_scope_threads=32)
+                    T.mbarrier_arrive(kready[st])
+                    T.mbarrier_wait_parity(vfree[st], ((it // NST) & 1) ^ 1)
+                    for j in tuple(range(bpt)):
+                        for c0, cw in vchunks:
+                            T.tma_copy(
+                                Vc[b, T.max(T.cast(Idx[b, hk, T.min(e0 + it * bpt + j, K - 1)],
+                                                   "int32"), 0) * bs:
+                                   T.max(T.cast(Idx[b, hk, T.min(e0 + it * bpt + j, K - 1)],
+                                                "int32"), 0) * bs + bs, hk, c0:c0 + cw],
+                                V_s[st, j * bs:(j + 1) * bs, c0:c0 + cw],
+                                barrier=vready[st], leader_scope_threads=32)
+                    T.mbarrier_arrive(vready[st])
+
+            with T.ws(0):
+                T.set_max_nreg(240 if cfg.ctas_per_sm == 1 else 224, 1)
+                Sc = T.alloc_fragment((BH, BN), ACC)
+                P = T.alloc_fragment((BH, BN), dtype)
+                acc = T.alloc_fragment((BH, dim_v), ACC)
+                m = T.alloc_fragment((BH,), ACC)
+                m_prev = T.alloc_fragment((BH,), ACC)
+                m_use = T.alloc_fragment((BH,), ACC)
+                alpha = T.alloc_fragment((BH,), ACC)
+                rsum = T.alloc_fragment((BH,), ACC)
+                lsum = T.alloc_fragment((BH,), ACC)
+                T.fill(acc, 0)
+                T.fill(lsum, 0)
+                T.fill(m, -T.infinity(ACC))
+                for it in T.serial(n):
+                    st = it % NST
+                    T.mbarrier_wait_parity(kready[st], (it // NST) & 1)
+                    T.wgmma_gemm(Q_s, K_s[st, :, :], Sc, transpose_B=True,
+                                 policy=T.GemmWarpPolicy.FullRow, clear_accum=True)
+                    T.wait_wgmma(0)
+                    T.mbarrier_arrive(kfree[st])
+                    for i, jj in T.Parallel(BH, BN):
+                        Sc[i, jj] = T.if_then_else(
+                            (e0 + it * bpt + jj // bs < e1)
+                            and (Idx[b, hk, T.min(e0 + it * bpt + jj // bs, K - 1)] >= 0)
+                            and (T.cast(Idx[b, hk, T.min(e0 + it * bpt + jj // bs, K - 1)],
+                                        "int32") * bs + jj % bs < L),
+                            Sc[i, jj] * scale_log2, -T.infinity(ACC))
+                    update(Sc, P, acc, m, m_prev, m_use, alpha, rsum, lsum)
+                    T.mbarrier_wait_parity(vready[st], (it // NST) & 1)
+                    T.wgmma_gemm(P, V_s[st, :, :], acc, policy=T.GemmWarpPolicy.FullRow)
+                    T.wait_wgmma(0)
+                    T.mbarrier_arrive(vfree[st])
+                write(acc, m, lsum, O_part, LSE_part, b, hk, sid)
+        combine(O_part, LSE_part, Out, B, NS)
+
+    return sparse_decode
+
+
+@functools.lru_cache(maxsize=None)
+def compile_sparse_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int,
+                                 block_size: int, dtype: str, config: SparseDecodeConfig,
+                                 arch: str, index_dtype: str = "int32",
+                                 seqlen_dtype: str = "int32"):
+    """Compiled kernel, memoised per static configuration (and in TileLang's disk cache)."""
+    if config.schedule == "ws" and not arch.startswith("sm_9"):
+        raise ValueError(f"SparseDecodeConfig(schedule='ws') needs Hopper (sm_90a), got {arch}")
+    prog = build_sparse_decode_kernel(heads, heads_kv, dim, dim_v, block_size, dtype, config,
+                                      arch, index_dtype, seqlen_dtype)
+    # the hand-written schedule places its own barriers; TileLang's automatic __syncthreads
+    # would deadlock inside the warp-specialised branches
+    return skv.compile_program(prog, arch, no_auto_sync=config.schedule == "ws")
+
+
+_INDEX_DTYPES = {torch.int32: "int32", torch.int64: "int64"}
+
+
+def sparse_decode_tilelang(q, k_cache, v_cache, block_indices, cache_seqlens, *, block_size,
+                           softmax_scale, out=None, config: SparseDecodeConfig = None,
+                           num_splits: int = None):
+    """TileLang backend of :func:`resa_tl.ops.sparse_decode` (arguments validated there).
+
+    q [B, H, D]; k_cache [B, S_max, Hkv, D] and v_cache [B, S_max, Hkv, Dv] contiguous;
+    block_indices [B, Hkv, K] int32/int64 (-1 = ignore); cache_seqlens [B] int32/int64.
+    Returns [B, H, Dv] in q.dtype (written into ``out`` when given). One kernel per static
+    shape (H, Hkv, D, Dv, block_size, dtype, index/length dtypes, tile config, arch); B,
+    S_max, K and the lengths are run-time values, so decoding never recompiles. No host
+    synchronisation; workspaces are cached per shape (CUDA-graph safe after one warm-up).
+    """
+    from .. import heuristics, schedules
+    B, H, D = q.shape
+    S, Hkv, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
+    K = block_indices.shape[-1]
+    if block_size not in SPARSE_BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {SPARSE_BLOCK_SIZES} for the TileLang "
+                         f"sparse_decode, got {block_size}")
+    skv.check_head_dims(D, Dv)
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous [B, S_max, Hkv, D] tensors "
+                         "for the TileLang sparse_decode (copying a cache per step would cost "
+                         "more than the attention)")
+    g = H // Hkv
+    arch = heuristics.arch_of(q.device)
+    dt = skv.tl_dtype(q.dtype)
+    if config is None:
+        default = heuristics.sparse_decode_config(Hkv, g, D, dt, block_size, arch)
+        config = schedules.config_for("sparse_decode", default, arch=arch, dtype=dt,
+                                      head_dim=D, g=g, hkv=Hkv, block_size=block_size,
+                                      k_blocks=max(K, 1), batch=max(B, 1))
+    bn = _check_config(config, block_size, g)
+    if out is None:
+        out = torch.empty((B, H, Dv), dtype=q.dtype, device=q.device)
+    elif (tuple(out.shape) != (B, H, Dv) or out.dtype != q.dtype or out.device != q.device
+          or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {[B, H, Dv]} on "
+                         f"{q.device}; got {out.dtype} {list(out.shape)} on {out.device}")
+    if B == 0:
+        return out
+    if K == 0:                                  # no block selected anywhere: zeros by contract
+        return out.zero_()
+    kern = compile_sparse_decode_kernel(H, Hkv, D, Dv, block_size, dt, config, arch,
+                                        _INDEX_DTYPES[block_indices.dtype],
+                                        _INDEX_DTYPES[cache_seqlens.dtype])
+    tiles = -(-K // (bn // block_size))
+    if num_splits is None:
+        num_splits = heuristics.decode_num_splits(B, Hkv, tiles, q.device,
+                                                  ctas_per_sm=config.ctas_per_sm)
+    num_splits = max(1, min(int(num_splits), tiles))
+    o_part, lse_part = skv.workspace(B, H, num_splits, Dv, q.device)
+    kern(q.contiguous(), k_cache, v_cache, block_indices.contiguous(), cache_seqlens,
+         o_part, lse_part, out, float(softmax_scale) * skv.LOG2E)
+    return out

@@ -1,0 +1,176 @@
+"""Shared pieces of the split-KV decode kernels (sparse_decode, dense_decode).
+
+Split-KV flash decoding: the keys of each (row, KV head) are cut into ``num_splits`` ranges;
+one CTA per (split, KV head, row) runs flash attention over its range for the g query heads
+of the KV group (padded to the MMA M granularity, so every K/V tile is read once per group)
+and writes an fp32 partial output with its log2-sum-exp. A second kernel of the same
+program merges the partials. An empty split writes O = 0 and LSE = -inf (the empty marker:
+it gets weight exp2(-inf) = 0), so a row attending to no key at all ends as zeros, not NaN.
+
+Everything that grows with the context (cache length S, index width K, batch B, split count)
+is a runtime (T.dynamic) dimension: decoding never recompiles as lengths grow.
+"""
+from __future__ import annotations
+
+import torch
+
+LOG2E = 1.4426950408889634
+ACC = "float32"
+
+_TL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def tl_dtype(dtype: torch.dtype) -> str:
+    try:
+        return _TL_DTYPES[dtype]
+    except KeyError:
+        raise TypeError(f"TileLang decode kernels take float16/bfloat16, got {dtype}") from None
+
+
+def target_of(arch: str) -> dict:
+    return {"kind": "cuda", "arch": arch}
+
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+
+
+def check_head_dims(head_dim: int, head_dim_v: int) -> None:
+    for name, d in (("head_dim", head_dim), ("v_cache head_dim", head_dim_v)):
+        if d not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"{name} must be one of {SUPPORTED_HEAD_DIMS} for the TileLang "
+                             f"decode kernels, got {d}")
+
+
+def column_chunks(dim: int, dtype: str):
+    """(start, width) pieces of a head-dim row of 128 bytes each: a TMA box under the 128-byte
+    swizzle of a wgmma operand covers at most 128 bytes of a row, and TileLang only lowers a
+    copy into a row-slice of a swizzled shared tile to TMA when it stays inside one such
+    piece (a 16-row block of a 64-row tile is otherwise not contiguous in shared memory)."""
+    width = 128 // (2 if dtype in ("float16", "bfloat16") else 4)
+    width = min(width, dim)
+    return tuple((c, width) for c in range(0, dim, width))
+
+
+# ---------------------------------------------------------------------------------------------
+# TileLang macros shared by both kernels. Imported lazily (tilelang import costs seconds).
+# ---------------------------------------------------------------------------------------------
+
+def make_softmax_update(block_h: int, block_n: int, dim_v: int, dtype: str):
+    """One online-softmax step over a [block_h, block_n] score tile that is already scaled to
+    log2 units and masked with -inf. Rows whose running max is still -inf (nothing valid yet)
+    are guarded so that no NaN appears (exp2(-inf - -inf))."""
+    import tilelang.language as T
+
+    @T.macro
+    def update(Sc, P, acc, m, m_prev, m_use, alpha, rsum, lsum):
+        T.copy(m, m_prev)
+        T.reduce_max(Sc, m, dim=1, clear=False)
+        for i in T.Parallel(block_h):
+            m_use[i] = T.if_then_else(m[i] == -T.infinity(ACC), 0.0, m[i])
+            alpha[i] = T.exp2(m_prev[i] - m_use[i])
+        for i, j in T.Parallel(block_h, block_n):
+            Sc[i, j] = T.exp2(Sc[i, j] - m_use[i])
+        T.reduce_sum(Sc, rsum, dim=1)
+        for i in T.Parallel(block_h):
+            lsum[i] = lsum[i] * alpha[i] + rsum[i]
+        T.copy(Sc, P)
+        for i, d in T.Parallel(block_h, dim_v):
+            acc[i, d] *= alpha[i]
+
+    return update
+
+
+def make_write_partials(block_h: int, group: int, dim_v: int):
+    """Epilogue of a split CTA: normalised partial output and its log2-sum-exp, -inf/0 for an
+    empty split."""
+    import tilelang.language as T
+
+    @T.macro
+    def write(acc, m, lsum, O_part, LSE_part, b, hk, sid):
+        for i, d in T.Parallel(block_h, dim_v):
+            if i < group:
+                O_part[b, hk * group + i, sid, d] = T.if_then_else(
+                    lsum[i] > 0, acc[i, d] / lsum[i], 0.0)
+        for i in T.Parallel(block_h):
+            if i < group:
+                LSE_part[b, hk * group + i, sid] = T.if_then_else(
+                    lsum[i] > 0, T.log2(lsum[i]) + m[i], -T.infinity(ACC))
+
+    return write
+
+
+def make_combine(heads: int, dim_v: int, dtype: str, chunk: int):
+    """Kernel (inside the caller's prim_func) merging the split partials of every (row, head):
+    one CTA of dim_v threads per (head, row), ``chunk`` splits per step with independent loads
+    and an online rescale, so latency is ceil(num_splits / chunk) round trips."""
+    import tilelang.language as T
+
+    @T.macro
+    def combine(O_part, LSE_part, Out, batch, num_splits):
+        with T.Kernel(heads, batch, threads=dim_v) as (h, b):
+            o = T.alloc_fragment((dim_v,), ACC)
+            w = T.alloc_local((chunk,), ACC)
+            m = T.alloc_var(ACC)
+            cm = T.alloc_var(ACC)
+            ms = T.alloc_var(ACC)
+            r = T.alloc_var(ACC)
+            tot = T.alloc_var(ACC)
+            m = -T.infinity(ACC)
+            tot = 0.0
+            T.clear(o)
+            for c in T.serial(T.ceildiv(num_splits, chunk)):
+                for s in T.unroll(chunk):
+                    w[s] = T.if_then_else(c * chunk + s < num_splits,
+                                          LSE_part[b, h, T.min(c * chunk + s, num_splits - 1)],
+                                          -T.infinity(ACC))
+                cm = m
+                for s in T.unroll(chunk):
+                    cm = T.max(cm, w[s])
+                ms = T.if_then_else(cm == -T.infinity(ACC), 0.0, cm)
+                r = T.exp2(m - ms)
+                tot = tot * r
+                for d in T.Parallel(dim_v):
+                    o[d] = o[d] * r
+                for s in T.unroll(chunk):
+                    w[s] = T.exp2(w[s] - ms)
+                    tot = tot + w[s]
+                for s in T.unroll(chunk):
+                    for d in T.Parallel(dim_v):
+                        o[d] += w[s] * O_part[b, h, T.min(c * chunk + s, num_splits - 1), d]
+                m = cm
+            for d in T.Parallel(dim_v):
+                Out[b, h, d] = T.cast(T.if_then_else(tot > 0, o[d] / tot, 0.0), dtype)
+
+    return combine
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: workspaces and the compile cache.
+# ---------------------------------------------------------------------------------------------
+
+_WORKSPACES: dict = {}
+
+
+def workspace(batch: int, heads: int, num_splits: int, dim_v: int, device: torch.device):
+    """(O_part [B, H, NS, Dv] fp32, LSE_part [B, H, NS] fp32), allocated once per shape and
+    device and reused (no allocation on the decode path; CUDA-graph capture after one warm-up
+    call replays with the same buffers). Every call overwrites all of it before reading."""
+    key = (batch, heads, num_splits, dim_v, device)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        o = torch.empty(batch, heads, num_splits, dim_v, dtype=torch.float32, device=device)
+        lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=device)
+        ws = _WORKSPACES[key] = (o, lse)
+    return ws
+
+
+def compile_program(prim_func, arch: str, no_auto_sync: bool = False):
+    import tilelang
+    pc = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
+    if no_auto_sync:
+        pc[tilelang.PassConfigKey.TL_DISABLE_THREAD_STORAGE_SYNC] = True
+    return tilelang.compile(prim_func, target=target_of(arch), pass_configs=pc)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
