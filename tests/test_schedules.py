@@ -695,3 +695,59 @@ def test_from_results_publishes_a_remote_run(tmp_path, capsys):
     assert (rd / "report.md").exists() and (rd / "results.json").exists()
     assert at_run.main(["--arch", "sm80", "--from-results", str(tmp_path), "--out", "-"]) == 2
     assert "not --arch sm80" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# dispatch wiring: every kernel wrapper takes its config from the schedule
+# ------------------------------------------------------------------------------------------
+
+_COMPILE_FNS = {"rectify_attention": "compile_rectify_kernel",
+                "select_blocks": "build_select_blocks_kernel",
+                "block_summaries": "build_summaries_kernel",
+                "update_block_summaries": "build_summaries_kernel",
+                "dense_decode": "compile_dense_decode_kernel",
+                "sparse_decode": "compile_sparse_decode_kernel"}
+
+
+class _Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize("op", spaces.OPS)
+def test_wrappers_take_their_config_from_the_schedule(op, tmp_path, monkeypatch):
+    """Run each host wrapper on CPU tensors up to its compile call (stubbed): with a tuned
+    schedule entry for the shape, the wrapper compiles the entry's config; for a shape no entry
+    fits (another head_dim), the heuristic default. Catches key-name drift between the wrappers
+    and schedules.KEY_SPECS."""
+    import inspect
+    from resa_tl import heuristics
+    ad = spaces.adapter(op)
+    if ad.available() is not None:
+        pytest.skip(ad.available())
+    m = ad.mod()
+    real = getattr(m, _COMPILE_FNS[op])
+
+    def stub(*a, **k):
+        raise _Captured(inspect.signature(real).bind(*a, **k).arguments["config"])
+
+    monkeypatch.setattr(m, _COMPILE_FNS[op], stub)
+    monkeypatch.setattr(heuristics, "arch_of", lambda device=None: "sm_90a")
+    key = ad.validation_key(next(p.key for p in workloads.tiny_workload([op])))
+    default = ad.default_config(key, "sm_90a")
+    tuned = next(c for c in ad.space(key, "sm_90a") if c != default)
+    e = {"op": op, "key": key, "config": dataclasses.asdict(tuned), "tuned": True,
+         "latency_us": 10.0}
+    monkeypatch.setenv("RESA_TL_SCHEDULE", str(write(tmp_path, sched_obj([e]))))
+
+    def run_wrapper(k):
+        inp = ad.make_inputs(k, "cpu", torch.Generator().manual_seed(0))
+        args, kwargs = ad.wrapper_args(inp)
+        with pytest.raises(_Captured) as ei:
+            ad.wrapper_fn()(*args, **kwargs)
+        return ei.value.args[0]
+
+    assert run_wrapper(key) == tuned
+    other = dict(key, head_dim=128 if key["head_dim"] == 64 else 64)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert run_wrapper(other) == ad.default_config(other, "sm_90a")

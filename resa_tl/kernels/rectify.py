@@ -502,7 +502,7 @@ def rectify_attention_tilelang(q, k_cache, v_cache, cache_seqlens, *, softmax_sc
     dtype, softmax_scale, tile config, arch); batch, S_max, the lengths and the split count
     are run-time values (no recompile as the cache grows). No host synchronisation.
     """
-    from .. import heuristics
+    from .. import heuristics, schedules
     B, TQ, H, D = q.shape
     S, Hkv, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     if TQ > RECTIFY_MAX_T:
@@ -515,8 +515,10 @@ def rectify_attention_tilelang(q, k_cache, v_cache, cache_seqlens, *, softmax_sc
     g = H // Hkv
     R = TQ * g
     arch = heuristics.arch_of(q.device)
-    if config is None:
-        config = heuristics.rectify_config(TQ, g, D, Dv, arch)
+    if config is None:   # the tuned schedule's entry for this shape, else the heuristic
+        config = schedules.config_for(
+            "rectify_attention", heuristics.rectify_config(TQ, g, D, Dv, arch), arch=arch,
+            dtype=q.dtype, head_dim=D, g=g, hkv=Hkv, T=TQ, context=max(S, 1), batch=max(B, 1))
     split_k, combine_k = compile_rectify_kernel(TQ, g, Hkv, D, Dv, _tl_dtype(q.dtype),
                                                 float(softmax_scale), config, arch)
     if num_splits is None:

@@ -458,14 +458,17 @@ def select_blocks_tilelang(q, kmin, kmax, cache_seqlens, *, block_size, sparse_r
     ``config`` (optional): a :class:`SelectionConfig` overriding the heuristic (tests, tuning).
     Among blocks with equal fp32 scores at the threshold, the lower block ids are kept.
     """
-    from .. import heuristics
+    from .. import heuristics, schedules
     B, H, D = q.shape
     NB, Hkv = kmin.shape[1], kmin.shape[2]
     K = int(max_selected)
     if D % _VEC or (D // _VEC) & (D // _VEC - 1) or D // _VEC > 32:
         raise ValueError(f"head_dim must be one of 8, 16, 32, 64, 128, 256 for the tilelang "
                          f"select_blocks, got {D}")
-    cfg = config or heuristics.selection_config(NB, Hkv, D)
+    cfg = config or schedules.config_for(   # the tuned schedule's entry, else the heuristic
+        "select_blocks", heuristics.selection_config(NB, Hkv, D),
+        arch=heuristics.arch_of(q.device), dtype=q.dtype, head_dim=D, g=H // Hkv, hkv=Hkv,
+        block_size=block_size, num_blocks=max(NB, 1), batch=max(B, 1))
     if -(-NB // cfg.select_threads) > _MAX_REG_KEYS and \
             -(-NB // cfg.select_threads) * cfg.select_threads > _MAX_SMEM_KEYS:
         raise ValueError(f"kmin has NB={NB} blocks per row; the tilelang select_blocks supports "

@@ -203,10 +203,16 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _kernel_for(k_cache, index: torch.Tensor, block_size: int, mode: str):
-    from .. import heuristics
+def _kernel_for(k_cache, index: torch.Tensor, block_size: int, mode: str, length: int = 1):
+    from .. import heuristics, schedules
     B, S, Hkv, D = k_cache.shape
-    cfg = heuristics.summaries_config(Hkv, D, block_size)
+    # the tuned schedule's entry for this shape, else the heuristic
+    shape = {"context": max(S, 1)} if mode == "build" else {"length": max(int(length), 1)}
+    cfg = schedules.config_for(
+        "block_summaries" if mode == "build" else "update_block_summaries",
+        heuristics.summaries_config(Hkv, D, block_size), arch=heuristics.arch_of(k_cache.device),
+        dtype=k_cache.dtype, head_dim=D, hkv=Hkv, block_size=block_size, batch=max(B, 1),
+        **shape)
     return build_summaries_kernel(Hkv, D, block_size, _tl_dtype(k_cache.dtype),
                                   "int64" if index.dtype == torch.int64 else "int32", mode, cfg,
                                   heuristics.arch_of(k_cache.device))
@@ -246,7 +252,7 @@ def update_block_summaries_tilelang(kmin, kmax, k_cache, start, length: int, blo
         raise ValueError(f"length must be < 2**31 for the tilelang backend, got {length}")
     k = _aligned(k_cache)
     lo, hi = _aligned(kmin), _aligned(kmax)
-    kern = _kernel_for(k, start, block_size, "update")
+    kern = _kernel_for(k, start, block_size, "update", length)
     kern(k, start.contiguous(), lo, hi, int(length))
     if lo is not kmin:
         kmin.copy_(lo)
