@@ -167,8 +167,12 @@ def sparse_decode_config(num_kv_heads: int, group: int, head_dim: int, dtype: st
     schedule "ws" on sm_90a: TileLang's automatic warp specialisation gives every gathered
     copy (4 blocks x 2 column pieces x K/V per stage at block 16) its own mbarrier pair, i.e.
     16 consumer arrivals per thread per stage; the hand-written producer needs 2. Measured on
-    the H100 (16K context, batch 1, Qwen2.5-7B shapes): 8.8 us vs 11.2 us per call as CUDA-graph
-    replays (examples/bench_decode_kernels.py). "auto" elsewhere (sm_80: cp.async)."""
+    the H100 (Qwen2.5-7B shapes, keep 10% of 16-token blocks, CUDA-graph replays,
+    examples/bench_decode_kernels.py, 2026-11-27): "ws" vs "auto" 9.6 vs 11.8 us (16K, batch
+    1), 13.8 vs 25.3 us (64K, 1), 47.8 vs 121.8 us (64K, 8), 159.2 vs 454.4 us (256K, 8).
+    3 stages and block_N 128 were within +-5% of this default, block_N 32 with 4 stages up to
+    19% slower, 2 CTAs per SM -2% at 256K batch 8 but +9% at 64K batch 1.
+    "auto" elsewhere (sm_80: cp.async)."""
     from .kernels.sparse_decode import SparseDecodeConfig
     bn, st = _decode_tile(arch, block_size, head_dim)
     return SparseDecodeConfig(block_N=bn, block_H=64, threads=128, num_stages=st,
@@ -216,7 +220,8 @@ def decode_num_splits(batch: int, num_kv_heads: int, num_tiles: int,
       two waves); ties go to fewer splits (less partial-output traffic and combine work);
     * split counts whose ceil(num_tiles / NS) is the same are collapsed to the smallest, so no
       split is empty by construction.
-    The SM count is read from the device (never hard-coded)."""
+    The SM count is read from the device (never hard-coded). On the H100 (sparse, Qwen2.5-7B,
+    64K/256K, batch 1/8) the chosen count was the fastest of {NS/2, NS, 2 NS, 2 waves}."""
     rows = max(1, batch * num_kv_heads)
     tiles = max(1, num_tiles)
     slots = max(1, (sm_count(device) if num_sms is None else num_sms) * ctas_per_sm)
