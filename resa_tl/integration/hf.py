@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..config import ReSAConfig
+from ._torch_ops import dense
 from .cache_layer import ACTIVE, ReSAHFCache, head_dim_of, text_config
 
 IMPLEMENTATION = "resa_tl"
@@ -159,9 +160,8 @@ def _padded_chunk(cache, i, query, valid, scale):
         if n == 0:
             continue
         rows = valid[b].nonzero().squeeze(1)
-        o = ops.rectify_attention(q[b:b + 1, rows].contiguous(), store.k[i][b:b + 1],
-                                  store.v[i][b:b + 1], store.seqlens[i][b:b + 1],
-                                  softmax_scale=scale, backend=cache.backend)
+        o = dense(q[b:b + 1, rows].contiguous(), store.k[i][b:b + 1], store.v[i][b:b + 1],
+                  store.seqlens[i][b:b + 1], scale, cache.backend)
         out[b, rows] = o[0]
     return out
 
@@ -245,7 +245,7 @@ def _wrap_prepare_cache(model, state: AttachState):
         check_model(model, state.backend)
         capacity = max_cache_length
         if impl == "static":
-            capacity = max(capacity, generation_config.max_cache_len or 0)
+            capacity = max(capacity, getattr(generation_config, "max_cache_len", None) or 0)
             reuse = state.static_cache
             if (reuse is not None and reuse.store.batch_size == rows
                     and reuse.max_cache_len >= capacity and reuse.config == state.config
