@@ -646,6 +646,7 @@ def _meta(args, prov, workload, items, unavailable, t0, report_dir, mode, **extr
 def run_compile_only(args, ops, t0):
     from autotune import provenance
     target = schedules.target_arch(args.arch)
+    prov = provenance.collect(args.arch, target, gpu=False)     # the sources as compiled
     problems, wl = build_workload(args, ops)
     items, unavailable = plan_problems(problems, target, args.space, args.max_candidates)
     jobs = default_jobs() if args.jobs is None else args.jobs
@@ -675,7 +676,6 @@ def run_compile_only(args, ops, t0):
         bar.close()
         records = pool.records()
         pool.shutdown()
-    prov = provenance.collect(args.arch, target, gpu=False)
     rd = Path(args.report_dir) if args.report_dir else default_report_dir(args.arch, "", True)
     results = {"meta": _meta(args, prov, wl, items, unavailable, t0, rd, "compile-only",
                              compile_jobs=jobs, space=args.space),
@@ -694,6 +694,7 @@ def run_tune(args, ops, t0):
     from autotune.spaces import adapter
     check_arch(args)
     target = schedules.target_arch(args.arch)
+    prov = provenance.collect(args.arch, target, gpu=True)      # the sources as tuned
     problems, wl = build_workload(args, ops)
     items, unavailable = plan_problems(problems, target, args.space, args.max_candidates)
     jobs = default_jobs() if args.jobs is None else args.jobs
@@ -761,7 +762,6 @@ def run_tune(args, ops, t0):
         gpu.close()
         records = pool.records()
         pool.shutdown()
-    prov = provenance.collect(args.arch, target, gpu=True)
     rd = Path(args.report_dir) if args.report_dir else default_report_dir(
         args.arch, prov.get("gpu", ""), False)
     results = {"meta": _meta(args, prov, wl, items, unavailable, t0, rd, "tune",
