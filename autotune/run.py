@@ -706,7 +706,11 @@ def run_tune(args, ops, t0):
     for op, why in unavailable.items():
         print(f"  {op}: not tuned: {why}")
     gpu = GpuRunner({"seed": args.seed, "samples": args.samples})
-    info = gpu.start(copy_bw=True)
+    try:
+        info = gpu.start(copy_bw=True)
+    except RuntimeError as err:
+        pool.shutdown()
+        raise UsageError(str(err)) from None
     copy = info.get("copy_bandwidth") or {}
     print(f"copy roofline: {copy.get('gbps')} GB/s; L2 {info['l2_bytes'] / 2**20:.0f} MiB")
     bar = _progress(len(items), "tune", args.no_progress)
@@ -833,7 +837,11 @@ def run_check(args, ops, t0):
         futs = [pool.submit(e.op, ad.static_id(e.key), e.key, c) for c in cands]
         items.append((e, (cands, futs, default), None))
     gpu = GpuRunner({"seed": args.seed, "samples": args.samples})
-    gpu.start(copy_bw=False)
+    try:
+        gpu.start(copy_bw=False)
+    except RuntimeError as err:
+        pool.shutdown()
+        raise UsageError(str(err)) from None
     rows, failures = [], 0
     try:
         for e, plan, why in items:
