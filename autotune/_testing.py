@@ -35,3 +35,11 @@ def fake_gpu_child(task_q, result_q, opts):
                            "max_us": us, "mode": "fake", "samples_us": [us]}
             out.append(c)
         result_q.put(("done", task["idx"], {"candidates": out, "n_sets": 1}))
+
+
+def fake_compile_job(op, key_items, cfg_dict, target):
+    """Stands in for compile_pool.compile_job: kills its worker for {"crash": true}."""
+    if cfg_dict.get("crash"):
+        os._exit(9)
+    time.sleep(0.05)
+    return {"ok": True, "seconds": 0.05, "error": None}

@@ -751,3 +751,22 @@ def test_wrappers_take_their_config_from_the_schedule(op, tmp_path, monkeypatch)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         assert run_wrapper(other) == ad.default_config(other, "sm_90a")
+
+
+def test_compile_pool_survives_a_dying_worker():
+    """A compile that kills its worker breaks the process pool: the pool is rebuilt, the other
+    jobs are resubmitted and succeed, the killer is recorded as failed."""
+    from autotune._testing import fake_compile_job
+    from autotune.compile_pool import CompilePool
+    pool = CompilePool(2, "sm_80", timeout_s=60, job_fn=fake_compile_job)
+    try:
+        cfgs = [{"i": i} for i in range(6)]
+        cfgs.insert(3, {"crash": True})
+        futs = [pool.submit("dense_decode", (("g", 1),), {"g": 1}, c) for c in cfgs]
+        res = [pool.result(f) for f in futs]
+    finally:
+        pool.shutdown()
+    assert [r["ok"] for r in res] == [True, True, True, False, True, True, True]
+    assert "killed its worker" in res[3]["error"]
+    recs = pool.records()
+    assert len(recs) == 7 and sum(r["ok"] is True for r in recs) == 6
