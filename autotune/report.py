@@ -160,6 +160,11 @@ def _tune_md(res, ops):
     return L
 
 
+def _spread(i: int, n: int) -> list[float]:
+    """x positions of n points around category i (one column per shape)."""
+    return [i + ((j + 0.5) / max(n, 1) - 0.5) * 0.7 for j in range(n)]
+
+
 def render_plots(res: dict, out_dir: Path) -> list[str]:
     """speedup.png, roofline.png, candidates.png (skipped, with a note, without matplotlib)."""
     try:
@@ -177,10 +182,11 @@ def render_plots(res: dict, out_dir: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for i, op in enumerate(ops):
         ys = [p["speedup_vs_default"] for p in probs if p["op"] == op and p.get("speedup_vs_default")]
-        ax.scatter([i + (j / max(len(ys), 1) - 0.5) * 0.6 for j in range(len(ys))], ys, s=14)
+        ax.scatter(_spread(i, len(ys)), ys, s=14)
     ax.axhline(1.0, color="gray", lw=1)
     ax.axhline(TARGET_SPEEDUP, color="red", lw=1, ls="--", label=f"{TARGET_SPEEDUP}x target")
     ax.set_xticks(range(len(ops)), ops, rotation=15)
+    ax.set_xlim(-0.5, len(ops) - 0.5)
     ax.set_ylabel("tuned / heuristic default speedup")
     ax.set_title(f"{res['meta'].get('arch')}: speedup over the heuristic default, per shape")
     ax.legend()
@@ -192,7 +198,7 @@ def render_plots(res: dict, out_dir: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for i, op in enumerate(ops):
         ps = [p for p in probs if p["op"] == op and p.get("roofline_pct") is not None]
-        xs = [i + (j / max(len(ps), 1) - 0.5) * 0.6 for j in range(len(ps))]
+        xs = _spread(i, len(ps))
         ax.scatter(xs, [p["roofline_pct"] for p in ps], s=14, label="tuned" if i == 0 else None,
                    color="C0")
         dd = [(x, p["default_roofline_pct"]) for x, p in zip(xs, ps)
@@ -201,6 +207,8 @@ def render_plots(res: dict, out_dir: Path) -> list[str]:
             ax.scatter(*zip(*dd), s=10, marker="x", color="C3",
                        label="heuristic default" if i == 0 else None)
     ax.set_xticks(range(len(ops)), ops, rotation=15)
+    ax.set_xlim(-0.5, len(ops) - 0.5)
+    ax.set_ylim(0, max(105, ax.get_ylim()[1]))
     ax.set_ylabel("% of measured copy bandwidth")
     ax.set_title("Achieved DRAM rate (compulsory bytes / time) vs the copy roofline")
     ax.legend()
