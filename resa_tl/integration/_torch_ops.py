@@ -36,36 +36,65 @@ def _(q, k_cache, v_cache, kmin, kmax, cache_seqlens, block_size, sparse_ratio, 
     return q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
 
 
-def dense(q, k_cache, v_cache, cache_seqlens, softmax_scale: float, backend: str):
-    """Causal dense attention of the last T cached tokens of every row (prefill, rectification):
-    :func:`resa_tl.ops.rectify_attention`. q [B, T, H, D] -> [B, T, H, Dv].
+def dense(q, k_cache, v_cache, cache_seqlens, softmax_scale: float, backend: str,
+          use_kernel: bool = True):
+    """Causal dense attention of the last T cached tokens of every row (prefill, rectification),
+    the function of :func:`resa_tl.ops.rectify_attention`. q [B, T, H, D] -> [B, T, H, Dv].
 
-    On the torch backend the same function is computed with torch's fused SDPA over the valid
-    prefix of the cache instead of the unfused fp32 reference (a 2K-token prefill on the CPU is
-    several times faster); TileLang runs the rectify kernel."""
-    if ops.resolve_backend(backend, q.device, q.dtype) != "torch":
+    The TileLang rectify kernel takes T <= RECTIFY_MAX_T (64) and compiles once per T, so it runs
+    only where ``use_kernel`` (the caller passes it for the rectification length f + 1, the
+    one dense shape inside the decode loop). Prompts and other chunks use torch's fused SDPA
+    (flash attention for a fresh causal prompt), as does the torch backend."""
+    from ..kernels.rectify import RECTIFY_MAX_T
+    T = q.shape[1]
+    if use_kernel and T <= RECTIFY_MAX_T and \
+            ops.resolve_backend(backend, q.device, q.dtype) == "tilelang":
         return ops.rectify_attention(q, k_cache, v_cache, cache_seqlens,
                                      softmax_scale=softmax_scale, backend=backend)
-    B, T = q.shape[:2]
-    L = int(cache_seqlens.max())                         # CPU (or fp32): reading it is cheap
-    last = cache_seqlens.long()[:, None] - T + torch.arange(T, device=q.device)      # [B, T]
-    mask = torch.arange(L, device=q.device)[None, None] <= last[..., None]          # [B, T, L]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k_cache[:, :L].transpose(1, 2), v_cache[:, :L].transpose(1, 2),
-        attn_mask=mask[:, None], scale=softmax_scale, enable_gqa=True)
-    return out.transpose(1, 2)
+    return sdpa_dense(q, k_cache, v_cache, cache_seqlens, softmax_scale)
+
+
+def sdpa_dense(q, k_cache, v_cache, cache_seqlens, softmax_scale: float, chunk: int = 1024):
+    """:func:`dense` with torch SDPA. Reads the lengths on the host (to attend over the valid
+    prefix only, and to take the unmasked causal path when every row is exactly this chunk),
+    except while a CUDA graph is being captured: then it masks the whole cache."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    B, T, H, D = q.shape
+    qh = q.transpose(1, 2)                                              # [B, H, T, D]
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing:
+        host = cache_seqlens.tolist()
+        if all(n == T for n in host):                # a fresh prompt in every row: plain causal
+            o = sdpa(qh, k_cache[:, :T].transpose(1, 2), v_cache[:, :T].transpose(1, 2),
+                     is_causal=True, scale=softmax_scale, enable_gqa=True)
+            return o.transpose(1, 2)
+        L = max(host)
+    else:
+        L = k_cache.shape[1]
+    kh, vh = k_cache[:, :L].transpose(1, 2), v_cache[:, :L].transpose(1, 2)
+    last = cache_seqlens.long()[:, None] - T + torch.arange(T, device=q.device)     # [B, T]
+    keys = torch.arange(L, device=q.device)
+    out = q.new_empty(B, T, H, v_cache.shape[-1])
+    for s in range(0, T, chunk):                     # bounds the mask to [B, chunk, L]
+        e = min(T, s + chunk)
+        mask = keys[None, None] <= last[:, s:e, None]
+        o = sdpa(qh[:, :, s:e], kh, vh, attn_mask=mask[:, None], scale=softmax_scale,
+                 enable_gqa=True)
+        out[:, s:e] = o.transpose(1, 2)
+    return out
 
 
 @torch.library.custom_op(f"{_NS}::hf_dense_attention", mutates_args=())
 def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    cache_seqlens: torch.Tensor, softmax_scale: float,
-                    backend: str) -> torch.Tensor:
+                    cache_seqlens: torch.Tensor, softmax_scale: float, backend: str,
+                    use_kernel: bool) -> torch.Tensor:
     """:func:`dense` as one opaque op. q [B, T, H, D] -> [B, T, H, Dv]."""
-    return dense(q, k_cache, v_cache, cache_seqlens, softmax_scale, backend).contiguous()
+    return dense(q, k_cache, v_cache, cache_seqlens, softmax_scale, backend,
+                 use_kernel).contiguous()
 
 
 @dense_attention.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, softmax_scale, backend):
+def _(q, k_cache, v_cache, cache_seqlens, softmax_scale, backend, use_kernel):
     return q.new_empty(*q.shape[:3], v_cache.shape[-1])
 
 

