@@ -122,8 +122,12 @@ def resa_attention(module, query, key, value, attention_mask, scaling=None, drop
     layer = ACTIVE["layer"]
     ACTIVE["layer"] = None
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    if layer is None or layer.layer_idx != getattr(module, "layer_idx", None):
+    if layer is None:                        # this forward runs without a ReSA cache
         return _dense_without_cache(query, key, value, attention_mask, scale)
+    if layer.layer_idx != getattr(module, "layer_idx", None):
+        raise RuntimeError(f"resa_tl: attention of layer {getattr(module, 'layer_idx', None)} "
+                           f"follows the cache update of layer {layer.layer_idx}; this model "
+                           "does not update its cache right before attending")
     cache, i = layer.owner, layer.layer_idx
     store, cfg = cache.store, cache.config
     B, H, T, D = query.shape
