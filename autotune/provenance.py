@@ -22,9 +22,10 @@ def _run(cmd) -> str | None:
 
 
 def git_commit() -> tuple[str, bool | None]:
-    """(commit, dirty). $RESA_TL_GIT_COMMIT wins (a copy of the tree without .git, e.g. on a
-    remote GPU machine); 'unknown' when neither is available."""
-    env = os.environ.get("RESA_TL_GIT_COMMIT")
+    """(commit, dirty). $RESA_TL_GIT_COMMIT (or $RESA_TL_COMMIT, as the benchmarks take it)
+    wins: a copy of the tree without .git, e.g. on a remote GPU machine; 'unknown' when
+    neither is available."""
+    env = os.environ.get("RESA_TL_GIT_COMMIT") or os.environ.get("RESA_TL_COMMIT")
     if env:
         return env.strip(), None
     sha = _run(["git", "rev-parse", "HEAD"])
