@@ -155,6 +155,8 @@ def main():
 
     torch.manual_seed(0)
     t0 = time.time()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()                  # the code that runs
     model, tok, path = load_model(args.model)
     text = load_austen(args.novel)
     ids = torch.tensor(tok(text)["input_ids"])
@@ -177,8 +179,7 @@ def main():
                          top1_agreement=agree.float().mean().item()))
     meta = dict(model=os.path.basename(path), novel=args.novel, prompt_len=args.prompt_len,
                 decoded=args.decode, date=datetime.date.today().isoformat(),
-                commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                      text=True).stdout.strip(),
+                commit=commit,
                 device=str(next(model.parameters()).device), seconds_teacher_forced=None)
     meta["seconds_teacher_forced"] = round(time.time() - t0, 1)
 
