@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import math
-import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +36,8 @@ import torch.nn.functional as F
 
 from resa_tl import ReSAConfig, ops
 from resa_tl.kernels.selection import blocks_to_keep
+
+from _measure import copy_gbs, git_commit, graph_ms
 
 
 @dataclass
@@ -168,50 +169,6 @@ class Decoder:
                                   self.lens_after, block_size=self.cfg.block_size)
 
 
-def graph_time_ms(fn, iters=10, reps=5):
-    """Capture fn once as a CUDA graph; median over reps of the mean replay time."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(iters):
-            g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / iters)
-    del g
-    times.sort()
-    return times[len(times) // 2]
-
-
-def copy_bandwidth_gbs():
-    x = torch.randn(1 << 29, device="cuda")                  # 2 GiB of fp32 (16-byte accesses)
-    y = torch.empty_like(x)
-    ms = graph_time_ms(lambda: y.copy_(x), iters=10, reps=5)
-    return 2 * 4 * x.numel() / ms / 1e6
-
-
-def git_commit():
-    """HEAD, or RESA_TL_COMMIT where the tree travelled without .git (a lent GPU machine)."""
-    import os
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return os.environ.get("RESA_TL_COMMIT", "unknown")
-
-
 def run_one(s, W, context, batch, cfg, free_bytes):
     kv_bytes = 2 * s.layers * batch * (context + 2048) * s.kv_heads * s.head_dim * 2
     share = kv_bytes * 1.15 > free_bytes - 6 * 1024 ** 3
@@ -221,18 +178,18 @@ def run_one(s, W, context, batch, cfg, free_bytes):
     row = dict(context=context, batch=batch, shared_kv=share)
     for mode in ("dense-sdpa", "dense-tl", "resa"):
         try:
-            row[mode] = graph_time_ms(lambda: dec.step(tok1, mode))
+            row[mode] = graph_ms([lambda: dec.step(tok1, mode)], replays=10, samples=5)
         except Exception as e:                                      # report, keep going
             row[mode] = float("nan")
             row[f"{mode}-error"] = repr(e)[:200]
     try:
-        row["rect"] = graph_time_ms(lambda: dec.step(tokf, "rect"))
+        row["rect"] = graph_ms([lambda: dec.step(tokf, "rect")], replays=10, samples=5)
     except Exception as e:
         row["rect"], row["rect-error"] = float("nan"), repr(e)[:200]
     q = torch.randn(batch, s.heads, s.head_dim, device="cuda", dtype=torch.bfloat16)
     dec._idx = [dec.select(layer, q) for layer in range(s.layers)]
-    row["select"] = graph_time_ms(lambda: dec.parts(q, "select"))
-    row["sparse_attn"] = graph_time_ms(lambda: dec.parts(q, "sparse"))
+    row["select"] = graph_ms([lambda: dec.parts(q, "select")], replays=10, samples=5)
+    row["sparse_attn"] = graph_ms([lambda: dec.parts(q, "sparse")], replays=10, samples=5)
     f = cfg.rectify_every
     row["resa_per_token"] = (f * row["resa"] + row["rect"]) / (f + 1)
     row["rest"] = row["resa"] - row["select"] - row["sparse_attn"]
@@ -259,7 +216,7 @@ def main():
     s = Qwen7BShape(layers=args.layers)
     cfg = ReSAConfig()
     W = Weights(s, "cuda")
-    bw = copy_bandwidth_gbs()
+    bw = copy_gbs()
     header = dict(gpu=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                   commit=git_commit(), torch=torch.__version__, copy_gbs=round(bw),
                   weights_gb=round(W.bytes / 1e9, 2), config=cfg.__dict__)

@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import math
-import subprocess
 
 import torch
 import torch.nn.functional as F
@@ -33,41 +32,10 @@ import torch.nn.functional as F
 from resa_tl import ops
 from resa_tl.kernels.selection import blocks_to_keep
 
+from _measure import copy_gbs, git_commit, graph_ms
+
 H, HKV, D, BS, RATIO, MINB, LOCAL = 28, 4, 128, 16, 0.1, 16, 1
 DT = torch.bfloat16
-
-
-def graph_ms(calls, reps=15):
-    """Median ms of one replay of a graph holding ``calls`` (a list of thunks), per call."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2] / len(calls)
-
-
-def copy_gbs():
-    x = torch.randn(1 << 29, device="cuda")                  # 2 GiB of fp32 (16-byte accesses)
-    y = torch.empty_like(x)
-    return 2 * 4 * x.numel() / graph_ms([lambda: y.copy_(x)]) / 1e6
 
 
 class Inputs:
@@ -152,13 +120,6 @@ def flex_ms(ins):
     except Exception as e:                                     # reported, not fatal
         print(f"flex attention unavailable: {e!r}"[:300])
         return float("nan")
-
-
-def git_commit():
-    """HEAD, or RESA_TL_COMMIT where the tree travelled without .git (a lent GPU machine)."""
-    import os
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return out.stdout.strip() or os.environ.get("RESA_TL_COMMIT", "unknown")
 
 
 def main():

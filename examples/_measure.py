@@ -1,0 +1,52 @@
+"""Shared by the example benchmarks: CUDA-graph timing, the copy bandwidth and the commit."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import torch
+
+
+def graph_ms(calls, replays=1, samples=15):
+    """Capture ``calls`` (thunks) as one CUDA graph after a warm-up on a side stream; return the
+    median over ``samples`` of the time of ``replays`` back-to-back replays, per call, in ms."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(samples):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(replays):
+            g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / (replays * len(calls)))
+    del g
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_gbs():
+    """Read + write GB/s of a 2 GiB device-to-device torch copy in a graph (fp32, 16-byte
+    accesses). On the H100 this gave 2.43 TB/s, below what attention kernels read at: see
+    docs/performance.md."""
+    x = torch.randn(1 << 29, device="cuda")
+    y = torch.empty_like(x)
+    return 2 * 4 * x.numel() / graph_ms([lambda: y.copy_(x)], samples=5) / 1e6
+
+
+def git_commit():
+    """HEAD, or RESA_TL_COMMIT where the tree travelled without .git (a lent GPU machine)."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or os.environ.get("RESA_TL_COMMIT", "unknown")
