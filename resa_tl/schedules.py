@@ -235,7 +235,10 @@ REQUIRED_PROVENANCE = ("gpu", "sm_count", "driver", "cuda", "torch", "tilelang",
                        "git_commit")
 
 _ENTRY_NUMBERS = ("latency_us", "default_latency_us", "runner_up_latency_us",
-                  "speedup_vs_default", "margin_vs_runner_up")
+                  "speedup_vs_default")
+# runner_up / winner - 1. Negative (down to minus the tuner's tie tolerance, 1%) where the
+# heuristic default kept its place against a runner-up that was faster by less than that.
+_ENTRY_MARGINS = ("margin_vs_runner_up",)
 
 
 @dataclass
@@ -369,6 +372,11 @@ def parse_schedule(obj: Any, *, path: str | None = None, expect_arch: str | None
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
                                   or not math.isfinite(v) or v < 0):
                 bad(f"{at} ({op}): {k} must be a finite number >= 0 or null, got {v!r}")
+        for k in _ENTRY_MARGINS:
+            v = e.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not math.isfinite(v) or v <= -1):
+                bad(f"{at} ({op}): {k} must be a finite number > -1 or null, got {v!r}")
         if et and not e.get("latency_us"):
             bad(f"{at} ({op}): a tuned entry needs latency_us")
         ident = (op, tuple(sorted(key.items())))

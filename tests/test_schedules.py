@@ -486,6 +486,26 @@ def test_summarize_and_build_schedule_roundtrip():
     assert s2.provenance["report"] == "autotune/reports/sm90/x"
 
 
+def test_default_kept_within_tie_tolerance_roundtrips():
+    """The default wins against a runner-up faster by < 1% (no churn on noise): the entry's
+    margin over the runner-up is then negative, and the schedule must still parse (an H100
+    run once failed to write its schedule on exactly this)."""
+    item = dict(op="block_summaries", key=dict(dtype="bfloat16", head_dim=128, hkv=4,
+                                               block_size=16, context=65536, batch=4),
+                label="x", static_id=(), default={"threads": 128})
+    cands = [cand({"threads": 128}, 100.0, True), cand({"threads": 256}, 99.5)]
+    p = at_run.summarize_problem(item, cands, copy_gbps=3000.0, bytes_moved=10 ** 8)
+    assert p["winner"] == {"threads": 128} and p["margin_vs_runner_up"] == pytest.approx(-0.005)
+    res = {"meta": {"provenance": prov(), "report_dir": "autotune/reports/sm90/x"},
+           "problems": [p]}
+    obj = at_run.build_schedule(res, "sm90", tuned=True).to_json()
+    e = schedules.parse_schedule(obj, installed_tilelang=TL).entries[0].data
+    assert e["margin_vs_runner_up"] == pytest.approx(-0.005)
+    obj["entries"][0]["margin_vs_runner_up"] = -1.5
+    with pytest.raises(schedules.ScheduleError, match="margin_vs_runner_up"):
+        schedules.parse_schedule(obj, installed_tilelang=TL)
+
+
 def test_report_renders_from_results(tmp_path):
     from autotune import report
     item = dict(op="dense_decode", key=dict(dtype="bfloat16", head_dim=128, g=7, hkv=4,
