@@ -289,30 +289,60 @@ def test_decode_step_cuda_graph_capture():
 
 def test_static_cache_generate_compiles_with_cuda_graphs():
     """cache_implementation="static": generate compiles the decode step with
-    torch.compile(mode="reduce-overhead", fullgraph=True): no graph break (attention included).
-    The compiled steps compute what the eager steps compute: the same logits up to rounding
-    (inductor fuses the rest of the model differently) until the runs part at a near-tie."""
+    torch.compile(mode="reduce-overhead", fullgraph=True): no graph break (attention included),
+    no step skips its CUDA graph, and the graphs compute what the same compiled code computes
+    without them: token for token, logits within launch-to-launch rounding.
+
+    Eager is not the yardstick for the compiled steps: inductor fuses the rest of the bf16 model
+    differently. Measured on the H100 (2026-11-27) with this model at ratio 1 (dense attention),
+    compiled-without-graphs logits differed from eager ones by 1-6% of the logit scale per step,
+    and a sparse selection that parts at a near-tie amplifies that (13% at step 3 of a sparse
+    run). Correctness of the sparse/rectify cycle under CUDA graphs is checked on its own: after
+    the graphed run, every position covered by a dense pass (prefill or rectification) holds the
+    K/V of a teacher-forced dense pass over the generated tokens, and the sparse tail after the
+    last rectification does not (so that check is not vacuous)."""
     model = make_model("qwen2")
-    ids, _ = left_padded([600, 600], seed=7)
+    ref_lowp, ref_fp32 = copy.deepcopy(model), copy.deepcopy(model).float()
+    P, N = 600, 30
+    ids, _ = left_padded([P, P], seed=7)
     resa_tl.attach(model, **SPARSE)
-    kw = dict(max_new_tokens=30, cache_implementation="static", return_dict_in_generate=True,
+    kw = dict(max_new_tokens=N, cache_implementation="static", return_dict_in_generate=True,
               output_logits=True, **GEN)
+    counters = torch._dynamo.utils.counters
     with torch.no_grad():
-        eager = model.generate(ids, disable_compile=True, **kw)
         torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
-        compiled = model.generate(ids, compile_config=CompileConfig(fullgraph=True), **kw)
+        plain = model.generate(ids, compile_config=CompileConfig(fullgraph=True, mode="default"),
+                               **kw)
+        torch._dynamo.reset()
+        counters.clear()
+        graphed = model.generate(ids, compile_config=CompileConfig(fullgraph=True), **kw)
         again = model.generate(ids, compile_config=CompileConfig(fullgraph=True), **kw)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
-    assert not torch._dynamo.utils.counters["graph_break"]
-    assert torch.equal(compiled.sequences, again.sequences)
-    assert eager.past_key_values.num_rectifications == 3
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    cache = graphed.past_key_values
+    assert cache.num_rectifications == 3 and 0 < cache.pending < SPARSE["rectify_every"]
+    assert torch.equal(graphed.sequences, again.sequences)
+    assert torch.equal(graphed.sequences, plain.sequences)
+    for i in range(N):
+        g, p = graphed.logits[i].float(), plain.logits[i].float()
+        assert (g - p).abs().max() <= 1e-2 * p.abs().max(), f"step {i}"
+    # K/V after the graphed run: dense-exact up to the last dense pass, drifted after it
     for b in range(2):
-        d = min(first_difference(eager.sequences[b, 600:], compiled.sequences[b, 600:]), 29)
-        assert d >= 1                 # step 0 comes from the (eager) prefill in both runs
-        for i in range(1, d + 1):     # compiled decode steps, sparse and rectifying ones
-            e, c = eager.logits[i][b].float(), compiled.logits[i][b].float()
-            assert (c - e).abs().max() <= 0.05 * e.abs().max(), f"row {b} step {i}"
+        n = int(cache.lengths(0)[b])
+        assert n == P + N - 1
+        exact = n - cache.pending
+        row = graphed.sequences[b, :n]
+        dense32, denselo = dense_kv(ref_fp32, row), dense_kv(ref_lowp, row)
+        for layer, ((k32, v32), (klo, vlo)) in enumerate(zip(dense32, denselo)):
+            for got, r32, rlo, what in ((cache.store.k[layer], k32, klo, "K"),
+                                        (cache.store.v[layer], v32, vlo, "V")):
+                assert_close_to_reference(got[b, :exact], r32[:exact], rlo[:exact], factor=3.0,
+                                          floor=2e-2, name=f"{what} layer {layer} row {b}")
+        k32, klo = dense32[-1][0], denselo[-1][0]
+        drift = (cache.store.k[-1][b, exact:n].float() - k32[exact:]).abs().max().item()
+        noise = (klo[exact:].float() - k32[exact:]).abs().max().item()
+        assert drift > 3 * noise, f"row {b}: drift {drift:.3g} vs bf16 noise {noise:.3g}"
 
 
 def _smollm2_gguf():
