@@ -47,6 +47,9 @@ def copy_gbs():
 
 
 def git_commit():
-    """HEAD, or RESA_TL_COMMIT where the tree travelled without .git (a lent GPU machine)."""
+    """RESA_TL_COMMIT where set (a tree copied to a lent GPU machine, whose .git, if any, may
+    name another commit), else HEAD."""
+    if os.environ.get("RESA_TL_COMMIT"):
+        return os.environ["RESA_TL_COMMIT"]
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return out.stdout.strip() or os.environ.get("RESA_TL_COMMIT", "unknown")
+    return out.stdout.strip() or "unknown"
