@@ -70,12 +70,54 @@ class Weights:
                          [self.lm_head, *self.wqkv, *self.wo, *self.wgu, *self.wdown])
 
 
+def rope(x, cos, sin, pos):                          # x [B, T, h, D], pos [B, T]
+    c, s_ = cos[pos][:, :, None], sin[pos][:, :, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * c - x2 * s_, x2 * c + x1 * s_], dim=-1)
+
+
+def pre_attention(x, ln, wqkv, cos, sin, pos, heads: int, kv_heads: int):
+    """Input norm, fused QKV projection, RoPE. x [B, T, hidden] -> q [B, T, H, D], k, v."""
+    B, T, hidden = x.shape
+    h = F.rms_norm(x, (hidden,), ln)
+    qkv = (h @ wqkv).view(B, T, heads + 2 * kv_heads, -1)
+    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)
+    return rope(q, cos, sin, pos), rope(k, cos, sin, pos), v
+
+
+def post_attention(x, o, wo, ln, wgu, wdown):
+    """Output projection + residual, post-attention norm, SwiGLU MLP + residual."""
+    B, T, hidden = x.shape
+    x = x + o.reshape(B, T, -1) @ wo
+    h = F.rms_norm(x, (hidden,), ln)
+    g, u = (h @ wgu).chunk(2, dim=-1)
+    return x + (F.silu(g) * u) @ wdown
+
+
+def lm_head(x, ln, w):
+    return (F.rms_norm(x[:, -1], (x.shape[-1],), ln) @ w).argmax(-1)
+
+
+class Rest:
+    """Everything but attention and the cache writes, per layer: eager torch ops (one kernel
+    per elementwise op), or each piece compiled by torch.compile (inductor fuses the norms,
+    RoPE, SiLU * up and the residual adds; the matmuls stay cuBLAS calls), as gpt-fast and
+    serving engines run a decode step. Dense and ReSA modes use the same Rest."""
+
+    def __init__(self, compiled: bool):
+        self.compiled = compiled
+        wrap = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if compiled else \
+            (lambda f: f)
+        self.pre, self.post, self.head = (wrap(pre_attention), wrap(post_attention),
+                                          wrap(lm_head))
+
+
 class Decoder:
     """Static-cache decoder; ``step(tokens [B, T], mode)`` is graph-capturable."""
 
     def __init__(self, s: Qwen7BShape, W: Weights, batch: int, context: int, cfg: ReSAConfig,
-                 share_kv: bool, device):
-        self.s, self.W, self.cfg, self.B = s, W, cfg, batch
+                 share_kv: bool, device, rest: Rest):
+        self.s, self.W, self.cfg, self.B, self.rest = s, W, cfg, batch, rest
         self.capacity = context + 4 * (cfg.rectify_every + 1) + 1024
         shape = (batch, self.capacity, s.kv_heads, s.head_dim)
         n_kv = 1 if share_kv else s.layers
@@ -104,11 +146,6 @@ class Decoder:
         self.cos, self.sin = ang.cos().to(torch.bfloat16), ang.sin().to(torch.bfloat16)
         self.kv_bytes = 2 * s.layers * batch * context * s.kv_heads * s.head_dim * 2
 
-    def _rope(self, x, pos):                        # x [B, T, h, D], pos [B, T]
-        c, s_ = self.cos[pos][:, :, None], self.sin[pos][:, :, None]
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * c - x2 * s_, x2 * c + x1 * s_], dim=-1)
-
     def attention(self, layer, q, mode):
         cfg, kc, vc = self.cfg, self.k[layer], self.v[layer]
         if mode == "dense-sdpa":                      # T == 1; a fixed context (see module doc)
@@ -131,7 +168,7 @@ class Decoder:
                                  min_blocks=c.min_blocks, local_blocks=c.local_blocks)
 
     def step(self, tokens, mode):
-        s, W, B = self.s, self.W, self.B
+        s, W = self.s, self.W
         T = tokens.shape[1]
         # Lengths stay fixed across replays, so every timing is at its nominal context: a step
         # writes positions [len - T + 1, len] and attends over len + 1 keys. For "rect" that is
@@ -142,22 +179,16 @@ class Decoder:
         self.lens_after.copy_(self.seqlens + 1)
         x = W.embed[tokens]
         for layer in range(s.layers):
-            h = F.rms_norm(x, (s.hidden,), W.ln)
-            qkv = (h @ W.wqkv[layer]).view(B, T, s.heads + 2 * s.kv_heads, s.head_dim)
-            q, k, v = qkv.split([s.heads, s.kv_heads, s.kv_heads], dim=2)
-            q, k = self._rope(q, pos), self._rope(k, pos)
+            q, k, v = self.rest.pre(x, W.ln, W.wqkv[layer], self.cos, self.sin, pos, s.heads,
+                                    s.kv_heads)
             self.k[layer][self.rows[:, None], pos] = k
             self.v[layer][self.rows[:, None], pos] = v
             if mode in ("resa", "rect"):
                 ops.update_block_summaries(self.kmin[layer], self.kmax[layer], self.k[layer],
                                            start, T, self.cfg.block_size)
             o = self.attention(layer, q, mode)
-            x = x + o.reshape(B, T, -1) @ W.wo[layer]
-            h = F.rms_norm(x, (s.hidden,), W.ln)
-            g, u = (h @ W.wgu[layer]).chunk(2, dim=-1)
-            x = x + (F.silu(g) * u) @ W.wdown[layer]
-        logits = F.rms_norm(x[:, -1], (s.hidden,), W.ln) @ W.lm_head
-        return logits.argmax(-1)
+            x = self.rest.post(x, o, W.wo[layer], W.ln, W.wgu[layer], W.wdown[layer])
+        return self.rest.head(x, W.ln, W.lm_head)
 
     def parts(self, q, which):
         """Only the selection or only the sparse attention of a sparse step, all layers."""
@@ -169,10 +200,10 @@ class Decoder:
                                   self.lens_after, block_size=self.cfg.block_size)
 
 
-def run_one(s, W, context, batch, cfg, free_bytes):
+def run_one(s, W, context, batch, cfg, free_bytes, rest):
     kv_bytes = 2 * s.layers * batch * (context + 2048) * s.kv_heads * s.head_dim * 2
     share = kv_bytes * 1.15 > free_bytes - 6 * 1024 ** 3
-    dec = Decoder(s, W, batch, context, cfg, share, "cuda")
+    dec = Decoder(s, W, batch, context, cfg, share, "cuda", rest)
     tok1 = torch.randint(0, s.vocab, (batch, 1), device="cuda")
     tokf = torch.randint(0, s.vocab, (batch, cfg.rectify_every + 1), device="cuda")
     row = dict(context=context, batch=batch, shared_kv=share)
@@ -212,25 +243,32 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--json", default=None, help="write all rows here")
+    ap.add_argument("--eager-rest", action="store_true",
+                    help="run the non-attention part as eager torch ops (one kernel per op) "
+                         "instead of torch.compile'd pieces")
     args = ap.parse_args()
+    torch._dynamo.config.cache_size_limit = 64       # one specialisation per (batch, T)
+    rest = Rest(compiled=not args.eager_rest)
     s = Qwen7BShape(layers=args.layers)
     cfg = ReSAConfig()
     W = Weights(s, "cuda")
     bw = copy_gbs()
     header = dict(gpu=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                   commit=git_commit(), torch=torch.__version__, copy_gbs=round(bw),
-                  weights_gb=round(W.bytes / 1e9, 2), config=cfg.__dict__)
+                  weights_gb=round(W.bytes / 1e9, 2), config=cfg.__dict__,
+                  rest="eager" if args.eager_rest else "torch.compile")
     print(json.dumps(header))
     rows = []
     for context in args.contexts:
         for batch in args.batches:
             free = torch.cuda.mem_get_info()[0]
-            rows.append(run_one(s, W, context, batch, cfg, free))
+            rows.append(run_one(s, W, context, batch, cfg, free, rest))
             print(json.dumps(rows[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(header=header, rows=rows), fh, indent=1)
-    print(f"\n{header['gpu']}, {header['date']}, commit {header['commit']}; ms per token")
+    print(f"\n{header['gpu']}, {header['date']}, commit {header['commit']}, rest {header['rest']}; "
+          "ms per token")
     print(f"{'ctx':>7} {'B':>2} {'shared':>6} {'sdpa':>7} {'dense-tl':>8} {'resa/tok':>8} "
           f"{'sparse':>7} {'rect':>7} {'select':>7} {'sp-attn':>7} {'rest':>7} {'speedup':>7} "
           f"{'model':>6}")
