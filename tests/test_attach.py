@@ -194,6 +194,34 @@ def test_static_cache_decode_step_compiles_without_graph_breaks():
 
 
 # ----------------------------------------------------------------------------------- detach
+def test_cache_warm_up_runs_the_decode_ops_once(monkeypatch):
+    """A CUDA/TileLang cache runs one sparse step and one rectification step (f + 1 tokens) on
+    its own shapes when it is built, so kernels and workspaces exist before a compiled decode
+    step's CUDA-graph warm-up (where a lasting allocation lands in the graphs' private pool).
+    Here the TileLang check is forced on and the ops run on the torch backend."""
+    from resa_tl import ops
+    from resa_tl.integration import _torch_ops
+    calls = []
+    select, dense = ops.select_blocks, _torch_ops.dense
+    uses_tilelang = ReSAHFCache._uses_tilelang
+    monkeypatch.setattr(ReSAHFCache, "_uses_tilelang", lambda self: True)
+    monkeypatch.setattr(ops, "select_blocks", lambda q, *a, **k: (
+        calls.append(("select", tuple(q.shape), k["sparse_ratio"])), select(q, *a, **k))[1])
+    monkeypatch.setattr(_torch_ops, "dense", lambda q, *a: (
+        calls.append(("dense", tuple(q.shape), a[-1])), dense(q, *a))[1])
+    model = make_model("llama")
+    cfg = ReSAConfig(sparse_ratio=0.2, min_blocks=2, rectify_every=8)
+    ReSAHFCache(model.config, 3, 256, config=cfg, backend="torch")
+    assert calls == [("select", (3, 4, 16), 0.2), ("dense", (3, 9, 4, 16), True)]
+    calls.clear()
+    ReSAHFCache(model.config, 1, 256, config=ReSAConfig(rectify_every=0), backend="torch")
+    assert [c[0] for c in calls] == ["select"]            # sparse-only: no rectification step
+    calls.clear()
+    monkeypatch.setattr(ReSAHFCache, "_uses_tilelang", uses_tilelang)
+    cache = ReSAHFCache(model.config, 1, 256, config=cfg, backend="torch")
+    assert not cache._uses_tilelang() and calls == []    # torch backend: nothing to warm up
+
+
 def test_detach_restores_exactly():
     model = make_model("mistral")
     ids, mask = left_padded([80, 50], seed=8)

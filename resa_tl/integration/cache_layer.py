@@ -164,11 +164,46 @@ class ReSAHFCache(Cache):
         self._planned = False
         self.num_rectifications = 0
         self.last_step_rectified = False
+        self.num_heads = cfg.num_attention_heads
         if not torch.compiler.is_compiling():
             # fixed addresses: the CUDA graphs of a compiled decode step keep pointing at them
             for t in (*self.store.k, *self.store.v, *self.store.kmin, *self.store.kmax,
                       self.store.seqlens, self.seen):
                 torch._dynamo.mark_static_address(t)
+            self.warm_up()
+
+    def _uses_tilelang(self) -> bool:
+        return ops.resolve_backend(self.backend, self.store.device, self.store.k[0].dtype) == \
+            "tilelang"
+
+    def warm_up(self):
+        """Run the decode loop's kernels once on this cache's shapes (a sparse step, and the
+        rectification step of f + 1 tokens), outside any graph capture, and drop the results.
+
+        This loads or compiles the kernels and allocates their workspaces (cached per shape in
+        ordinary memory) before decoding starts. Otherwise the first sparse step of a
+        torch.compile(mode="reduce-overhead") generate would allocate them during cudagraph
+        trees' warm-up run, inside the graphs' private memory pool, where a tensor that outlives
+        the run is an error ("tensors in the cudagraph pool not tracked as outputs") or memory
+        that a later graph may reuse. No-op for the torch backend."""
+        store, cfg = self.store, self.config
+        dtype = store.k[0].dtype
+        if not self._uses_tilelang():
+            return
+        from ..kernels.rectify import RECTIFY_MAX_T
+        B, D = store.batch_size, store.head_dim
+        T = cfg.rectify_every + 1
+        lens = torch.full((B,), min(store.max_seq_len, max(T, cfg.block_size)), dtype=torch.int32,
+                          device=store.device)
+        q = torch.zeros(B, self.num_heads, D, dtype=dtype, device=store.device)
+        torch.ops.resa_tl.hf_sparse_attention(q, store.k[0], store.v[0], store.kmin[0],
+                                              store.kmax[0], lens, cfg.block_size,
+                                              float(cfg.sparse_ratio), cfg.min_blocks,
+                                              cfg.local_blocks, 1.0, self.backend)
+        if cfg.rectify_every and T <= RECTIFY_MAX_T and T <= store.max_seq_len:
+            q = torch.zeros(B, T, self.num_heads, D, dtype=dtype, device=store.device)
+            torch.ops.resa_tl.hf_dense_attention(q, store.k[0], store.v[0], lens, 1.0,
+                                                 self.backend, True)
 
     # ------------------------------------------------------------------ host side
     @property
