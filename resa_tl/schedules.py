@@ -96,26 +96,33 @@ def _f(name, kind, weight=1.0, max_octaves=None):
     return KeyField(name, kind, weight, max_octaves)
 
 
+# How far a tuned entry may serve another shape. Measured by leaving each tuned shape of the
+# 2026-11-27 H100 runs out and letting the rest serve it (autotune/lookup_check.py): unbounded
+# nearest-entry borrowing made some shapes up to 1.8x slower than the heuristic (summaries
+# configs across KV-head counts, rectify configs across 8x contexts); with the bounds below the
+# worst borrowed config was 0.85x and the geometric mean 1.05x. Beyond them, the heuristic.
 _DTYPE = _f("dtype", "cat", 0.5)
 _D = _f("head_dim", "exact")
 _G = _f("g", "log", 1.0, 1.0)          # query heads per KV head; g=6 may use g=4..8 (not 1)
 _HKV = _f("hkv", "log", 0.5)           # KV heads: grid width (B * Hkv CTAs before splitting)
+_HKV_SUMMARIES = _f("hkv", "log", 0.5, 0.0)   # summaries: the best CTA shape depends on Hkv
 _BS = _f("block_size", "exact")
-_CTX = _f("context", "log", 0.25)      # cache capacity S_max (host-known, no sync)
-_BATCH = _f("batch", "log", 0.5)
+_CTX = _f("context", "log", 0.25, 1.0)   # cache capacity S_max (host-known, no sync)
+_BATCH = _f("batch", "log", 0.5, 1.0)
 
 # op -> fields of its shape key. Only host-known values (shapes, Python args): reading the
 # row lengths would synchronise the host, so contexts are the cache capacity S_max.
 KEY_SPECS: dict[str, tuple[KeyField, ...]] = {
     "dense_decode": (_DTYPE, _D, _G, _HKV, _CTX, _BATCH),
     # k_blocks: width K of block_indices (selected blocks per KV head)
-    "sparse_decode": (_DTYPE, _D, _G, _HKV, _BS, _f("k_blocks", "log", 0.25), _BATCH),
+    "sparse_decode": (_DTYPE, _D, _G, _HKV, _BS, _f("k_blocks", "log", 0.25, 1.0), _BATCH),
     # num_blocks: NB = ceil(S_max / block_size), a compile-time constant of the kernel; g only
     # changes the query mean (not the launch shape), so any g may borrow
-    "select_blocks": (_DTYPE, _D, _f("g", "log", 0.1), _HKV, _BS, _f("num_blocks", "log", 0.25),
-                      _BATCH),
-    "block_summaries": (_DTYPE, _D, _HKV, _BS, _CTX, _BATCH),
-    "update_block_summaries": (_DTYPE, _D, _HKV, _BS, _f("length", "log", 0.25), _BATCH),
+    "select_blocks": (_DTYPE, _D, _f("g", "log", 0.1), _HKV, _BS,
+                      _f("num_blocks", "log", 0.25, 1.0), _BATCH),
+    "block_summaries": (_DTYPE, _D, _HKV_SUMMARIES, _BS, _CTX, _BATCH),
+    "update_block_summaries": (_DTYPE, _D, _HKV_SUMMARIES, _BS, _f("length", "log", 0.25, 1.0),
+                               _BATCH),
     # T: queries per row (the rectification chunk), a compile-time constant
     "rectify_attention": (_DTYPE, _D, _G, _HKV, _f("T", "log", 1.0, 1.0), _CTX, _BATCH),
 }

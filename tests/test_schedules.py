@@ -173,8 +173,12 @@ def test_nearest_shape_lookup():
     assert s.lookup("dense_decode", **base, context=49152, batch=2).config["block_N"] == 64
     assert s.lookup("dense_decode", **base, context=200000, batch=8).config["block_N"] == 128
     # head_dim is exact: d64 only matches the d64 entry
-    assert s.lookup("dense_decode", **{**base, "head_dim": 64}, context=4096,
-                    batch=16).config["block_N"] == 16
+    assert s.lookup("dense_decode", **{**base, "head_dim": 64}, context=65536,
+                    batch=2).config["block_N"] == 16
+    # context and batch borrow within one octave, not further (the heuristic takes over)
+    assert s.lookup("dense_decode", **base, context=16384, batch=1) is None      # 2 octaves
+    assert s.lookup("dense_decode", **base, context=65536, batch=4) is None      # 2 octaves
+    assert s.lookup("dense_decode", **base, context=131072, batch=2).config["block_N"] == 64
     assert s.lookup("dense_decode", **{**base, "head_dim": 256}, context=4096, batch=1) is None
     # g may borrow within one octave (g=6 -> g=7), not further (g=1)
     assert s.lookup("dense_decode", **{**base, "g": 6}, context=4096, batch=1) is not None
@@ -183,6 +187,17 @@ def test_nearest_shape_lookup():
     assert s.lookup("dense_decode", **{**base, "dtype": "float16"}, context=4096,
                     batch=1).config["block_N"] == 32
     assert s.lookup("rectify_attention", **base, T=33, context=4096, batch=1) is None
+
+
+def test_summaries_entries_serve_only_their_kv_head_count():
+    """Summary kernels' best CTA shape depends on the KV-head count: a tuned entry measured
+    1.7-1.8x slower than the heuristic when it served another Hkv, so it never does."""
+    key = dict(dtype="bfloat16", head_dim=128, block_size=16, batch=1)
+    es = [dict(entry(cfg={"threads": 128, "blocks_per_cta": 2}), op="block_summaries",
+               key={**key, "hkv": 8, "context": 32768})]
+    s = schedules.parse_schedule(sched_obj(es), installed_tilelang=TL)
+    assert s.lookup("block_summaries", **key, hkv=8, context=65536) is not None
+    assert s.lookup("block_summaries", **key, hkv=4, context=32768) is None
 
 
 def test_lookup_prefers_same_dtype_and_breaks_ties_deterministically():
@@ -200,8 +215,8 @@ def test_lookup_prefers_same_dtype_and_breaks_ties_deterministically():
 
 
 def test_untuned_entries_are_never_picked():
-    es = [entry(cfg={"block_N": 32}, context=4096), dict(entry(cfg={"block_N": 64}),
-                                                          tuned=False, latency_us=None)]
+    es = [entry(cfg={"block_N": 32}, context=32768), dict(entry(cfg={"block_N": 64}),
+                                                           tuned=False, latency_us=None)]
     s = schedules.parse_schedule(sched_obj(es), installed_tilelang=TL)
     k = dict(dtype="bfloat16", head_dim=128, g=7, hkv=4, batch=4)
     assert s.lookup("dense_decode", **k, context=65536).config["block_N"] == 32
