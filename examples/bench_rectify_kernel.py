@@ -20,7 +20,6 @@ import importlib.util
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -28,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _measure import graph_ms  # noqa: E402
 from resa_tl import heuristics  # noqa: E402
 from resa_tl.kernels.rectify import (RectifyConfig, _workspace,  # noqa: E402
                                      compile_rectify_kernel, rectify_attention_reference,
@@ -75,37 +75,6 @@ def test_specs(arch):
 
 
 # ------------------------------------------------------------------------------ timing
-
-def time_graph(fns, replays=10):
-    """Median ms per call of the callables in ``fns`` (called in turn), from CUDA-graph replays."""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    for _ in range(2):
-        g.replay()
-    torch.cuda.synchronize()
-    st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ts = []
-    for _ in range(replays):
-        st.record()
-        g.replay()
-        en.record()
-        en.synchronize()
-        ts.append(st.elapsed_time(en) / len(fns))
-    del g
-    return statistics.median(ts)
-
 
 def _sdpa_gqa(q1, kt, vt):
     return torch.nn.functional.scaled_dot_product_attention(q1, kt, vt, enable_gqa=True)
@@ -184,13 +153,13 @@ def bench(args):
             kts = [k.transpose(1, 2) for k in ks]
             vts = [v.transpose(1, 2) for v in vs]
             try:
-                row["sdpa_gqa_ms"] = time_graph(
+                row["sdpa_gqa_ms"] = graph_ms(
                     [lambda i=i: _sdpa_gqa(q1[i], kts[i], vts[i]) for i in idx])
             except Exception as e:  # noqa: BLE001
                 row["sdpa_gqa_err"] = repr(e)[:200]
                 torch.cuda.empty_cache()
             qg = [x.view(B, Hkv, g, D) for x in q1]
-            row["sdpa_grp_ms"] = time_graph(
+            row["sdpa_grp_ms"] = graph_ms(
                 [lambda i=i: _sdpa_grouped(qg[i], kts[i], vts[i]) for i in idx])
             dense = min(v for k_, v in row.items() if k_.startswith("sdpa_") and k_.endswith("_ms"))
             row["dense_ms"] = dense
@@ -202,7 +171,7 @@ def bench(args):
                 nsplit = heuristics.rectify_num_splits(B, Hkv, -(-R // cfg.block_M), ctx, cfg,
                                                        dev)
                 try:
-                    ms = time_graph([lambda i=i: rectify_attention_tilelang(
+                    ms = graph_ms([lambda i=i: rectify_attention_tilelang(
                         qs[i], ks[i], vs[i], lens, softmax_scale=sc, out=outs[i], config=cfg)
                         for i in idx])
                 except Exception as e:  # noqa: BLE001
@@ -223,12 +192,12 @@ def bench(args):
                     # the split kernel alone (no combine launch): what the combine costs
                     split_k, _ = compile_rectify_kernel(T, g, Hkv, D, D, dts, sc, cfg, arch)
                     o_p, l_p = _workspace(B, Hkv, nsplit, R, D, dev)
-                    row[f"{name}_splitonly_ms"] = time_graph([lambda i=i: split_k(
+                    row[f"{name}_splitonly_ms"] = graph_ms([lambda i=i: split_k(
                         qs[i], ks[i], vs[i], lens, o_p, l_p, outs[i]) for i in idx])
                 if args.split_sweep and (ctx, B) in args.sweep_shapes and ns is None:
                     for mult in (0.5, 2.0):
                         ns2 = max(1, int(nsplit * mult))
-                        ms2 = time_graph([lambda i=i: rectify_attention_tilelang(
+                        ms2 = graph_ms([lambda i=i: rectify_attention_tilelang(
                             qs[i], ks[i], vs[i], lens, softmax_scale=sc, out=outs[i],
                             config=cfg, num_splits=ns2) for i in idx])
                         row[f"{name}_ns{ns2}_ms"] = ms2

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -28,6 +27,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from _measure import graph_ms  # noqa: E402
 from resa_tl.kernels import selection as sel  # noqa: E402
 from resa_tl.kernels import summaries as summ  # noqa: E402
 
@@ -99,29 +99,6 @@ def _compile_job(job):
     return f"{kind} {args} {time.time() - t:.1f}s"
 
 
-def graph_time(fns, reps=30):
-    """Median ms per call of the callables ``fns`` (captured once in one CUDA graph)."""
-    for f in fns[:2]:
-        f()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for f in fns:
-            f()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / len(fns))
-    del graph
-    return statistics.median(times)
-
-
 def rotations(nbytes, cap=64):
     return max(1, min(cap, -(-256 * 2 ** 20 // max(nbytes, 1))))
 
@@ -154,7 +131,7 @@ def sparse_measured(B, ctx, idx, dt):
         k = torch.randn(B, ctx, HKV, D, device="cuda", dtype=dt)
         v = torch.randn_like(k)
         sl = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
-        return graph_time([lambda: fn(q, k, v, idx, sl, block_size=BS,
+        return graph_ms([lambda: fn(q, k, v, idx, sl, block_size=BS,
                                       softmax_scale=D ** -0.5)])
     except Exception as e:                                     # report, don't fail the bench
         print(f"  (sparse_decode not timed: {type(e).__name__}: {str(e)[:120]})")
@@ -183,15 +160,15 @@ def bench(args):
             ks = [torch.randn(B, ctx, HKV, D, device=dev, dtype=dt) for _ in range(R)]
             outs = [(torch.empty(B, nb, HKV, D, device=dev, dtype=dt),
                      torch.empty(B, nb, HKV, D, device=dev, dtype=dt)) for _ in range(R)]
-            t_sum = graph_time([lambda k=k, o=o: summ.block_summaries_tilelang(k, sl, BS, out=o)
+            t_sum = graph_ms([lambda k=k, o=o: summ.block_summaries_tilelang(k, sl, BS, out=o)
                                 for k, o in zip(ks, outs)])
             # -- update (decode step: 1 token; rectification chunk: 33 tokens)
             kmin, kmax = outs[0]
             start1 = torch.full((B,), ctx - 1, dtype=torch.int32, device=dev)
             start33 = torch.full((B,), ctx - 33 - 7, dtype=torch.int32, device=dev)
-            t_u1 = graph_time([lambda: summ.update_block_summaries_tilelang(
+            t_u1 = graph_ms([lambda: summ.update_block_summaries_tilelang(
                 kmin, kmax, ks[0], start1, 1, BS)] * 20)
-            t_u33 = graph_time([lambda: summ.update_block_summaries_tilelang(
+            t_u33 = graph_ms([lambda: summ.update_block_summaries_tilelang(
                 kmin, kmax, ks[0], start33, 33, BS)] * 20)
             del ks
             # -- select_blocks
@@ -206,15 +183,15 @@ def bench(args):
             out = torch.empty(B, HKV, K, dtype=torch.int32, device=dev)
             kw = dict(block_size=BS, sparse_ratio=RATIO, min_blocks=MINB, local_blocks=LOCAL,
                       max_selected=K)
-            t_sel = graph_time([lambda q=q, s=s: sel.select_blocks_tilelang(q, s[0], s[1], sl,
+            t_sel = graph_ms([lambda q=q, s=s: sel.select_blocks_tilelang(q, s[0], s[1], sl,
                                                                             out=out, **kw)
                                 for q, s in zip(qs, sums)])
             bd = kernel_breakdown(lambda: sel.select_blocks_tilelang(qs[0], *sums[0], sl,
                                                                      out=out, **kw))
             rr = min(R, 4)
-            t_ref = graph_time([lambda q=q, s=s: sel.select_blocks_reference(q, s[0], s[1], sl,
+            t_ref = graph_ms([lambda q=q, s=s: sel.select_blocks_reference(q, s[0], s[1], sl,
                                                                              **kw)
-                                for q, s in list(zip(qs, sums))[:rr]], reps=10)
+                                for q, s in list(zip(qs, sums))[:rr]], samples=10)
             n = sel.blocks_to_keep(nb, RATIO, MINB)
             t_sparse_roof = B * n * BS * HKV * D * 2 * 2 / ROOFLINE * 1e3
             t_sparse = None
@@ -257,7 +234,7 @@ def bench(args):
                 kern = sel.build_select_blocks_kernel(nb, HKV, G, D, BS, RATIO, MINB, LOCAL, K,
                                                       "bfloat16", "int32", cfg,
                                                       heuristics.arch_of(dev))
-                t = graph_time([lambda q=q, s=s: kern(q, s[0], s[1], sl, scores, out)
+                t = graph_ms([lambda q=q, s=s: kern(q, s[0], s[1], sl, scores, out)
                                 for q, s in zip(qs, sums)])
                 bd = kernel_breakdown(lambda: kern(qs[0], sums[0][0], sums[0][1], sl, scores, out))
                 line.append(f"({cfg.select_threads},{cfg.hist})={t * 1e3:.1f}"
