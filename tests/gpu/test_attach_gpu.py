@@ -290,10 +290,11 @@ def test_static_cache_generate_compiles_with_cuda_graphs():
     for token, logits within launch-to-launch rounding.
 
     Eager is not the yardstick for the compiled steps: inductor fuses the rest of the bf16 model
-    differently. Measured on the H100 (2026-11-27) with this model at ratio 1 (dense attention),
-    compiled-without-graphs logits differed from eager ones by 1-6% of the logit scale per step,
-    and a sparse selection that parts at a near-tie amplifies that (13% at step 3 of a sparse
-    run). Correctness of the sparse/rectify cycle under CUDA graphs is checked on its own: after
+    differently. `python3 examples/compiled_vs_eager.py` on the H100 (2026-11-27, commit 472b5fa,
+    docs/data/compiled_vs_eager_h100.json), this model: at ratio 1 (dense attention) compiled
+    logits differ from eager ones by up to 6% of the logit scale, and at 20% kept a selection
+    parting at a near-tie makes it 13% at step 3; with and without CUDA graphs the compiled runs
+    agree exactly. Correctness of the sparse/rectify cycle under CUDA graphs is checked on its own: after
     the graphed run, every position covered by a dense pass (prefill or rectification) holds the
     K/V of a teacher-forced dense pass over the generated tokens, and the sparse tail after the
     last rectification does not (so that check is not vacuous)."""
