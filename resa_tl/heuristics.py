@@ -9,6 +9,7 @@ Measurements quoted in the reasons below: NVIDIA H100 80GB HBM3 (driver 580.159.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -33,6 +34,21 @@ def arch_of(device: torch.device | None = None) -> str:
     index = None if device is None or device.index is None else device.index
     major, minor = device_props(index)[2]
     return f"sm_{major}{minor}" + ("a" if major == 9 else "")
+
+
+def use_pdl(arch: str) -> bool:
+    """Whether kernels are built for programmatic dependent launch (see
+    resa_tl/kernels/_splitkv.grid_dependency).
+
+    Reason: a sparse decode step chains five of our kernels per layer (summary update, block
+    scoring, top-k, split attention, combine), each a few microseconds long at batch 1-8, so
+    the gap between one grid draining and the next starting is a visible share of the step.
+    With PDL each kernel lets its successor launch at once and waits for its predecessor
+    only before its first global access. The griddepcontrol instructions exist from sm_90 on.
+    RESA_TL_PDL=0 builds kernels without it (A/B measurements; an escape hatch). Read at every
+    kernel dispatch (host side, outside CUDA graphs); the compile cache keys on the answer."""
+    major = int(arch.removeprefix("sm_").rstrip("a")) // 10
+    return major >= 9 and os.environ.get("RESA_TL_PDL", "1") != "0"
 
 
 # --- rectify_attention (resa_tl/kernels/rectify.py) ------------------------------------------

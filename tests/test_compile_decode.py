@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from source_checks import assert_pdl
 
 from resa_tl import heuristics
 from resa_tl.kernels import _splitkv as skv
@@ -43,6 +44,7 @@ def test_decode_compiles(case):
     cfg, kern = _compile(op, arch, g, Hkv, D, dtype, bs)
     src = kern.get_kernel_source()
     assert src.count("__global__") >= 2, "expected a split kernel and a combine kernel"
+    assert_pdl(src, arch)
     if arch == "sm_90a":
         assert "wgmma" in src, "expected wgmma on sm_90a"
         assert "__launch_bounds__(256" in src and (
@@ -129,3 +131,11 @@ def test_config_checks():
     with pytest.raises(ValueError, match="Hopper"):
         compile_sparse_decode_kernel(8, 1, 128, 128, 16, "float16",
                                      SparseDecodeConfig(num_stages=1, schedule="ws"), "sm_80")
+
+
+def test_use_pdl(monkeypatch):
+    monkeypatch.delenv("RESA_TL_PDL", raising=False)
+    assert heuristics.use_pdl("sm_90a") and heuristics.use_pdl("sm_100a")
+    assert not heuristics.use_pdl("sm_80") and not heuristics.use_pdl("sm_89")
+    monkeypatch.setenv("RESA_TL_PDL", "0")
+    assert not heuristics.use_pdl("sm_90a")

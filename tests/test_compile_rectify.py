@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from source_checks import assert_pdl
 
 from resa_tl import heuristics
 from resa_tl.kernels.rectify import (RECTIFY_MAX_T, RectifyConfig, compile_rectify_kernel,
@@ -37,6 +38,8 @@ def test_rectify_compiles(case):
     split_k, combine_k = compile_rectify_kernel(T, g, Hkv, D, Dv, dtype, D ** -0.5, cfg, arch)
     src = split_k.get_kernel_source()
     assert "__global__" in src and "__global__" in combine_k.get_kernel_source()
+    assert_pdl(src, arch)
+    assert_pdl(combine_k.get_kernel_source(), arch)
     if arch == "sm_90a":
         assert "wgmma" in src and "tma_load" in src, "expected wgmma + TMA on sm_90a"
         assert "warpgroup_reg_alloc" in src, "expected a warp-specialised kernel"

@@ -1,6 +1,7 @@
 """Lower and compile (nvcc, no GPU) the TileLang kernels of block_summaries /
 update_block_summaries / select_blocks for sm_80 and sm_90a at representative shapes."""
 import pytest
+from source_checks import assert_pdl
 
 from resa_tl import heuristics
 from resa_tl.kernels import selection as sel
@@ -26,6 +27,7 @@ def test_compile_summaries(arch, shape, mode):
     kern = summ.build_summaries_kernel(hkv, d, bs, dt, it, mode, cfg, arch)
     src = kern.get_kernel_source()
     assert "uint4" in src, "expected 16-byte vector loads of K"
+    assert_pdl(src, arch)
     # S_max and NB stay symbolic (kernel arguments), so other caches and lengths reuse it
     assert "int S" in src and "int NB" in src
     if mode == "update":
@@ -56,6 +58,7 @@ def test_compile_select_blocks(arch, shape):
     assert "__match_any_sync" in src, "warp-aggregated histogram expected"
     assert "uint4" in src, "16-byte loads of kmin/kmax expected"
     assert src.count("__global__ void __launch_bounds__") == 2, "scoring + select kernels"
+    assert_pdl(src, arch)
     # the exact-integer ratio: ceil(NB * num / 1e6) appears as int64 arithmetic on the lengths
     assert "int64_t" in src
     assert sel.build_select_blocks_kernel(nb, hkv, g, d, bs, ratio, minb, local, K, dt, it, cfg,

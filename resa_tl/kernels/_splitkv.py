@@ -55,6 +55,26 @@ def column_chunks(dim: int, dtype: str):
 # TileLang macros shared by both kernels. Imported lazily (tilelang import costs seconds).
 # ---------------------------------------------------------------------------------------------
 
+def grid_dependency(pdl: bool):
+    """Macro opening every kernel body: with ``pdl`` (programmatic dependent launch, sm_90+),
+    let the next kernel in the stream launch now (griddepcontrol.launch_dependents), then wait
+    until the previous grid has completed and its writes are visible (griddepcontrol.wait).
+    The wait comes before the kernel's first global-memory access, so every read-after-write
+    and write-after-read across kernels stays ordered, transitively along the chain; what PDL
+    overlaps is the next grid's launch and prologue with this grid's tail, the gap that a
+    chain of short decode kernels otherwise pays at every boundary. Without ``pdl`` the macro
+    emits nothing (and TileLang launches the kernel normally)."""
+    import tilelang.language as T
+
+    @T.macro
+    def wait():
+        if pdl:
+            T.pdl_trigger()
+            T.pdl_sync()
+
+    return wait
+
+
 def make_softmax_update(block_h: int, block_n: int, dim_v: int, dtype: str):
     """One online-softmax step over a [block_h, block_n] score tile that is already scaled to
     log2 units and masked with -inf. Rows whose running max is still -inf (nothing valid yet)
@@ -99,15 +119,18 @@ def make_write_partials(block_h: int, group: int, dim_v: int):
     return write
 
 
-def make_combine(heads: int, dim_v: int, dtype: str, chunk: int):
+def make_combine(heads: int, dim_v: int, dtype: str, chunk: int, pdl: bool = False):
     """Kernel (inside the caller's prim_func) merging the split partials of every (row, head):
     one CTA of dim_v threads per (head, row), ``chunk`` splits per step with independent loads
-    and an online rescale, so latency is ceil(num_splits / chunk) round trips."""
+    and an online rescale, so latency is ceil(num_splits / chunk) round trips. ``pdl``: see
+    :func:`grid_dependency`."""
     import tilelang.language as T
+    wait = grid_dependency(pdl)
 
     @T.macro
     def combine(O_part, LSE_part, Out, batch, num_splits):
         with T.Kernel(heads, batch, threads=dim_v) as (h, b):
+            wait()
             o = T.alloc_fragment((dim_v,), ACC)
             w = T.alloc_local((chunk,), ACC)
             m = T.alloc_var(ACC)

@@ -66,13 +66,14 @@ def _check_config(cfg: DenseDecodeConfig, group: int):
 
 def build_dense_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int,
                               dtype: str = "bfloat16", config: DenseDecodeConfig = None,
-                              arch: str = "sm_90a", seqlen_dtype: str = "int32"):
+                              arch: str = "sm_90a", seqlen_dtype: str = "int32",
+                              pdl: bool = False):
     """The TileLang program (split kernel + combine kernel) for one static configuration.
 
     Arguments of the compiled kernel, in order: q [B, H, D], k_cache [B, S, Hkv, D],
     v_cache [B, S, Hkv, Dv], cache_seqlens [B] (seqlen_dtype), O_part [B, H, NS, Dv] f32,
     LSE_part [B, H, NS] f32, out [B, H, Dv], scale_log2 (softmax_scale * log2(e)).
-    B, S and NS are run-time dimensions.
+    B, S and NS are run-time dimensions. ``pdl``: see _splitkv.grid_dependency (sm_90+).
     """
     import tilelang.language as T
     cfg = config or DenseDecodeConfig()
@@ -86,7 +87,8 @@ def build_dense_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int,
     B, S, NS = T.dynamic("B S NS")
     update = skv.make_softmax_update(BH, BN, dim_v, dtype)
     write = skv.make_write_partials(BH, G, dim_v)
-    combine = skv.make_combine(heads, dim_v, dtype, cfg.combine_chunk)
+    combine = skv.make_combine(heads, dim_v, dtype, cfg.combine_chunk, pdl)
+    wait = skv.grid_dependency(pdl)
 
     @T.prim_func
     def dense_decode(Q: T.Tensor((B, heads, dim), dtype),
@@ -98,6 +100,7 @@ def build_dense_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int,
                      Out: T.Tensor((B, heads, dim_v), dtype),
                      scale_log2: T.float32):
         with T.Kernel(NS, heads_kv, B, threads=cfg.threads) as (sid, hk, b):
+            wait()
             Q_s = T.alloc_shared((BH, dim), dtype)
             K_s = T.alloc_shared((BN, dim), dtype)
             V_s = T.alloc_shared((BN, dim_v), dtype)
@@ -141,10 +144,13 @@ def build_dense_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int,
 @functools.lru_cache(maxsize=None)
 def compile_dense_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int, dtype: str,
                                 config: DenseDecodeConfig, arch: str,
-                                seqlen_dtype: str = "int32"):
-    """Compiled kernel, memoised per static configuration (and in TileLang's disk cache)."""
+                                seqlen_dtype: str = "int32", pdl: bool = None):
+    """Compiled kernel, memoised per static configuration (and in TileLang's disk cache).
+    ``pdl`` None: :func:`resa_tl.heuristics.use_pdl` decides."""
+    from .. import heuristics
+    pdl = heuristics.use_pdl(arch) if pdl is None else pdl
     prog = build_dense_decode_kernel(heads, heads_kv, dim, dim_v, dtype, config, arch,
-                                     seqlen_dtype)
+                                     seqlen_dtype, pdl)
     return skv.compile_program(prog, arch)
 
 
@@ -185,7 +191,8 @@ def dense_decode_tilelang(q, k_cache, v_cache, cache_seqlens, *, softmax_scale, 
     if B == 0:
         return out
     kern = compile_dense_decode_kernel(H, Hkv, D, Dv, dt, config, arch,
-                                       _LEN_DTYPES[cache_seqlens.dtype])
+                                       _LEN_DTYPES[cache_seqlens.dtype],
+                                       heuristics.use_pdl(arch))
     tiles = -(-S // config.block_N)
     if num_splits is None:
         num_splits = heuristics.decode_num_splits(B, Hkv, tiles, q.device,

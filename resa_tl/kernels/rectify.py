@@ -118,7 +118,7 @@ def _tl_dtype(dtype) -> str:
 
 def build_rectify_kernel(num_q: int, group: int, num_kv_heads: int, head_dim: int,
                          head_dim_v: int, dtype, softmax_scale: float,
-                         config: RectifyConfig = RectifyConfig()):
+                         config: RectifyConfig = RectifyConfig(), pdl: bool = False):
     """TileLang programs of rectify attention for a static (T, g, Hkv, D, Dv, dtype, scale,
     tiles). Returns ``(split_prog, combine_prog)``, two PrimFuncs:
 
@@ -128,8 +128,11 @@ def build_rectify_kernel(num_q: int, group: int, num_kv_heads: int, head_dim: in
         B, S and NS are symbolic. NS == 1: writes Out directly (O_part/LSE_part untouched);
         NS > 1: writes the per-split partials, and combine_prog(O_part, LSE_part, Out) must
         follow.
+    ``pdl``: programmatic dependent launch for both (sm_90+; see _splitkv.grid_dependency).
     """
     import tilelang.language as T
+    from ._splitkv import grid_dependency
+    wait = grid_dependency(pdl)
 
     dt = _tl_dtype(dtype)
     acc_t = "float32"
@@ -154,6 +157,7 @@ def build_rectify_kernel(num_q: int, group: int, num_kv_heads: int, head_dim: in
             Out: T.Tensor((B, TQ, H, DV), dt),
     ):
         with T.Kernel(NRT, NS, B * HKV, threads=config.threads) as (rt, sid, bh):
+            wait()
             Q_s = T.alloc_shared((BM, D), dt)
             K_s = T.alloc_shared((BN, D), dt)
             V_s = T.alloc_shared((BN, DV), dt)
@@ -230,7 +234,7 @@ def build_rectify_kernel(num_q: int, group: int, num_kv_heads: int, head_dim: in
                             l[i] > 0, T.log2(l[i]) + m[i] * c, neg_inf)
 
     if config.schedule == "pingpong":
-        split_prog = _split_pingpong(TQ, G, HKV, D, DV, dt, c, config, B, S, NS)
+        split_prog = _split_pingpong(TQ, G, HKV, D, DV, dt, c, config, B, S, NS, wait)
 
     @T.prim_func
     def combine_prog(
@@ -239,6 +243,7 @@ def build_rectify_kernel(num_q: int, group: int, num_kv_heads: int, head_dim: in
             Out: T.Tensor((B, TQ, H, DV), dt),
     ):
         with T.Kernel(R, HKV, B, threads=DV) as (r, hkv, b):
+            wait()
             o = T.alloc_fragment((DV,), acc_t)
             mx = T.alloc_var(acc_t)
             tot = T.alloc_var(acc_t)
@@ -263,7 +268,7 @@ def build_rectify_kernel(num_q: int, group: int, num_kv_heads: int, head_dim: in
 _PP_BAR = (8, 9)   # named-barrier ids of the ping-pong (ids 0-2 are used by TileLang itself)
 
 
-def _split_pingpong(TQ, G, HKV, D, DV, dt, c, config, B, S, NS):
+def _split_pingpong(TQ, G, HKV, D, DV, dt, c, config, B, S, NS, wait):
     """Split kernel with a hand-written sm_90a schedule (see RectifyConfig.schedule).
 
     Threads 0-255: consumer warpgroups w = 0, 1, each owning 64 query rows; threads 256-383:
@@ -315,6 +320,7 @@ def _split_pingpong(TQ, G, HKV, D, DV, dt, c, config, B, S, NS):
             Out: T.Tensor((B, TQ, H, DV), dt),
     ):
         with T.Kernel(NRT, NS, B * HKV, threads=NMMA + 128) as (rt, sid, bh):
+            wait()
             Q_s = T.alloc_shared((2, HM, D), dt)
             K_s = T.alloc_shared((NST, BN, D), dt)
             V_s = T.alloc_shared((NST, BN, DV), dt)
@@ -454,13 +460,17 @@ def _target(arch: str) -> dict:
 @functools.lru_cache(maxsize=None)
 def compile_rectify_kernel(num_q: int, group: int, num_kv_heads: int, head_dim: int,
                            head_dim_v: int, dtype: str, softmax_scale: float,
-                           config: RectifyConfig, arch: str):
-    """Compiled (split, combine) kernels, memoised per static configuration (one per T)."""
+                           config: RectifyConfig, arch: str, pdl: bool = None):
+    """Compiled (split, combine) kernels, memoised per static configuration (one per T).
+    ``pdl`` None: :func:`resa_tl.heuristics.use_pdl` decides."""
     import tilelang
+    from .. import heuristics
     if config.schedule == "pingpong" and not arch.startswith("sm_9"):
         raise ValueError(f"schedule='pingpong' needs Hopper (sm_90a), got arch {arch}")
+    pdl = heuristics.use_pdl(arch) if pdl is None else pdl
     split_prog, combine_prog = build_rectify_kernel(num_q, group, num_kv_heads, head_dim,
-                                                    head_dim_v, dtype, softmax_scale, config)
+                                                    head_dim_v, dtype, softmax_scale, config,
+                                                    pdl)
     pc = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
     pc_split = dict(pc)
     if config.schedule == "pingpong":
@@ -520,7 +530,8 @@ def rectify_attention_tilelang(q, k_cache, v_cache, cache_seqlens, *, softmax_sc
             "rectify_attention", heuristics.rectify_config(TQ, g, D, Dv, arch), arch=arch,
             dtype=q.dtype, head_dim=D, g=g, hkv=Hkv, T=TQ, context=max(S, 1), batch=max(B, 1))
     split_k, combine_k = compile_rectify_kernel(TQ, g, Hkv, D, Dv, _tl_dtype(q.dtype),
-                                                float(softmax_scale), config, arch)
+                                                float(softmax_scale), config, arch,
+                                                heuristics.use_pdl(arch))
     if num_splits is None:
         num_splits = heuristics.rectify_num_splits(B, Hkv, -(-R // config.block_M), S,
                                                    config, q.device)

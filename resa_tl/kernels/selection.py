@@ -121,11 +121,15 @@ def _orderable_key(T, s):
 def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: int,
                           block_size: int, sparse_ratio: float, min_blocks: int,
                           local_blocks: int, max_selected: int, dtype: str = "bfloat16",
-                          index_dtype: str = "int32", config: SelectionConfig | None = None):
+                          index_dtype: str = "int32", config: SelectionConfig | None = None,
+                          pdl: bool = False):
     """The TileLang PrimFunc of select_blocks. Static: NB (kmin's block dim, fixed per cache),
     Hkv, g, D, the selection hyper-parameters and K; symbolic: B. The row lengths are data, so
-    nothing recompiles as they change."""
+    nothing recompiles as they change. ``pdl``: programmatic dependent launch for both kernels
+    (sm_90+; see _splitkv.grid_dependency)."""
     import tilelang.language as T
+    from ._splitkv import grid_dependency
+    wait = grid_dependency(pdl)
 
     cfg = config or SelectionConfig()
     NB, HKV, G, D, BS, K = num_blocks, heads_kv, group, head_dim, block_size, max_selected
@@ -206,6 +210,7 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
             Out: T.Tensor((B, HKV, K), "int32")):
         # ---- 1. scoring -------------------------------------------------------------------
         with T.Kernel(T.ceildiv(NB, RPC), B, threads=TS) as (bx, b):
+            wait()
             tx = T.get_thread_binding()
             lo = T.alloc_local((U, _VEC), dt)
             hi = T.alloc_local((U, _VEC), dt)
@@ -258,6 +263,7 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
 
         # ---- 2. radix select + ordered compaction -------------------------------------------
         with T.Kernel(HKV, B, threads=TT) as (h, b):
+            wait()
             tx = T.get_thread_binding()
             lane = tx % 32
             warp = tx // 32
@@ -420,12 +426,16 @@ def _pass_configs():
 def build_select_blocks_kernel(num_blocks: int, heads_kv: int, group: int, head_dim: int,
                                block_size: int, sparse_ratio: float, min_blocks: int,
                                local_blocks: int, max_selected: int, dtype: str,
-                               index_dtype: str, config: SelectionConfig, target: str):
-    """Compile (memoised) the select_blocks program for ``target`` ("sm_90a", "sm_80", ...)."""
+                               index_dtype: str, config: SelectionConfig, target: str,
+                               pdl: bool = None):
+    """Compile (memoised) the select_blocks program for ``target`` ("sm_90a", "sm_80", ...).
+    ``pdl`` None: :func:`resa_tl.heuristics.use_pdl` decides."""
     import tilelang
+    from .. import heuristics
+    pdl = heuristics.use_pdl(target) if pdl is None else pdl
     prog = select_blocks_program(num_blocks, heads_kv, group, head_dim, block_size, sparse_ratio,
                                  min_blocks, local_blocks, max_selected, dtype, index_dtype,
-                                 config)
+                                 config, pdl)
     return tilelang.compile(prog, target={"kind": "cuda", "arch": target},
                             pass_configs=_pass_configs())
 
@@ -481,7 +491,7 @@ def select_blocks_tilelang(q, kmin, kmax, cache_seqlens, *, block_size, sparse_r
         NB, Hkv, H // Hkv, D, block_size, float(sparse_ratio), int(min_blocks),
         int(local_blocks), K, {torch.float16: "float16", torch.bfloat16: "bfloat16"}[q.dtype],
         "int64" if cache_seqlens.dtype == torch.int64 else "int32", cfg,
-        heuristics.arch_of(q.device))
+        heuristics.arch_of(q.device), heuristics.use_pdl(heuristics.arch_of(q.device)))
     nbp = -(-NB // cfg.select_threads) * cfg.select_threads     # padded row (see NBP)
     scores = _scores_workspace(q.device, B, Hkv, nbp)
     kern(_contig16(q), _contig16(kmin), _contig16(kmax), cache_seqlens.contiguous(), scores, out)

@@ -122,14 +122,16 @@ def _check_config(cfg: SparseDecodeConfig, block_size: int, group: int):
 def build_sparse_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int,
                                block_size: int, dtype: str = "bfloat16",
                                config: SparseDecodeConfig = None, arch: str = "sm_90a",
-                               index_dtype: str = "int32", seqlen_dtype: str = "int32"):
+                               index_dtype: str = "int32", seqlen_dtype: str = "int32",
+                               pdl: bool = False):
     """The TileLang program (split kernel + combine kernel) for one static configuration.
 
     Arguments of the compiled kernel, in order: q [B, H, D], k_cache [B, S, Hkv, D],
     v_cache [B, S, Hkv, Dv], block_indices [B, Hkv, K] (index_dtype), cache_seqlens [B]
     (seqlen_dtype), O_part [B, H, NS, Dv] f32, LSE_part [B, H, NS] f32, out [B, H, Dv],
     scale_log2 (float: softmax_scale * log2(e)). B, S, K and NS are run-time dimensions.
-    ``arch`` only selects defaults elsewhere; the program itself is target-independent.
+    ``arch`` only selects defaults elsewhere; the program itself is target-independent except
+    for ``pdl`` (programmatic dependent launch, sm_90+ only: see _splitkv.grid_dependency).
     """
     import tilelang.language as T
     cfg = config or SparseDecodeConfig()
@@ -147,12 +149,13 @@ def build_sparse_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int,
     B, S, K, NS = T.dynamic("B S K NS")
     update = skv.make_softmax_update(BH, BN, dim_v, dtype)
     write = skv.make_write_partials(BH, G, dim_v)
-    combine = skv.make_combine(heads, dim_v, dtype, cfg.combine_chunk)
+    combine = skv.make_combine(heads, dim_v, dtype, cfg.combine_chunk, pdl)
+    wait = skv.grid_dependency(pdl)
     kchunks = skv.column_chunks(dim, dtype)
     vchunks = skv.column_chunks(dim_v, dtype)
     if cfg.schedule == "ws":
         return _build_ws(heads, heads_kv, dim, dim_v, block_size, dtype, cfg, index_dtype,
-                         seqlen_dtype, BN)
+                         seqlen_dtype, BN, pdl)
 
     @T.prim_func
     def sparse_decode(Q: T.Tensor((B, heads, dim), dtype),
@@ -167,6 +170,7 @@ def build_sparse_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int,
         with T.Kernel(NS, heads_kv, B, threads=cfg.threads) as (sid, hk, b):
             if cfg.ctas_per_sm > 1:
                 T.annotate_min_blocks_per_sm(cfg.ctas_per_sm)
+            wait()
             Q_s = T.alloc_shared((BH, dim), dtype)
             K_s = T.alloc_shared((BN, dim), dtype)
             V_s = T.alloc_shared((BN, dim_v), dtype)
@@ -235,7 +239,7 @@ def build_sparse_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int,
     return sparse_decode
 
 
-def _build_ws(heads, heads_kv, dim, dim_v, bs, dtype, cfg, index_dtype, seqlen_dtype, BN):
+def _build_ws(heads, heads_kv, dim, dim_v, bs, dtype, cfg, index_dtype, seqlen_dtype, BN, pdl):
     """Split kernel with a hand-written sm_90a schedule (SparseDecodeConfig.schedule="ws").
 
     Threads 0-127: the MMA warpgroup (64 padded query rows); threads 128-255: the producer
@@ -253,7 +257,8 @@ def _build_ws(heads, heads_kv, dim, dim_v, bs, dtype, cfg, index_dtype, seqlen_d
     B, S, K, NS = T.dynamic("B S K NS")
     update = skv.make_softmax_update(BH, BN, dim_v, dtype)
     write = skv.make_write_partials(BH, G, dim_v)
-    combine = skv.make_combine(heads, dim_v, dtype, cfg.combine_chunk)
+    combine = skv.make_combine(heads, dim_v, dtype, cfg.combine_chunk, pdl)
+    wait = skv.grid_dependency(pdl)
     kchunks = skv.column_chunks(dim, dtype)
     vchunks = skv.column_chunks(dim_v, dtype)
 
@@ -270,6 +275,7 @@ def _build_ws(heads, heads_kv, dim, dim_v, bs, dtype, cfg, index_dtype, seqlen_d
         with T.Kernel(NS, heads_kv, B, threads=NMMA + 128) as (sid, hk, b):
             if cfg.ctas_per_sm > 1:
                 T.annotate_min_blocks_per_sm(cfg.ctas_per_sm)
+            wait()
             Q_s = T.alloc_shared((BH, dim), dtype)
             K_s = T.alloc_shared((NST, BN, dim), dtype)
             V_s = T.alloc_shared((NST, BN, dim_v), dtype)
@@ -373,12 +379,15 @@ def _build_ws(heads, heads_kv, dim, dim_v, bs, dtype, cfg, index_dtype, seqlen_d
 def compile_sparse_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int,
                                  block_size: int, dtype: str, config: SparseDecodeConfig,
                                  arch: str, index_dtype: str = "int32",
-                                 seqlen_dtype: str = "int32"):
-    """Compiled kernel, memoised per static configuration (and in TileLang's disk cache)."""
+                                 seqlen_dtype: str = "int32", pdl: bool = None):
+    """Compiled kernel, memoised per static configuration (and in TileLang's disk cache).
+    ``pdl`` None: :func:`resa_tl.heuristics.use_pdl` decides."""
+    from .. import heuristics
     if config.schedule == "ws" and not arch.startswith("sm_9"):
         raise ValueError(f"SparseDecodeConfig(schedule='ws') needs Hopper (sm_90a), got {arch}")
+    pdl = heuristics.use_pdl(arch) if pdl is None else pdl
     prog = build_sparse_decode_kernel(heads, heads_kv, dim, dim_v, block_size, dtype, config,
-                                      arch, index_dtype, seqlen_dtype)
+                                      arch, index_dtype, seqlen_dtype, pdl)
     # the hand-written schedule places its own barriers; TileLang's automatic __syncthreads
     # would deadlock inside the warp-specialised branches
     return skv.compile_program(prog, arch, no_auto_sync=config.schedule == "ws")
@@ -432,7 +441,8 @@ def sparse_decode_tilelang(q, k_cache, v_cache, block_indices, cache_seqlens, *,
         return out.zero_()
     kern = compile_sparse_decode_kernel(H, Hkv, D, Dv, block_size, dt, config, arch,
                                         _INDEX_DTYPES[block_indices.dtype],
-                                        _INDEX_DTYPES[cache_seqlens.dtype])
+                                        _INDEX_DTYPES[cache_seqlens.dtype],
+                                        heuristics.use_pdl(arch))
     tiles = -(-K // (bn // block_size))
     if num_splits is None:
         num_splits = heuristics.decode_num_splits(B, Hkv, tiles, q.device,

@@ -96,10 +96,13 @@ def _tl_dtype(dtype) -> str:
 
 def summaries_program(heads_kv: int, head_dim: int, block_size: int, dtype: str = "bfloat16",
                       index_dtype: str = "int32", mode: str = "build",
-                      config: SummariesConfig | None = None):
+                      config: SummariesConfig | None = None, pdl: bool = False):
     """The TileLang PrimFunc of block_summaries (mode="build") or update_block_summaries
-    (mode="update"). Static: Hkv, D, block size, dtypes, config; symbolic: B, S_max, NB."""
+    (mode="update"). Static: Hkv, D, block size, dtypes, config; symbolic: B, S_max, NB.
+    ``pdl``: programmatic dependent launch (sm_90+; see _splitkv.grid_dependency)."""
     import tilelang.language as T
+    from ._splitkv import grid_dependency
+    wait = grid_dependency(pdl)
 
     if mode not in ("build", "update"):
         raise ValueError(f"mode must be 'build' or 'update', got {mode!r}")
@@ -119,6 +122,7 @@ def summaries_program(heads_kv: int, head_dim: int, block_size: int, dtype: str 
     def body(K, Idx, Kmin, Kmax, length):
         with T.Kernel(T.ceildiv(T.ceildiv(length, BS) + 1, BPC) if update else T.ceildiv(NB, BPC),
                       B, threads=TH) as (bx, b):
+            wait()
             tx = T.get_thread_binding()
             x = T.alloc_local((_VEC,), dt)
             mn = T.alloc_local((_VEC,), f32)
@@ -181,10 +185,15 @@ def summaries_program(heads_kv: int, head_dim: int, block_size: int, dtype: str 
 
 @functools.lru_cache(maxsize=None)
 def build_summaries_kernel(heads_kv: int, head_dim: int, block_size: int, dtype: str,
-                           index_dtype: str, mode: str, config: SummariesConfig, target: str):
-    """Compile (memoised) the summaries program for ``target`` ("sm_90a", "sm_80", ...)."""
+                           index_dtype: str, mode: str, config: SummariesConfig, target: str,
+                           pdl: bool = None):
+    """Compile (memoised) the summaries program for ``target`` ("sm_90a", "sm_80", ...).
+    ``pdl`` None: :func:`resa_tl.heuristics.use_pdl` decides."""
     import tilelang
-    prog = summaries_program(heads_kv, head_dim, block_size, dtype, index_dtype, mode, config)
+    from .. import heuristics
+    pdl = heuristics.use_pdl(target) if pdl is None else pdl
+    prog = summaries_program(heads_kv, head_dim, block_size, dtype, index_dtype, mode, config,
+                             pdl)
     return tilelang.compile(prog, target={"kind": "cuda", "arch": target})
 
 
@@ -206,16 +215,17 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 def _kernel_for(k_cache, index: torch.Tensor, block_size: int, mode: str, length: int = 1):
     from .. import heuristics, schedules
     B, S, Hkv, D = k_cache.shape
+    arch = heuristics.arch_of(k_cache.device)
     # the tuned schedule's entry for this shape, else the heuristic
     shape = {"context": max(S, 1)} if mode == "build" else {"length": max(int(length), 1)}
     cfg = schedules.config_for(
         "block_summaries" if mode == "build" else "update_block_summaries",
-        heuristics.summaries_config(Hkv, D, block_size), arch=heuristics.arch_of(k_cache.device),
+        heuristics.summaries_config(Hkv, D, block_size), arch=arch,
         dtype=k_cache.dtype, head_dim=D, hkv=Hkv, block_size=block_size, batch=max(B, 1),
         **shape)
     return build_summaries_kernel(Hkv, D, block_size, _tl_dtype(k_cache.dtype),
                                   "int64" if index.dtype == torch.int64 else "int32", mode, cfg,
-                                  heuristics.arch_of(k_cache.device))
+                                  arch, heuristics.use_pdl(arch))
 
 
 def block_summaries_tilelang(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, block_size: int,
