@@ -53,3 +53,48 @@ def git_commit():
         return os.environ["RESA_TL_COMMIT"]
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return out.stdout.strip() or "unknown"
+
+
+def graph_kernel_table(calls, trace_path=None, replays=3):
+    """Per-kernel GPU time of ``calls`` captured as one CUDA graph: profile ``replays`` replays
+    with torch.profiler (CUPTI reports the kernels of graph replays) and return
+    (rows, span_us): rows = [(kernel name, launches per replay, µs per replay)] by time, and
+    span_us = first kernel start to last kernel end of a replay, median (span minus the sum of
+    kernel times is the time between kernels). ``trace_path``: keep the Chrome trace there."""
+    import json
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    g.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            g.replay()
+            torch.cuda.synchronize()          # replays apart: each one is its own span
+    del g
+    path = trace_path or tempfile.mktemp(suffix=".json")
+    prof.export_chrome_trace(path)
+    with open(path) as fh:
+        events = [e for e in json.load(fh)["traceEvents"] if e.get("cat") == "kernel"]
+    if not trace_path:
+        os.remove(path)
+    events.sort(key=lambda e: e["ts"])
+    table: dict = {}
+    for e in events:
+        n, t = table.get(e["name"], (0, 0.0))
+        table[e["name"]] = (n + 1, t + e["dur"])
+    rows = sorted(((k, n / replays, t / replays) for k, (n, t) in table.items()),
+                  key=lambda r: -r[2])
+    per = len(events) // replays
+    spans = sorted(events[(r + 1) * per - 1]["ts"] + events[(r + 1) * per - 1]["dur"]
+                   - events[r * per]["ts"] for r in range(replays)) if per else [float("nan")]
+    return rows, spans[len(spans) // 2]

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from resa_tl import ReSAConfig, ops
 from resa_tl.kernels.selection import blocks_to_keep
 
-from _measure import copy_gbs, git_commit, graph_ms
+from _measure import copy_gbs, git_commit, graph_kernel_table, graph_ms
 
 
 @dataclass
@@ -200,7 +200,40 @@ class Decoder:
                                   self.lens_after, block_size=self.cfg.block_size)
 
 
-def run_one(s, W, context, batch, cfg, free_bytes, rest):
+def kernel_group(name: str) -> str:
+    """Coarse class of a kernel name, for the per-step profile."""
+    for key, group in (("sparse_decode_kernel_1", "sparse combine"),
+                       ("sparse_decode", "sparse split"), ("dense_decode_kernel_1", "dense combine"),
+                       ("dense_decode", "dense split"), ("select_blocks", "select (score+top-k)"),
+                       ("update_block_summaries", "summary update"), ("split_prog", "rectify"),
+                       ("combine_prog", "rectify combine"), ("flash", "sdpa"),
+                       ("fmha", "sdpa"), ("triton", "fused elementwise (inductor)"),
+                       ("index", "cache write (index_put)")):
+        if key in name:
+            return group
+    if "gemm" in name or "gemv" in name or "xmma" in name or "cutlass" in name:
+        return "matmul (cuBLAS)"
+    return "other"
+
+
+def profile_step(step, label, trace_dir):
+    """Kernel time per class and the idle time between kernels of one captured step."""
+    path = f"{trace_dir}/{label}.json" if trace_dir else None
+    rows, span = graph_kernel_table([step], trace_path=path)
+    groups: dict = {}
+    for name, n, us in rows:
+        g = kernel_group(name)
+        c, t = groups.get(g, (0, 0.0))
+        groups[g] = (c + n, t + us)
+    busy = sum(us for _, _, us in rows)
+    return dict(span_us=round(span, 1), busy_us=round(busy, 1), idle_us=round(span - busy, 1),
+                launches=round(sum(n for _, n, _ in rows)),
+                groups={g: [round(c), round(t, 1)] for g, (c, t) in
+                        sorted(groups.items(), key=lambda kv: -kv[1][1])},
+                top=[[name, n, round(us, 1)] for name, n, us in rows[:12]])
+
+
+def run_one(s, W, context, batch, cfg, free_bytes, rest, profile=False, trace_dir=None):
     kv_bytes = 2 * s.layers * batch * (context + 2048) * s.kv_heads * s.head_dim * 2
     share = kv_bytes * 1.15 > free_bytes - 6 * 1024 ** 3
     dec = Decoder(s, W, batch, context, cfg, share, "cuda", rest)
@@ -221,6 +254,10 @@ def run_one(s, W, context, batch, cfg, free_bytes, rest):
     dec._idx = [dec.select(layer, q) for layer in range(s.layers)]
     row["select"] = graph_ms([lambda: dec.parts(q, "select")], replays=10, samples=5)
     row["sparse_attn"] = graph_ms([lambda: dec.parts(q, "sparse")], replays=10, samples=5)
+    if profile:
+        tag = f"{context // 1024}k_b{batch}"
+        row["profile"] = {m: profile_step(lambda: dec.step(tok1, m), f"{tag}_{m}", trace_dir)
+                          for m in ("dense-tl", "resa")}
     f = cfg.rectify_every
     row["resa_per_token"] = (f * row["resa"] + row["rect"]) / (f + 1)
     row["rest"] = row["resa"] - row["select"] - row["sparse_attn"]
@@ -237,6 +274,31 @@ def run_one(s, W, context, batch, cfg, free_bytes, rest):
     return row
 
 
+def precompile(s: Qwen7BShape, cfg: ReSAConfig, contexts, batches):
+    """CPU: compile every TileLang kernel that run_one launches (see _precompile)."""
+    from _precompile import fake_hopper
+    f = cfg.rectify_every
+    with fake_hopper():
+        for context in contexts:
+            for B in batches:
+                cap = context + 4 * (f + 1) + 1024          # Decoder.capacity
+                kv = dict(device="meta", dtype=torch.bfloat16)
+                k = torch.empty(B, cap, s.kv_heads, s.head_dim, **kv)
+                lens = torch.empty(B, device="meta", dtype=torch.int32)
+                kmin, kmax = ops.block_summaries(k, lens, cfg.block_size)
+                for T in (1, f + 1):
+                    ops.update_block_summaries(kmin, kmax, k, lens, T, cfg.block_size)
+                q = torch.empty(B, s.heads, s.head_dim, **kv)
+                idx = ops.select_blocks(q, kmin, kmax, lens, block_size=cfg.block_size,
+                                        sparse_ratio=cfg.sparse_ratio, min_blocks=cfg.min_blocks,
+                                        local_blocks=cfg.local_blocks)
+                ops.sparse_decode(q, k, k, idx, lens, block_size=cfg.block_size)
+                ops.dense_decode(q, k, k, lens)
+                ops.rectify_attention(torch.empty(B, f + 1, s.heads, s.head_dim, **kv), k, k,
+                                      lens)
+                print(f"compiled the kernels of {context} x {B}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[16384, 65536, 131072, 262144])
@@ -246,7 +308,17 @@ def main():
     ap.add_argument("--eager-rest", action="store_true",
                     help="run the non-attention part as eager torch ops (one kernel per op) "
                          "instead of torch.compile'd pieces")
+    ap.add_argument("--precompile", action="store_true",
+                    help="no GPU needed: compile the TileLang kernels of these shapes into "
+                         "TileLang's cache (copy $TILELANG_CACHE_DIR to the GPU machine)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one dense-tl and one ReSA step per row (torch.profiler "
+                         "over a graph replay): kernel time per class and idle time")
+    ap.add_argument("--trace-dir", default=None, help="with --profile: keep Chrome traces here")
     args = ap.parse_args()
+    if args.precompile:
+        return precompile(Qwen7BShape(layers=args.layers), ReSAConfig(), args.contexts,
+                          args.batches)
     torch._dynamo.config.cache_size_limit = 64       # one specialisation per (batch, T)
     rest = Rest(compiled=not args.eager_rest)
     s = Qwen7BShape(layers=args.layers)
@@ -262,7 +334,8 @@ def main():
     for context in args.contexts:
         for batch in args.batches:
             free = torch.cuda.mem_get_info()[0]
-            rows.append(run_one(s, W, context, batch, cfg, free, rest))
+            rows.append(run_one(s, W, context, batch, cfg, free, rest, args.profile,
+                                args.trace_dir))
             print(json.dumps(rows[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
@@ -277,6 +350,12 @@ def main():
               f"{r['dense-tl']:8.3f} {r['resa_per_token']:8.3f} {r['resa']:7.3f} {r['rect']:7.3f} "
               f"{r['select']:7.3f} {r['sparse_attn']:7.3f} {r['rest']:7.3f} "
               f"{r['speedup_vs_best_dense']:6.2f}x {r['model_speedup']:5.2f}x")
+    for r in rows:
+        for mode, p in r.get("profile", {}).items():
+            print(f"\n{r['context']} x {r['batch']} {mode}: span {p['span_us']} us, kernels "
+                  f"{p['busy_us']} us, idle {p['idle_us']} us, {p['launches']} launches")
+            for g, (n, us) in p["groups"].items():
+                print(f"  {g:<30} {n:>5} {us:9.1f} us")
 
 
 if __name__ == "__main__":
