@@ -76,13 +76,18 @@ def rope(x, cos, sin, pos):                          # x [B, T, h, D], pos [B, T
     return torch.cat([x1 * c - x2 * s_, x2 * c + x1 * s_], dim=-1)
 
 
-def pre_attention(x, ln, wqkv, cos, sin, pos, heads: int, kv_heads: int):
-    """Input norm, fused QKV projection, RoPE. x [B, T, hidden] -> q [B, T, H, D], k, v."""
+def pre_attention(x, ln, wqkv, cos, sin, pos, heads: int, kv_heads: int, k_cache, v_cache,
+                  rows):
+    """Input norm, fused QKV projection, RoPE, and the new K/V written into the static cache
+    at (rows, pos) (compiled: inductor fuses the writes into the RoPE kernel, as gpt-fast's
+    in-graph cache update; eager: two index_put kernels). x [B, T, hidden] -> q [B, T, H, D]."""
     B, T, hidden = x.shape
     h = F.rms_norm(x, (hidden,), ln)
     qkv = (h @ wqkv).view(B, T, heads + 2 * kv_heads, -1)
     q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)
-    return rope(q, cos, sin, pos), rope(k, cos, sin, pos), v
+    k_cache[rows[:, None], pos] = rope(k, cos, sin, pos)
+    v_cache[rows[:, None], pos] = v
+    return rope(q, cos, sin, pos)
 
 
 def post_attention(x, o, wo, ln, wgu, wdown):
@@ -99,10 +104,10 @@ def lm_head(x, ln, w):
 
 
 class Rest:
-    """Everything but attention and the cache writes, per layer: eager torch ops (one kernel
-    per elementwise op), or each piece compiled by torch.compile (inductor fuses the norms,
-    RoPE, SiLU * up and the residual adds; the matmuls stay cuBLAS calls), as gpt-fast and
-    serving engines run a decode step. Dense and ReSA modes use the same Rest."""
+    """Everything but attention (cache writes included), per layer: eager torch ops (one
+    kernel per elementwise op), or each piece compiled by torch.compile (inductor fuses the
+    norms, RoPE, the cache writes, SiLU * up and the residual adds; the matmuls stay cuBLAS
+    calls), as gpt-fast and serving engines run a decode step. Dense and ReSA use the same."""
 
     def __init__(self, compiled: bool):
         self.compiled = compiled
@@ -179,10 +184,8 @@ class Decoder:
         self.lens_after.copy_(self.seqlens + 1)
         x = W.embed[tokens]
         for layer in range(s.layers):
-            q, k, v = self.rest.pre(x, W.ln, W.wqkv[layer], self.cos, self.sin, pos, s.heads,
-                                    s.kv_heads)
-            self.k[layer][self.rows[:, None], pos] = k
-            self.v[layer][self.rows[:, None], pos] = v
+            q = self.rest.pre(x, W.ln, W.wqkv[layer], self.cos, self.sin, pos, s.heads,
+                              s.kv_heads, self.k[layer], self.v[layer], self.rows)
             if mode in ("resa", "rect"):
                 ops.update_block_summaries(self.kmin[layer], self.kmax[layer], self.k[layer],
                                            start, T, self.cfg.block_size)
@@ -203,7 +206,8 @@ class Decoder:
 def kernel_group(name: str) -> str:
     """Coarse class of a kernel name, for the per-step profile."""
     for key, group in (("sparse_decode_kernel_1", "sparse combine"),
-                       ("sparse_decode", "sparse split"), ("dense_decode_kernel_1", "dense combine"),
+                       ("sparse_decode", "sparse split (+ merge)"),
+                       ("dense_decode_kernel_1", "dense combine"),
                        ("dense_decode", "dense split"), ("select_blocks", "select (score+top-k)"),
                        ("update_block_summaries", "summary update"), ("split_prog", "rectify"),
                        ("combine_prog", "rectify combine"), ("flash", "sdpa"),
@@ -258,6 +262,8 @@ def run_one(s, W, context, batch, cfg, free_bytes, rest, profile=False, trace_di
         tag = f"{context // 1024}k_b{batch}"
         row["profile"] = {m: profile_step(lambda: dec.step(tok1, m), f"{tag}_{m}", trace_dir)
                           for m in ("dense-tl", "resa")}
+        row["profile"]["rect"] = profile_step(lambda: dec.step(tokf, "rect"), f"{tag}_rect",
+                                              trace_dir)
     f = cfg.rectify_every
     row["resa_per_token"] = (f * row["resa"] + row["rect"]) / (f + 1)
     row["rest"] = row["resa"] - row["select"] - row["sparse_attn"]
@@ -312,8 +318,8 @@ def main():
                     help="no GPU needed: compile the TileLang kernels of these shapes into "
                          "TileLang's cache (copy $TILELANG_CACHE_DIR to the GPU machine)")
     ap.add_argument("--profile", action="store_true",
-                    help="also profile one dense-tl and one ReSA step per row (torch.profiler "
-                         "over a graph replay): kernel time per class and idle time")
+                    help="also profile one dense-tl, ReSA and rectification step per row "
+                         "(torch.profiler over a graph replay): kernel time per class, idle time")
     ap.add_argument("--trace-dir", default=None, help="with --profile: keep Chrome traces here")
     args = ap.parse_args()
     if args.precompile:
