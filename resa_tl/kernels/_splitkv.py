@@ -167,50 +167,6 @@ def make_combine(heads: int, dim_v: int, dtype: str, chunk: int, pdl: bool = Fal
     return combine
 
 
-def make_last_cta_merge(group: int, dim_v: int, dtype: str, threads: int, barrier_id: int = 1):
-    """Epilogue that replaces the combine kernel: after writing its partials, each split CTA of
-    (row b, KV head hk) takes a ticket from the counter Cnt[b, hk]; the CTA that draws the last
-    ticket merges the NS partials of the g heads into Out and resets the counter to 0 for the
-    next call. Saves a launch and the combine kernel's own latency per call (the last-block
-    reduction pattern: writers fence, one acq_rel atomic per CTA, the reader fences).
-    Run by the ``threads`` threads that wrote the partials (tx < threads), which sync on the
-    named barrier ``barrier_id``; thread d merges output column d."""
-    import tilelang.language as T
-
-    @T.macro
-    def merge(O_part, LSE_part, Out, Cnt, flag, b, hk, num_splits, tx):
-        mx = T.alloc_var(ACC)
-        tot = T.alloc_var(ACC)
-        o = T.alloc_var(ACC)
-        w = T.alloc_var(ACC)
-        T.call_extern("void", "__threadfence")          # partials visible device-wide ...
-        T.sync_threads(barrier_id, threads)              # ... from every writer of this CTA
-        if tx == 0:
-            ticket = T.atomic_add(Cnt[b, hk], 1, memory_order="acq_rel", return_prev=True)
-            flag[0] = T.if_then_else(ticket == num_splits - 1, 1, 0)
-            if ticket == num_splits - 1:
-                Cnt[b, hk] = 0
-        T.sync_threads(barrier_id, threads)
-        if flag[0] == 1:
-            T.call_extern("void", "__threadfence")
-            if tx < dim_v:
-                for i in T.serial(group):
-                    mx = -T.infinity(ACC)
-                    for s in T.serial(num_splits):
-                        mx = T.max(mx, LSE_part[b, hk * group + i, s])
-                    mx = T.if_then_else(mx == -T.infinity(ACC), 0.0, mx)
-                    tot = 0.0
-                    o = 0.0
-                    for s in T.serial(num_splits):
-                        w = T.exp2(LSE_part[b, hk * group + i, s] - mx)
-                        tot = tot + w
-                        o = o + w * O_part[b, hk * group + i, s, tx]
-                    Out[b, hk * group + i, tx] = T.cast(T.if_then_else(tot > 0, o / tot, 0.0),
-                                                        dtype)
-
-    return merge
-
-
 # ---------------------------------------------------------------------------------------------
 # Host side: workspaces and the compile cache.
 # ---------------------------------------------------------------------------------------------
@@ -229,21 +185,6 @@ def workspace(batch: int, heads: int, num_splits: int, dim_v: int, device: torch
         lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=device)
         ws = _WORKSPACES[key] = (o, lse)
     return ws
-
-
-_COUNTERS: dict = {}
-
-
-def split_counters(batch: int, heads_kv: int, device: torch.device):
-    """int32 [B, Hkv] tickets of :func:`make_last_cta_merge`, zeroed once at allocation; every
-    call leaves them at zero again (the merging CTA resets its counter), so they are reused
-    without a memset on the decode path. Like the partials workspace, calls on different
-    streams must not overlap."""
-    key = (batch, heads_kv, device)
-    cnt = _COUNTERS.get(key)
-    if cnt is None:
-        cnt = _COUNTERS[key] = torch.zeros(batch, heads_kv, dtype=torch.int32, device=device)
-    return cnt
 
 
 def compile_program(prim_func, arch: str, no_auto_sync: bool = False):

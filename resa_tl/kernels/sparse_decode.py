@@ -129,8 +129,7 @@ def build_sparse_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int,
     Arguments of the compiled kernel, in order: q [B, H, D], k_cache [B, S, Hkv, D],
     v_cache [B, S, Hkv, Dv], block_indices [B, Hkv, K] (index_dtype), cache_seqlens [B]
     (seqlen_dtype), O_part [B, H, NS, Dv] f32, LSE_part [B, H, NS] f32, out [B, H, Dv],
-    [schedule "ws" only: Cnt [B, Hkv] int32, zeros between calls,] scale_log2 (float:
-    softmax_scale * log2(e)). B, S, K and NS are run-time dimensions.
+    scale_log2 (float: softmax_scale * log2(e)). B, S, K and NS are run-time dimensions.
     ``arch`` only selects defaults elsewhere; the program itself is target-independent except
     for ``pdl`` (programmatic dependent launch, sm_90+ only: see _splitkv.grid_dependency).
     """
@@ -247,9 +246,7 @@ def _build_ws(heads, heads_kv, dim, dim_v, bs, dtype, cfg, index_dtype, seqlen_d
     warpgroup, whose first warp streams the gathered blocks with TMA into ``num_stages``
     K and V buffers. All bulk copies of one stage arrive on one mbarrier (kready / vready, with
     the summed byte count); the MMA warpgroup releases a buffer through kfree / vfree as soon
-    as its wgmma has read it. Same index scan and masking as "auto"; no combine kernel: the
-    last split CTA of each (row, KV head) merges the partials (_splitkv.make_last_cta_merge),
-    counting on the extra argument Cnt [B, Hkv] int32 (after O_part, LSE_part and Out)."""
+    as its wgmma has read it. Same arguments, index scan, masking and combine as "auto"."""
     import tilelang.language as T
     from tilelang.layout import make_swizzled_layout
     G = heads // heads_kv
@@ -260,7 +257,7 @@ def _build_ws(heads, heads_kv, dim, dim_v, bs, dtype, cfg, index_dtype, seqlen_d
     B, S, K, NS = T.dynamic("B S K NS")
     update = skv.make_softmax_update(BH, BN, dim_v, dtype)
     write = skv.make_write_partials(BH, G, dim_v)
-    merge = skv.make_last_cta_merge(G, dim_v, dtype, NMMA)
+    combine = skv.make_combine(heads, dim_v, dtype, cfg.combine_chunk, pdl)
     wait = skv.grid_dependency(pdl)
     kchunks = skv.column_chunks(dim, dtype)
     vchunks = skv.column_chunks(dim_v, dtype)
@@ -274,7 +271,6 @@ def _build_ws(heads, heads_kv, dim, dim_v, bs, dtype, cfg, index_dtype, seqlen_d
                       O_part: T.Tensor((B, heads, NS, dim_v), ACC),
                       LSE_part: T.Tensor((B, heads, NS), ACC),
                       Out: T.Tensor((B, heads, dim_v), dtype),
-                      Cnt: T.Tensor((B, heads_kv), "int32"),
                       scale_log2: T.float32):
         with T.Kernel(NS, heads_kv, B, threads=NMMA + 128) as (sid, hk, b):
             if cfg.ctas_per_sm > 1:
@@ -290,7 +286,6 @@ def _build_ws(heads, heads_kv, dim, dim_v, bs, dtype, cfg, index_dtype, seqlen_d
             kfree = T.alloc_barrier([NMMA] * NST)
             vfree = T.alloc_barrier([NMMA] * NST)
             last = T.alloc_var("int32")
-            flag = T.alloc_shared((1,), "int32")
 
             tx = T.get_thread_binding()
             L = T.cast(Lens[b], "int32")
@@ -375,7 +370,7 @@ def _build_ws(heads, heads_kv, dim, dim_v, bs, dtype, cfg, index_dtype, seqlen_d
                     T.wait_wgmma(0)
                     T.mbarrier_arrive(vfree[st])
                 write(acc, m, lsum, O_part, LSE_part, b, hk, sid)
-                merge(O_part, LSE_part, Out, Cnt, flag, b, hk, NS, tx)
+        combine(O_part, LSE_part, Out, B, NS)
 
     return sparse_decode
 
@@ -454,7 +449,6 @@ def sparse_decode_tilelang(q, k_cache, v_cache, block_indices, cache_seqlens, *,
                                                   ctas_per_sm=config.ctas_per_sm)
     num_splits = max(1, min(int(num_splits), tiles))
     o_part, lse_part = skv.workspace(B, H, num_splits, Dv, q.device)
-    extra = (skv.split_counters(B, Hkv, q.device),) if config.schedule == "ws" else ()
     kern(q.contiguous(), k_cache, v_cache, block_indices.contiguous(), cache_seqlens,
-         o_part, lse_part, out, *extra, float(softmax_scale) * skv.LOG2E)
+         o_part, lse_part, out, float(softmax_scale) * skv.LOG2E)
     return out
