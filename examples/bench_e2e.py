@@ -206,7 +206,7 @@ class Decoder:
 def kernel_group(name: str) -> str:
     """Coarse class of a kernel name, for the per-step profile."""
     for key, group in (("sparse_decode_kernel_1", "sparse combine"),
-                       ("sparse_decode", "sparse split (+ merge)"),
+                       ("sparse_decode", "sparse split"),
                        ("dense_decode_kernel_1", "dense combine"),
                        ("dense_decode", "dense split"), ("select_blocks", "select (score+top-k)"),
                        ("update_block_summaries", "summary update"), ("split_prog", "rectify"),
