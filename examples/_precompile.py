@@ -1,7 +1,8 @@
 """Fill TileLang's kernel cache on a machine without a GPU, for the kernels a benchmark will
 launch on a Hopper GPU: resa_tl.ops runs on meta tensors with the TileLang backend forced, the
-device query answered as an sm_90a part, value checks off and the launch skipped, so exactly the kernels (and tuned-schedule configs) that
-the GPU run will ask for get compiled. Copy $TILELANG_CACHE_DIR to the GPU machine afterwards."""
+device query answered as an sm_90a part, value checks off and the launch skipped, so exactly
+the kernels (and tuned-schedule configs) that the GPU run will ask for get compiled. Copy
+$TILELANG_CACHE_DIR to the GPU machine afterwards."""
 from __future__ import annotations
 
 import contextlib
