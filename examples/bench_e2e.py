@@ -215,7 +215,7 @@ def kernel_group(name: str) -> str:
                        ("index", "cache write (index_put)")):
         if key in name:
             return group
-    if "gemm" in name or "gemv" in name or "xmma" in name or "cutlass" in name:
+    if any(k in name for k in ("gemm", "gemv", "xmma", "cutlass", "nvjet", "splitKreduce")):
         return "matmul (cuBLAS)"
     return "other"
 
