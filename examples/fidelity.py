@@ -137,6 +137,19 @@ def free_running(model, ids, prompt_len, n_new, cfgs):
     return out
 
 
+def free_running_only(args, model, ids, cfgs, commit, t0):
+    n = args.free_running or 128
+    free = free_running(model, ids, args.free_prompt_len, n, cfgs)
+    out = dict(novel=args.novel, prompt_len=args.free_prompt_len, tokens=n, commit=commit,
+               date=datetime.date.today().isoformat(), device="cpu",
+               results={k: list(v) for k, v in free.items()}, seconds=round(time.time() - t0))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"fidelity_free_running_{args.novel}.json"), "w") as fh:
+        json.dump(out, fh, indent=1)
+    for name, (first, agree) in free.items():
+        print(f"free-running {name:24s} first divergence at token {first}, agreement {agree:.1%}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="a local path or .gguf (default: SmolLM2-135M)")
@@ -150,6 +163,9 @@ def main():
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--free-running", type=int, default=0, help="greedy tokens for part (b)")
     ap.add_argument("--free-prompt-len", type=int, default=2048)
+    ap.add_argument("--free-only", action="store_true",
+                    help="only part (b), for every configuration of --pairs / the grid; writes "
+                         "<out>/fidelity_free_running_<novel>.json")
     ap.add_argument("--out", default="docs")
     args = ap.parse_args()
 
@@ -168,6 +184,8 @@ def main():
     if args.pairs:
         pairs = [(float(a), int(b)) for a, b in (p.split(":") for p in args.pairs.split(","))]
     cfgs = configs(args.ratios, args.fs, pairs)
+    if args.free_only:
+        return free_running_only(args, model, ids, cfgs, commit, t0)
     logits = teacher_forced_logits(model, ids, args.prompt_len, cfgs)
     stats = nll_and_agreement(logits, ids, args.prompt_len)
     del logits
