@@ -81,7 +81,11 @@ def graph_kernel_table(calls, trace_path=None, replays=3):
             g.replay()
             torch.cuda.synchronize()          # replays apart: each one is its own span
     del g
-    path = trace_path or tempfile.mktemp(suffix=".json")
+    if trace_path:
+        path = trace_path
+    else:
+        fd, path = tempfile.mkstemp(suffix=".json")
+        os.close(fd)
     prof.export_chrome_trace(path)
     with open(path) as fh:
         events = [e for e in json.load(fh)["traceEvents"] if e.get("cat") == "kernel"]
@@ -95,6 +99,6 @@ def graph_kernel_table(calls, trace_path=None, replays=3):
     rows = sorted(((k, n / replays, t / replays) for k, (n, t) in table.items()),
                   key=lambda r: -r[2])
     per = len(events) // replays
-    spans = sorted(events[(r + 1) * per - 1]["ts"] + events[(r + 1) * per - 1]["dur"]
+    spans = sorted(max(e["ts"] + e["dur"] for e in events[r * per:(r + 1) * per])
                    - events[r * per]["ts"] for r in range(replays)) if per else [float("nan")]
     return rows, spans[len(spans) // 2]

@@ -29,12 +29,13 @@ import argparse
 import datetime
 import json
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from resa_tl import ReSAConfig, ops
+from resa_tl import ReSAConfig, heuristics, ops
 from resa_tl.kernels.selection import blocks_to_keep
 
 from _measure import copy_gbs, git_commit, graph_kernel_table, graph_ms
@@ -334,6 +335,8 @@ def main():
     header = dict(gpu=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                   commit=git_commit(), torch=torch.__version__, copy_gbs=round(bw),
                   weights_gb=round(W.bytes / 1e9, 2), config=cfg.__dict__,
+                  command=" ".join(["python3", *sys.argv]),
+                  pdl=heuristics.use_pdl(heuristics.arch_of(torch.device("cuda"))),
                   rest="eager" if args.eager_rest else "torch.compile")
     print(json.dumps(header))
     rows = []

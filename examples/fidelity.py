@@ -137,12 +137,15 @@ def free_running(model, ids, prompt_len, n_new, cfgs):
     return out
 
 
-def free_running_only(args, model, ids, cfgs, commit, t0):
+def free_running_only(args, model, ids, cfgs, commit, model_name):
     n = args.free_running or 128
+    t0 = time.time()
     free = free_running(model, ids, args.free_prompt_len, n, cfgs)
-    out = dict(novel=args.novel, prompt_len=args.free_prompt_len, tokens=n, commit=commit,
-               date=datetime.date.today().isoformat(), device="cpu",
-               results={k: list(v) for k, v in free.items()}, seconds=round(time.time() - t0))
+    out = dict(model=model_name, novel=args.novel, prompt_len=args.free_prompt_len, tokens=n,
+               commit=commit, date=datetime.date.today().isoformat(),
+               device=str(next(model.parameters()).device),
+               results={k: list(v) for k, v in free.items()},
+               seconds_generating=round(time.time() - t0))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"fidelity_free_running_{args.novel}.json"), "w") as fh:
         json.dump(out, fh, indent=1)
@@ -176,7 +179,7 @@ def main():
     model, tok, path = load_model(args.model)
     text = load_austen(args.novel)
     ids = torch.tensor(tok(text)["input_ids"])
-    need = args.prompt_len + args.decode + 1
+    need = args.free_prompt_len + 1 if args.free_only else args.prompt_len + args.decode + 1
     if ids.shape[0] < need:
         sys.exit(f"{args.novel} has {ids.shape[0]} tokens, {need} needed")
     ids = ids[:need]
@@ -185,7 +188,7 @@ def main():
         pairs = [(float(a), int(b)) for a, b in (p.split(":") for p in args.pairs.split(","))]
     cfgs = configs(args.ratios, args.fs, pairs)
     if args.free_only:
-        return free_running_only(args, model, ids, cfgs, commit, t0)
+        return free_running_only(args, model, ids, cfgs, commit, os.path.basename(path))
     logits = teacher_forced_logits(model, ids, args.prompt_len, cfgs)
     stats = nll_and_agreement(logits, ids, args.prompt_len)
     del logits

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import torch
 
@@ -46,12 +47,17 @@ def use_pdl(arch: str) -> bool:
     With PDL each kernel lets its successor launch at once and waits for its predecessor
     only before its first global access. The griddepcontrol instructions exist from sm_90 on.
     Measured on the H100 (examples/bench_e2e.py, Qwen2.5-7B shape, PDL off vs on in one call,
-    commit ee9488a, 2026-11-28): 0.3-0.9% less time per ReSA token below 128K context, neutral
-    at 128K-256K; outputs bit-identical (tests/gpu/test_pdl_gpu.py).
-    RESA_TL_PDL=0 builds kernels without it (A/B measurements; an escape hatch). Read at every
-    kernel dispatch (host side, outside CUDA graphs); the compile cache keys on the answer."""
-    major = int(arch.removeprefix("sm_").rstrip("a")) // 10
-    return major >= 9 and os.environ.get("RESA_TL_PDL", "1") != "0"
+    commit ee9488a, 2026-11-28): 0.3-0.9% less time per ReSA token below 128K context and at
+    128K x 1, within +-0.2% at 128K x 4/8 and 256K; outputs bit-identical
+    (tests/gpu/test_pdl_gpu.py).
+    RESA_TL_PDL=0 builds kernels without it (A/B measurements; an escape hatch). The op wrappers
+    ask at every dispatch (host side, outside CUDA graphs) and pass the answer to the compile
+    cache, which keys on it; a compile function called without ``pdl`` asks once per argument
+    set."""
+    digits = re.match(r"sm_(\d+)", arch)
+    if digits is None:
+        raise ValueError(f"arch must look like 'sm_90a' or 'sm_80', got {arch!r}")
+    return int(digits.group(1)) >= 90 and os.environ.get("RESA_TL_PDL", "1") != "0"
 
 
 # --- rectify_attention (resa_tl/kernels/rectify.py) ------------------------------------------

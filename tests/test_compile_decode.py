@@ -137,5 +137,8 @@ def test_use_pdl(monkeypatch):
     monkeypatch.delenv("RESA_TL_PDL", raising=False)
     assert heuristics.use_pdl("sm_90a") and heuristics.use_pdl("sm_100a")
     assert not heuristics.use_pdl("sm_80") and not heuristics.use_pdl("sm_89")
+    assert heuristics.use_pdl("sm_100f") and heuristics.use_pdl("sm_120")
+    with pytest.raises(ValueError, match="arch must look like"):
+        heuristics.use_pdl("hopper")
     monkeypatch.setenv("RESA_TL_PDL", "0")
     assert not heuristics.use_pdl("sm_90a")

@@ -78,11 +78,18 @@ def precompile():
     """CPU: compile the kernels of this file with and without PDL (see examples/_precompile)."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
     from _precompile import fake_hopper
-    for pdl in ("0", "1"):
-        os.environ["RESA_TL_PDL"] = pdl
-        with fake_hopper():
-            x = make_inputs("meta")
-            chain(x, empty_out(x))
+    saved = os.environ.get("RESA_TL_PDL")
+    try:
+        for pdl in ("0", "1"):
+            os.environ["RESA_TL_PDL"] = pdl
+            with fake_hopper():
+                x = make_inputs("meta")
+                chain(x, empty_out(x))
+    finally:
+        if saved is None:
+            os.environ.pop("RESA_TL_PDL", None)
+        else:
+            os.environ["RESA_TL_PDL"] = saved
 
 
 @pytest.fixture(scope="module")
