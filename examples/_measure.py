@@ -7,9 +7,9 @@ import subprocess
 import torch
 
 
-def graph_ms(calls, replays=1, samples=15):
-    """Capture ``calls`` (thunks) as one CUDA graph after a warm-up on a side stream; return the
-    median over ``samples`` of the time of ``replays`` back-to-back replays, per call, in ms."""
+def capture_graph(calls):
+    """``calls`` (thunks) run once on a side stream (warm-up: compiles, workspaces), then
+    captured as one CUDA graph, which is returned."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -20,6 +20,13 @@ def graph_ms(calls, replays=1, samples=15):
     with torch.cuda.graph(g):
         for c in calls:
             c()
+    return g
+
+
+def graph_ms(calls, replays=1, samples=15):
+    """Capture ``calls`` (thunks) as one CUDA graph (capture_graph); return the median over
+    ``samples`` of the time of ``replays`` back-to-back replays, per call, in ms."""
+    g = capture_graph(calls)
     for _ in range(3):
         g.replay()
     torch.cuda.synchronize()
@@ -64,16 +71,7 @@ def graph_kernel_table(calls, trace_path=None, replays=3):
     import json
     import tempfile
     from torch.profiler import ProfilerActivity, profile
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
+    g = capture_graph(calls)
     g.replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -118,13 +118,18 @@ class Rest:
                                           wrap(lm_head))
 
 
+def cache_capacity(context: int, cfg: ReSAConfig) -> int:
+    """Tokens the static cache holds: the context plus room for a few rectification cycles."""
+    return context + 4 * (cfg.rectify_every + 1) + 1024
+
+
 class Decoder:
     """Static-cache decoder; ``step(tokens [B, T], mode)`` is graph-capturable."""
 
     def __init__(self, s: Qwen7BShape, W: Weights, batch: int, context: int, cfg: ReSAConfig,
                  share_kv: bool, device, rest: Rest):
         self.s, self.W, self.cfg, self.B, self.rest = s, W, cfg, batch, rest
-        self.capacity = context + 4 * (cfg.rectify_every + 1) + 1024
+        self.capacity = cache_capacity(context, cfg)
         shape = (batch, self.capacity, s.kv_heads, s.head_dim)
         n_kv = 1 if share_kv else s.layers
         gen = torch.Generator(device=device).manual_seed(1)
@@ -288,7 +293,7 @@ def precompile(s: Qwen7BShape, cfg: ReSAConfig, contexts, batches):
     with fake_hopper():
         for context in contexts:
             for B in batches:
-                cap = context + 4 * (f + 1) + 1024          # Decoder.capacity
+                cap = cache_capacity(context, cfg)
                 kv = dict(device="meta", dtype=torch.bfloat16)
                 k = torch.empty(B, cap, s.kv_heads, s.head_dim, **kv)
                 lens = torch.empty(B, device="meta", dtype=torch.int32)

@@ -54,10 +54,15 @@ def use_pdl(arch: str) -> bool:
     ask at every dispatch (host side, outside CUDA graphs) and pass the answer to the compile
     cache, which keys on it; a compile function called without ``pdl`` asks once per argument
     set."""
+    return _has_griddepcontrol(arch) and os.environ.get("RESA_TL_PDL", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _has_griddepcontrol(arch: str) -> bool:
     digits = re.match(r"sm_(\d+)", arch)
     if digits is None:
         raise ValueError(f"arch must look like 'sm_90a' or 'sm_80', got {arch!r}")
-    return int(digits.group(1)) >= 90 and os.environ.get("RESA_TL_PDL", "1") != "0"
+    return int(digits.group(1)) >= 90
 
 
 # --- rectify_attention (resa_tl/kernels/rectify.py) ------------------------------------------

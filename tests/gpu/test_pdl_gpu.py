@@ -107,18 +107,10 @@ def run(monkeypatch, pdl: str, graph: bool):
         torch.cuda.synchronize()
         return x, out
     chain(x, empty_out(x))                  # warm-up: compile, allocate workspaces
-    x = make_inputs("cuda")                 # fresh caches and summaries: the graph updates them
+    x = make_inputs("cuda")                 # pristine inputs: capture runs nothing, replay does
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         chain(x, out)
-    x_replay = make_inputs("cuda")          # capture ran nothing; replay on pristine inputs
-    for name in ("q", "q_rect", "lens", "start"):
-        x[name].copy_(x_replay[name])
-    for layer in range(LAYERS):
-        for a, b in zip((*x["summaries"][layer], x["k"][layer], x["v"][layer]),
-                        (*x_replay["summaries"][layer], x_replay["k"][layer],
-                         x_replay["v"][layer])):
-            a.copy_(b)
     g.replay()
     torch.cuda.synchronize()
     return x, out
