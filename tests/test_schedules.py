@@ -387,7 +387,10 @@ def test_default_workload_covers_the_issue_grid():
     assert {k["block_size"] for k in keys if "block_size" in k} == {16, 32, 64}
     ctx = {k["context"] for k in keys if "context" in k}
     assert min(ctx) == 4096 and max(ctx) == 262144
-    assert {k["batch"] for k in keys} == {1, 16}
+    assert {k["batch"] for k in keys} == {1, 4, 8, 16}
+    mid = {(p.op, p.key["g"]) for p in probs if p.key["batch"] in (4, 8) and "g" in p.key}
+    assert {g for _, g in mid} == {4, 7}                          # the two main models only
+    assert {op for op, _ in mid} == set(ops) - {"block_summaries", "update_block_summaries"}
     assert {k["dtype"] for k in keys} == {"float16", "bfloat16"}
     for p in probs:                                               # valid keys
         schedules.make_key(p.op, **p.key)
