@@ -7,7 +7,8 @@ is captured once as a CUDA graph and timed as graph replays, so no host overhead
 Modes (per context x batch):
   dense-sdpa   torch SDPA over the cache (the strongest dense kernel torch ships on the card)
   dense-tl     resa_tl.ops.dense_decode (TileLang)
-  resa         sparse steps (select_blocks + sparse_decode + summary update) and, every f steps,
+  resa         sparse steps (select_blocks, which also refreshes the newest block's summary, +
+               sparse_decode) and, every f steps,
                one fused rectification step feeding f+1 tokens densely (rectify_attention).
                Per-token time = (f * t_sparse + t_rect) / (f + 1): a cycle of f+1 forwards
                yields f+1 tokens.
@@ -15,8 +16,8 @@ The cache is filled with random K/V (a real 256K prefill of a 7B model would tak
 does not change the decode cost). Where the per-layer caches would not fit on the card, all layers
 share ONE K/V cache (the paper did the same on an A100); the script says when it does.
 
-Breakdown of a sparse step: selection (28 x select_blocks), sparse attention (28 x
-sparse_decode), the rest (projections, MLP, norms, RoPE, cache writes, summary updates), each
+Breakdown of a sparse step: selection (28 x select_blocks, summary refresh included), sparse
+attention (28 x sparse_decode), the rest (projections, MLP, norms, RoPE, cache writes), each
 captured and replayed on its own. Memory model: bytes per token
   dense: W + KV;   ReSA: W + KV * (1/block + kept + 1/(f+1))
 with W the weight bytes, KV the K+V bytes of all layers, kept the fraction of blocks selected.
@@ -173,10 +174,13 @@ class Decoder:
                                  block_size=cfg.block_size)[:, None]
 
     def select(self, layer, q):
+        """Selection, with the newest block's summary refreshed in the same launch (the token
+        this step wrote is in the cache already)."""
         c = self.cfg
         return ops.select_blocks(q, self.kmin[layer], self.kmax[layer], self.lens_after,
                                  block_size=c.block_size, sparse_ratio=c.sparse_ratio,
-                                 min_blocks=c.min_blocks, local_blocks=c.local_blocks)
+                                 min_blocks=c.min_blocks, local_blocks=c.local_blocks,
+                                 k_cache=self.k[layer])
 
     def step(self, tokens, mode):
         s, W = self.s, self.W
@@ -192,7 +196,7 @@ class Decoder:
         for layer in range(s.layers):
             q = self.rest.pre(x, W.ln, W.wqkv[layer], self.cos, self.sin, pos, s.heads,
                               s.kv_heads, self.k[layer], self.v[layer], self.rows)
-            if mode in ("resa", "rect"):
+            if mode == "rect":               # (a sparse step refreshes in select_blocks)
                 ops.update_block_summaries(self.kmin[layer], self.kmax[layer], self.k[layer],
                                            start, T, self.cfg.block_size)
             o = self.attention(layer, q, mode)
@@ -298,12 +302,11 @@ def precompile(s: Qwen7BShape, cfg: ReSAConfig, contexts, batches):
                 k = torch.empty(B, cap, s.kv_heads, s.head_dim, **kv)
                 lens = torch.empty(B, device="meta", dtype=torch.int32)
                 kmin, kmax = ops.block_summaries(k, lens, cfg.block_size)
-                for T in (1, f + 1):
-                    ops.update_block_summaries(kmin, kmax, k, lens, T, cfg.block_size)
+                ops.update_block_summaries(kmin, kmax, k, lens, f + 1, cfg.block_size)
                 q = torch.empty(B, s.heads, s.head_dim, **kv)
                 idx = ops.select_blocks(q, kmin, kmax, lens, block_size=cfg.block_size,
                                         sparse_ratio=cfg.sparse_ratio, min_blocks=cfg.min_blocks,
-                                        local_blocks=cfg.local_blocks)
+                                        local_blocks=cfg.local_blocks, k_cache=k)
                 ops.sparse_decode(q, k, k, idx, lens, block_size=cfg.block_size)
                 ops.dense_decode(q, k, k, lens)
                 ops.rectify_attention(torch.empty(B, f + 1, s.heads, s.head_dim, **kv), k, k,

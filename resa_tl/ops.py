@@ -112,7 +112,7 @@ def update_block_summaries(kmin, kmax, k_cache, start, length: int, block_size: 
 
 def select_blocks(q, kmin, kmax, cache_seqlens, *, block_size: int = 16, sparse_ratio: float = 0.1,
                   min_blocks: int = 16, local_blocks: int = 1, max_selected: int | None = None,
-                  backend: str = "auto"):
+                  k_cache=None, backend: str = "auto"):
     """Pick, per KV head, the blocks that a sparse decode step attends to.
 
     Each valid block j is scored with the group-mean query q̄ (mean over the g query heads of the
@@ -128,6 +128,12 @@ def select_blocks(q, kmin, kmax, cache_seqlens, *, block_size: int = 16, sparse_
     block_size, sparse_ratio, min_blocks, local_blocks : as in :class:`resa_tl.ReSAConfig`.
     max_selected : int, optional — width K of the output. Default: n for a full cache
         (NB = NB_max), so every row fits and sizing needs no host sync.
+    k_cache : Tensor [B, S_max, Hkv, D], dtype of q, optional — the K cache the summaries
+        describe (NB_max = ceil(S_max / block_size)). If given, each row's newest block (the
+        one holding position len - 1) gets its kmin/kmax recomputed from it, in place, in the
+        same launch: what ``update_block_summaries(kmin, kmax, k_cache, len - 1, 1)`` does, and
+        all a decode step that appended one token needs. Needs ``local_blocks >= 1`` (the newest
+        block is kept whatever its summary says, so the selection does not depend on it).
 
     Returns
     -------
@@ -152,6 +158,19 @@ def select_blocks(q, kmin, kmax, cache_seqlens, *, block_size: int = 16, sparse_
         raise ValueError(f"max_selected must be an int >= 1 or None, got {max_selected!r}")
     kw = dict(block_size=block_size, sparse_ratio=sparse_ratio, min_blocks=min_blocks,
               local_blocks=local_blocks, max_selected=max_selected)
+    if k_cache is not None:
+        chk.tensor("k_cache", k_cache, 4, shape_doc="[B, S_max, Hkv, D]")
+        if tuple(k_cache.shape[::2]) != (B, Hkv) or k_cache.shape[3] != D or \
+                -(-k_cache.shape[1] // block_size) != NB:
+            raise ValueError(f"k_cache must be [B, S_max, Hkv, D] = [{B}, S_max, {Hkv}, {D}] "
+                             f"with ceil(S_max / block_size) = NB = {NB}; got "
+                             f"{list(k_cache.shape)}")
+        chk.same_device(q=q, k_cache=k_cache)
+        chk.same_dtype(q=q, k_cache=k_cache)
+        if local_blocks < 1:
+            raise ValueError("k_cache (refresh of the newest block's summary) needs "
+                             f"local_blocks >= 1, got {local_blocks}")
+        kw["k_cache"] = k_cache
     if resolve_backend(backend, q.device, q.dtype) == "torch":
         return select_blocks_reference(q, kmin, kmax, cache_seqlens, **kw)
     return _tilelang("selection", "select_blocks_tilelang")(q, kmin, kmax, cache_seqlens, **kw)

@@ -65,6 +65,27 @@ class Snapshots(LogitsProcessor):
         return scores
 
 
+class SummaryCheck(LogitsProcessor):
+    """After every forward, every valid block's kmin/kmax must be those of the stored keys: a
+    sparse step refreshes the newest block inside its selection instead of a separate update."""
+
+    def __init__(self, cache: ReSAHFCache):
+        self.cache, self.checked = cache, 0
+
+    def __call__(self, input_ids, scores):
+        st = self.cache.store
+        for layer in range(st.num_layers):
+            lens = st.seqlens[layer]
+            kmin, kmax = resa_tl.ops.block_summaries(st.k[layer], lens, st.block_size,
+                                                     backend="torch")
+            for b, n in enumerate(lens.tolist()):
+                nv = -(-n // st.block_size)
+                assert torch.equal(st.kmin[layer][b, :nv], kmin[b, :nv]), (layer, b, n)
+                assert torch.equal(st.kmax[layer][b, :nv], kmax[b, :nv]), (layer, b, n)
+        self.checked += 1
+        return scores
+
+
 # ------------------------------------------------------------------------------ equivalence
 @pytest.mark.parametrize("arch", ARCHS)
 def test_ratio_one_is_token_identical(arch):
@@ -96,11 +117,12 @@ def test_rectified_kv_equal_teacher_forced_dense_pass(arch):
     ids, mask = left_padded(lengths, seed=3)
     resa_tl.attach(model, sparse_ratio=0.1, min_blocks=2, local_blocks=1, rectify_every=8)
     cache = new_cache(model, 3, 300 + 30)
-    snaps = Snapshots(cache)
+    snaps, summaries = Snapshots(cache), SummaryCheck(cache)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=30, past_key_values=cache,
-                             logits_processor=LogitsProcessorList([snaps]), **GEN)
+                             logits_processor=LogitsProcessorList([snaps, summaries]), **GEN)
     assert len(snaps.taken) == cache.num_rectifications == 3
+    assert summaries.checked == 30
     pad = [ids.shape[1] - n for n in lengths]
     for fed, seqlens, ks, vs in snaps.taken:
         for b in range(3):

@@ -1,5 +1,7 @@
 """Lower and compile (nvcc, no GPU) the TileLang kernels of block_summaries /
 update_block_summaries / select_blocks for sm_80 and sm_90a at representative shapes."""
+import re
+
 import pytest
 from source_checks import assert_pdl
 
@@ -65,6 +67,28 @@ def test_compile_select_blocks(arch, shape):
                                           arch) is kern
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("shape", SELECT_SHAPES[:2], ids=str)
+def test_compile_select_blocks_refresh(arch, shape):
+    """The variant that also rewrites the newest block's summary: K cache as a 7th argument
+    (S_max symbolic), kmin/kmax stored to, and refresh=False still compiles the plain kernel."""
+    nb, hkv, g, d, dt, it, bs, ratio, minb, local = shape
+    K = sel.default_max_selected(nb, ratio, minb)
+    cfg = heuristics.selection_config(nb, hkv, d)
+    kern = sel.build_select_blocks_kernel(nb, hkv, g, d, bs, ratio, minb, local, K, dt, it, cfg,
+                                          arch, None, True)
+    src = kern.get_kernel_source()
+    assert src.count("__global__ void __launch_bounds__") == 2
+    assert "int S" in src, "S_max of the K cache must stay symbolic"
+    writable = re.compile(r"(?<!const )(half_t|bfloat16_t)\* (__restrict__ )?Km(in|ax)\b")
+    assert len(writable.findall(src)) >= 2, "the select kernel must store kmin and kmax"
+    assert_pdl(src, arch)
+    plain = sel.build_select_blocks_kernel(nb, hkv, g, d, bs, ratio, minb, local, K, dt, it, cfg,
+                                           arch, None, False)
+    assert plain is not kern and "int S" not in plain.get_kernel_source()
+    assert not writable.findall(plain.get_kernel_source()), "plain select writes no summaries"
+
+
 def test_select_program_rejects_unsupported_shapes():
     with pytest.raises(ValueError, match="head_dim"):
         sel.select_blocks_program(64, 2, 2, 96, 16, 0.1, 16, 1, 16)
@@ -72,6 +96,8 @@ def test_select_program_rejects_unsupported_shapes():
         sel.select_blocks_program(200000, 2, 2, 128, 16, 0.1, 16, 1, 16)
     with pytest.raises(ValueError, match="head_dim"):
         summ.summaries_program(2, 36, 16)
+    with pytest.raises(ValueError, match="local_blocks >= 1"):
+        sel.select_blocks_program(64, 2, 2, 64, 16, 0.1, 16, 0, 16, refresh=True)
 
 
 def test_heuristics_are_sane():

@@ -164,3 +164,43 @@ def test_update_block_summaries_touches_only_written_blocks(dtype):
                 assert torch.equal(kmax[b, j].double(), nmax[b, j])
             else:
                 assert (kmin[b, j] == 7).all() and (kmax[b, j] == 7).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lens", [[300, 0, 17], [16], [33, 1, 250]])
+def test_select_blocks_refreshes_newest_summary(dtype, lens):
+    """select_blocks(k_cache=...): same selection; the newest block of every non-empty row is
+    recomputed from the cache (what update_block_summaries(start=len-1, length=1) does), every
+    other summary is untouched."""
+    B, S, Hkv, g, D, bs = len(lens), 300, 2, 7, 64, 16
+    q, k, _ = make(B, S, Hkv, g, D, dtype, seed=len(lens) + S)
+    L = torch.tensor(lens)
+    prev = L.clamp(min=1) - 1                       # the step appended position len - 1
+    kmin, kmax = ops.block_summaries(k, prev, bs)   # summaries from before the append
+    cfg = dict(block_size=bs, sparse_ratio=0.2, min_blocks=3, local_blocks=1)
+    want_idx = ops.select_blocks(q, kmin.clone(), kmax.clone(), L, **cfg)
+    want_min, want_max = kmin.clone(), kmax.clone()
+    rows = [b for b in range(B) if lens[b] > 0]
+    for b in rows:
+        w0, w1 = want_min[b:b + 1], want_max[b:b + 1]
+        ops.update_block_summaries(w0, w1, k[b:b + 1], L[b:b + 1] - 1, 1, bs)
+    idx = ops.select_blocks(q, kmin, kmax, L, k_cache=k, **cfg)
+    assert torch.equal(idx, want_idx)
+    assert torch.equal(kmin, want_min) and torch.equal(kmax, want_max)
+    full_min, full_max = ops.block_summaries(k, L, bs)   # == summaries built after the append
+    for b in rows:
+        assert torch.equal(kmin[b], full_min[b]) and torch.equal(kmax[b], full_max[b])
+
+
+def test_select_blocks_refresh_argument_errors():
+    q, k, _ = make(2, 64, 2, 2, 64, torch.float32, seed=3)
+    L = torch.tensor([30, 64])
+    kmin, kmax = ops.block_summaries(k, L, 16)
+    with pytest.raises(ValueError, match="local_blocks >= 1"):
+        ops.select_blocks(q, kmin, kmax, L, local_blocks=0, k_cache=k)
+    with pytest.raises(ValueError, match="k_cache must be"):
+        ops.select_blocks(q, kmin, kmax, L, k_cache=k[:, :32])
+    with pytest.raises(ValueError, match="k_cache must be"):
+        ops.select_blocks(q, kmin, kmax, L, k_cache=k[:, :, :1])
+    with pytest.raises(TypeError, match="dtype"):
+        ops.select_blocks(q, kmin, kmax, L, k_cache=k.half())

@@ -149,6 +149,10 @@ class ReSAHFCache(Cache):
         ops.resolve_backend(backend, torch.device(device), dtype)      # validates the pair
         self.config = config or ReSAConfig()
         self.backend = backend
+        # A one-token step skips its summary-update launch: the sparse attention that follows
+        # refreshes the newest block inside select_blocks. That block is then always kept, which
+        # takes local_blocks >= 1 (ReSAConfig allows 0).
+        self.refresh_in_select = self.config.local_blocks >= 1
         self.store = ReSACache(cfg.num_hidden_layers, batch_size, max_cache_len,
                                cfg.num_key_value_heads, head_dim_of(cfg), config=self.config,
                                dtype=dtype, device=device, backend=backend)
@@ -199,7 +203,8 @@ class ReSAHFCache(Cache):
         torch.ops.resa_tl.hf_sparse_attention(q, store.k[0], store.v[0], store.kmin[0],
                                               store.kmax[0], lens, cfg.block_size,
                                               float(cfg.sparse_ratio), cfg.min_blocks,
-                                              cfg.local_blocks, 1.0, self.backend)
+                                              cfg.local_blocks, 1.0, self.backend,
+                                              self.refresh_in_select)
         if cfg.rectify_every and T <= RECTIFY_MAX_T and T <= store.max_seq_len:
             q = torch.zeros(B, T, self.num_heads, D, dtype=dtype, device=store.device)
             torch.ops.resa_tl.hf_dense_attention(q, store.k[0], store.v[0], lens, 1.0,
@@ -271,8 +276,9 @@ class ReSAHFCache(Cache):
         pos = lens.long()[:, None] + self._steps[:T]                       # [B, T]
         store.k[i][self._rows, pos] = key_states.transpose(1, 2).to(store.k[i].dtype)
         store.v[i][self._rows, pos] = value_states.transpose(1, 2).to(store.v[i].dtype)
-        torch.ops.resa_tl.hf_update_summaries(store.kmin[i], store.kmax[i], store.k[i], lens, T,
-                                              store.block_size, self.backend)
+        if not (T == 1 and self.refresh_in_select):   # else the sparse attention refreshes
+            torch.ops.resa_tl.hf_update_summaries(store.kmin[i], store.kmax[i], store.k[i], lens,
+                                                  T, store.block_size, self.backend)
         lens.add_(T)
         self.seen[i].add_(T)
         layer = self.layers[i]

@@ -45,8 +45,16 @@ def block_scores_reference(q, kmin, kmax, cache_seqlens, block_size: int, local_
 
 
 def select_blocks_reference(q, kmin, kmax, cache_seqlens, *, block_size, sparse_ratio,
-                            min_blocks, local_blocks, max_selected):
-    """Torch reference of :func:`resa_tl.ops.select_blocks`."""
+                            min_blocks, local_blocks, max_selected, k_cache=None):
+    """Torch reference of :func:`resa_tl.ops.select_blocks` (with ``k_cache``: the newest
+    block's summary is refreshed in place after the selection, which does not depend on it)."""
+    if k_cache is not None:
+        from .summaries import refresh_newest_summaries_reference
+        top = select_blocks_reference(q, kmin, kmax, cache_seqlens, block_size=block_size,
+                                      sparse_ratio=sparse_ratio, min_blocks=min_blocks,
+                                      local_blocks=local_blocks, max_selected=max_selected)
+        refresh_newest_summaries_reference(kmin, kmax, k_cache, cache_seqlens, block_size)
+        return top
     B, NB = kmin.shape[0], kmin.shape[1]
     K = max_selected
     s = block_scores_reference(q, kmin, kmax, cache_seqlens, block_size, local_blocks)
@@ -82,6 +90,12 @@ def select_blocks_reference(q, kmin, kmax, cache_seqlens, *, block_size, sparse_
 #    block-wide exclusive scans over threads (keys == T before me; kept before me) give every thread its
 #    output offset, so kept ids come out ascending with no sort, and -1 fills the tail.
 #    Ties (equal fp32 scores at the threshold) keep the LOWER block ids: deterministic.
+#    With ``refresh`` (decode loops that append one token per step), the select CTA of (b, hkv)
+#    first rewrites kmin/kmax of that row's newest block from the K cache, over the block's
+#    positions below the row's length, which is what update_block_summaries(start=len-1,
+#    length=1) does. That block is a local block, always kept whatever its score, so the
+#    scoring kernel may read it stale; the next step scores it fresh. This saves the separate
+#    summary-update launch of every decode step and layer.
 # Keys live in registers while C <= 16 (NB <= 16384 at 1024 threads: 256K tokens at block 16)
 # and in shared memory (layout [c][thread], bank-conflict free) up to NB = 49152.
 # ---------------------------------------------------------------------------------------------
@@ -122,17 +136,22 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
                           block_size: int, sparse_ratio: float, min_blocks: int,
                           local_blocks: int, max_selected: int, dtype: str = "bfloat16",
                           index_dtype: str = "int32", config: SelectionConfig | None = None,
-                          pdl: bool = False):
+                          pdl: bool = False, refresh: bool = False):
     """The TileLang PrimFunc of select_blocks. Static: NB (kmin's block dim, fixed per cache),
     Hkv, g, D, the selection hyper-parameters and K; symbolic: B. The row lengths are data, so
     nothing recompiles as they change. ``pdl``: programmatic dependent launch for both kernels
-    (sm_90+; see _splitkv.grid_dependency)."""
+    (sm_90+; see _splitkv.grid_dependency). ``refresh``: the program takes the K cache as a 7th
+    argument and the select kernel also rewrites the newest block's kmin/kmax (needs
+    local_blocks >= 1)."""
     import tilelang.language as T
     from ._splitkv import grid_dependency
     wait = grid_dependency(pdl)
 
     cfg = config or SelectionConfig()
     NB, HKV, G, D, BS, K = num_blocks, heads_kv, group, head_dim, block_size, max_selected
+    if refresh and local_blocks < 1:
+        raise ValueError("refresh (the newest block's summary rewritten by the select kernel) "
+                         f"needs local_blocks >= 1, got {local_blocks}")
     H = HKV * G
     if D % _VEC or (D // _VEC) & (D // _VEC - 1) or D // _VEC > 32:
         raise ValueError(f"head_dim must be 8 * 2^k <= 256 for the tilelang select_blocks, got {D}")
@@ -200,14 +219,8 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
         if warp > 0:
             dst[0] = dst[0] + buf[slot, warp - 1]
 
-    @T.prim_func
-    def select_blocks_kernel(
-            Q: T.Tensor((B, H, D), dt),
-            Kmin: T.Tensor((B, NB, HKV, D), dt),
-            Kmax: T.Tensor((B, NB, HKV, D), dt),
-            Lens: T.Tensor((B,), it),
-            Scores: T.Tensor((B, HKV, NBP), f32),
-            Out: T.Tensor((B, HKV, K), "int32")):
+    @T.macro
+    def body(Q, Kmin, Kmax, Lens, Scores, Out, Kc):
         # ---- 1. scoring -------------------------------------------------------------------
         with T.Kernel(T.ceildiv(NB, RPC), B, threads=TS) as (bx, b):
             wait()
@@ -298,11 +311,29 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
             rank = T.alloc_var("int32")
             sc = T.alloc_var(f32)
             mk = T.alloc_var("uint32")
+            if refresh:
+                rmin = T.alloc_var(f32)
+                rmax = T.alloc_var(f32)
+                rx = T.alloc_var(f32)
 
             nv64 = (T.Cast("int64", Lens[b]) + (BS - 1)) // BS
             nvalid = T.Cast("int32", nv64)
             n = T.Cast("int32", T.min(T.max((nv64 * NUM + (DEN - 1)) // DEN,
                                             T.min(nv64, T.int64(MINB))), T.int64(K)))
+            if refresh:                   # newest block's summary from the cache (see above)
+                if nvalid > 0:
+                    for i in T.serial(-(-D // TT)):
+                        col = tx + i * TT
+                        if col < D:
+                            rmin = T.infinity(f32)
+                            rmax = -T.infinity(f32)
+                            for r in T.unroll(BS):
+                                if (nvalid - 1) * BS + r < T.Cast("int32", Lens[b]):
+                                    rx = T.Cast(f32, Kc[b, (nvalid - 1) * BS + r, h, col])
+                                    rmin = T.min(rmin, rx)
+                                    rmax = T.max(rmax, rx)
+                            Kmin[b, nvalid - 1, h, col] = T.Cast(dt, rmin)
+                            Kmax[b, nvalid - 1, h, col] = T.Cast(dt, rmax)
             j0 = tx * C
             if in_regs:
                 for c0 in T.unroll(C // VL):              # in bounds: the row is padded to C*TT
@@ -410,6 +441,30 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
                 if tx + i * TT >= n and tx + i * TT < K:
                     Out[b, h, tx + i * TT] = -1
 
+    if refresh:
+        S = T.dynamic("S")
+
+        @T.prim_func
+        def select_blocks_refresh_kernel(
+                Q: T.Tensor((B, H, D), dt),
+                Kmin: T.Tensor((B, NB, HKV, D), dt),
+                Kmax: T.Tensor((B, NB, HKV, D), dt),
+                Lens: T.Tensor((B,), it),
+                Scores: T.Tensor((B, HKV, NBP), f32),
+                Out: T.Tensor((B, HKV, K), "int32"),
+                Kc: T.Tensor((B, S, HKV, D), dt)):
+            body(Q, Kmin, Kmax, Lens, Scores, Out, Kc)
+        return select_blocks_refresh_kernel
+
+    @T.prim_func
+    def select_blocks_kernel(
+            Q: T.Tensor((B, H, D), dt),
+            Kmin: T.Tensor((B, NB, HKV, D), dt),
+            Kmax: T.Tensor((B, NB, HKV, D), dt),
+            Lens: T.Tensor((B,), it),
+            Scores: T.Tensor((B, HKV, NBP), f32),
+            Out: T.Tensor((B, HKV, K), "int32")):
+        body(Q, Kmin, Kmax, Lens, Scores, Out, None)
     return select_blocks_kernel
 
 
@@ -427,15 +482,16 @@ def build_select_blocks_kernel(num_blocks: int, heads_kv: int, group: int, head_
                                block_size: int, sparse_ratio: float, min_blocks: int,
                                local_blocks: int, max_selected: int, dtype: str,
                                index_dtype: str, config: SelectionConfig, target: str,
-                               pdl: bool = None):
+                               pdl: bool = None, refresh: bool = False):
     """Compile (memoised) the select_blocks program for ``target`` ("sm_90a", "sm_80", ...).
-    ``pdl`` None: :func:`resa_tl.heuristics.use_pdl` decides."""
+    ``pdl`` None: :func:`resa_tl.heuristics.use_pdl` decides. ``refresh``: see
+    :func:`select_blocks_program`."""
     import tilelang
     from .. import heuristics
     pdl = heuristics.use_pdl(target) if pdl is None else pdl
     prog = select_blocks_program(num_blocks, heads_kv, group, head_dim, block_size, sparse_ratio,
                                  min_blocks, local_blocks, max_selected, dtype, index_dtype,
-                                 config, pdl)
+                                 config, pdl, refresh)
     return tilelang.compile(prog, target={"kind": "cuda", "arch": target},
                             pass_configs=_pass_configs())
 
@@ -461,9 +517,11 @@ def _contig16(t: torch.Tensor) -> torch.Tensor:
 
 
 def select_blocks_tilelang(q, kmin, kmax, cache_seqlens, *, block_size, sparse_ratio,
-                           min_blocks, local_blocks, max_selected, out=None, config=None):
+                           min_blocks, local_blocks, max_selected, k_cache=None, out=None,
+                           config=None):
     """TileLang backend of :func:`resa_tl.ops.select_blocks` (arguments already validated).
 
+    ``k_cache`` (optional): [B, S_max, Hkv, D] contiguous; refresh the newest block's summary.
     ``out`` (optional): an int32 [B, Hkv, K] contiguous tensor to write into.
     ``config`` (optional): a :class:`SelectionConfig` overriding the heuristic (tests, tuning).
     Among blocks with equal fp32 scores at the threshold, the lower block ids are kept.
@@ -491,8 +549,18 @@ def select_blocks_tilelang(q, kmin, kmax, cache_seqlens, *, block_size, sparse_r
         NB, Hkv, H // Hkv, D, block_size, float(sparse_ratio), int(min_blocks),
         int(local_blocks), K, {torch.float16: "float16", torch.bfloat16: "bfloat16"}[q.dtype],
         "int64" if cache_seqlens.dtype == torch.int64 else "int32", cfg,
-        heuristics.arch_of(q.device), heuristics.use_pdl(heuristics.arch_of(q.device)))
+        heuristics.arch_of(q.device), heuristics.use_pdl(heuristics.arch_of(q.device)),
+        k_cache is not None)
     nbp = -(-NB // cfg.select_threads) * cfg.select_threads     # padded row (see NBP)
     scores = _scores_workspace(q.device, B, Hkv, nbp)
-    kern(_contig16(q), _contig16(kmin), _contig16(kmax), cache_seqlens.contiguous(), scores, out)
+    lo, hi = _contig16(kmin), _contig16(kmax)
+    args = (_contig16(q), lo, hi, cache_seqlens.contiguous(), scores, out)
+    if k_cache is None:
+        kern(*args)
+        return out
+    kern(*args, _contig16(k_cache))
+    if lo is not kmin:                       # refreshed a copy: write it back
+        kmin.copy_(lo)
+    if hi is not kmax:
+        kmax.copy_(hi)
     return out

@@ -47,13 +47,17 @@ def make_inputs(device, seed=0):
 
 def chain(x, out):
     """LAYERS x (summary update, select, sparse decode, dense decode, rectify), the sparse
-    output becoming the next layer's query; results written into ``out`` (graph-safe)."""
+    output becoming the next layer's query; results written into ``out`` (graph-safe). Odd
+    layers refresh the summary inside select_blocks instead of a separate update."""
     q = x["q"]
     for layer in range(LAYERS):
         kmin, kmax = x["summaries"][layer]
         k, v = x["k"][layer], x["v"][layer]
-        ops.update_block_summaries(kmin, kmax, k, x["start"], 1, BS)
-        idx = ops.select_blocks(q, kmin, kmax, x["lens"], **SEL)
+        if layer % 2:
+            idx = ops.select_blocks(q, kmin, kmax, x["lens"], k_cache=k, **SEL)
+        else:
+            ops.update_block_summaries(kmin, kmax, k, x["start"], 1, BS)
+            idx = ops.select_blocks(q, kmin, kmax, x["lens"], **SEL)
         o = ops.sparse_decode(q, k, v, idx, x["lens"], block_size=BS)
         d = ops.dense_decode(o, k, v, x["lens"])
         r = ops.rectify_attention(x["q_rect"], k, v, x["lens"])

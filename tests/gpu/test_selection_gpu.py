@@ -372,6 +372,66 @@ def test_select_blocks_ties_prefer_lower_ids(hist):
             assert out[b, h].cpu().tolist() == want, f"b={b} h={h}: tie rule (lower ids first)"
 
 
+# (B, lengths or None = random, S_max, Hkv, g, D, dtype, index dtype, block_size, local_blocks)
+REFRESH_CASES = [
+    (4, [1, 17, 4103, 0], 4103, 2, 7, 64, F16, I64, 16, 1),
+    (3, [8192, 33, 1000], 8192, 4, 6, 128, BF16, I32, 16, 2),
+    (2, [129, 64], 200, 8, 1, 128, F16, I32, 64, 1),
+    (8, None, 65536, 4, 7, 128, BF16, I32, 16, 1),
+]
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+@pytest.mark.parametrize("case", REFRESH_CASES, ids=lambda c: (
+    f"B{c[0]}-S{c[2]}-h{c[3]}-g{c[4]}-d{c[5]}-{str(c[6])[6:]}-bs{c[8]}-loc{c[9]}"))
+def test_select_blocks_refreshes_newest_summary(case, graph):
+    """select_blocks(k_cache=...) after a one-token append: the same ids as the plain kernel on
+    the pre-append summaries, and afterwards kmin/kmax equal the summaries of the whole cache at
+    the new lengths, bit for bit. The blocks to refresh are poisoned (NaN) first, so an
+    unwritten one fails; rows of length 0 stay as they were."""
+    B, lens, S, Hkv, g, D, dt, it, bs, local = case
+    nb = -(-S // bs)
+    if lens is None:
+        lens = torch.randint(1, S + 1, (B,), generator=torch.Generator().manual_seed(21)).tolist()
+    torch.manual_seed(22)
+    k = torch.randn(B, S, Hkv, D, device=_dev()).to(dt)
+    q = torch.randn(B, Hkv * g, D, device=_dev()).to(dt)
+    sl = _lens(lens, it)
+    before = (sl.long() - 1).clamp(min=0)                       # lengths before the append
+    kmin0, kmax0 = summ.block_summaries_reference(k, before, bs)
+    K = sel.default_max_selected(nb, 0.1, 16)
+    kw = dict(block_size=bs, sparse_ratio=0.1, min_blocks=16, local_blocks=local, max_selected=K)
+    want_ids = sel.select_blocks_tilelang(q, kmin0, kmax0, sl, **kw)
+    want_min, want_max = summ.block_summaries_reference(k, sl, bs)
+    empty = sl == 0
+    want_min[empty], want_max[empty] = kmin0[empty], kmax0[empty]
+    kmin, kmax = kmin0.clone(), kmax0.clone()
+    rows = torch.nonzero(~empty).flatten()
+    newest = (sl.long()[rows] - 1) // bs
+    kmin[rows, newest] = float("nan")
+    kmax[rows, newest] = float("nan")
+    out = torch.full((B, Hkv, K), 0x7FFFFFFF, dtype=torch.int32, device=_dev())
+    call = lambda: sel.select_blocks_tilelang(q, kmin, kmax, sl, k_cache=k, out=out, **kw)  # noqa
+    if graph:
+        call()                                                  # warm-up (compiles)
+        kmin[rows, newest] = float("nan")
+        kmax[rows, newest] = float("nan")
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            call()
+        out.fill_(0x7FFFFFFF)
+        gr.replay()
+    else:
+        call()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want_ids), "the refresh must not change the selection"
+    assert torch.equal(kmin, want_min) and torch.equal(kmax, want_max), \
+        "summaries after the refresh differ from those of the whole cache"
+    via_op = ops.select_blocks(q, kmin0.clone(), kmax0.clone(), sl, k_cache=k,
+                               backend="tilelang", **kw)
+    assert torch.equal(via_op, want_ids)
+
+
 GRAPH_NB = 2048
 
 
