@@ -111,6 +111,10 @@ def parse_args(argv=None):
                          f"({schedules.user_cache_dir() / 'schedules'})")
     ap.add_argument("--force", action="store_true",
                     help="allow replacing a tuned schedule with an untuned one")
+    ap.add_argument("--merge-with", metavar="SCHEDULE_JSON",
+                    help="with a tuning run or --from-results: keep this tuned schedule's "
+                         "entries for the shapes the run did not tune (e.g. skipped by the time "
+                         "budget); each kept entry names the run it came from")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
@@ -279,6 +283,27 @@ def build_schedule(results: dict, arch: str, tuned: bool) -> schedules.Schedule:
             seen.add(ident)
             uniq.append(e)
     return schedules.Schedule(arch=arch, tuned=tuned, provenance=prov, entries=uniq)
+
+
+def merge_schedules(new: schedules.Schedule, base_path: Path) -> schedules.Schedule:
+    """``new`` plus the tuned entries of the schedule at ``base_path`` whose (op, key) ``new``
+    lacks. A kept entry's data gains ``from_run`` (the base run's report, date and commit); the
+    header's provenance gains ``merged_from`` with the same and the number of entries kept."""
+    base = schedules.load_schedule(base_path, expect_arch=new.arch)
+    if not base.tuned:
+        raise UsageError(f"--merge-with {base_path}: not a tuned schedule")
+    bp = base.provenance
+    origin = {k: bp.get(k) for k in ("report", "date", "git_commit", "source_sha256", "gpu")}
+    have = {(e.op, tuple(sorted(e.key.items()))) for e in new.entries}
+    kept = [schedules.Entry(op=e.op, key=e.key, config=e.config, tuned=True,
+                            data={**e.data, "from_run": origin})
+            for e in base.entries
+            if e.tuned and (e.op, tuple(sorted(e.key.items()))) not in have]
+    prov = {**new.provenance, "merged_from": {**origin, "entries": len(kept)}}
+    print(f"schedule: kept {len(kept)} entries of {_rel(base_path)} for shapes this run did "
+          f"not tune")
+    return schedules.Schedule(arch=new.arch, tuned=True, provenance=prov,
+                              entries=new.entries + kept)
 
 
 # ------------------------------------------------------------------------------------------
@@ -625,6 +650,8 @@ def write_outputs(results, args, tuned: bool):
                 return
         except (OSError, json.JSONDecodeError):
             pass
+    if getattr(args, "merge_with", None) and tuned:
+        sched = merge_schedules(sched, Path(args.merge_with))
     schedules.parse_schedule(sched.to_json(), path=str(out), installed_tilelang=None)
     schedules.write_schedule(sched, out)
     print(f"schedule: {_rel(out)} ({len(sched.entries)} entries, "

@@ -735,6 +735,42 @@ def test_from_results_publishes_a_remote_run(tmp_path, capsys):
     assert "not --arch sm80" in capsys.readouterr().err
 
 
+def test_from_results_merge_with_keeps_the_untuned_shapes(tmp_path, capsys):
+    """--merge-with: the run's winners replace the base schedule's entries for the same shapes;
+    the base's other tuned entries stay, each naming the run it came from."""
+    def problem(batch, winner_latency, label):
+        item = dict(op="dense_decode", key=dict(dtype="bfloat16", head_dim=128, g=7, hkv=4,
+                                                context=65536, batch=batch),
+                    label=label, static_id=(), default={"block_N": 128})
+        return at_run.summarize_problem(item, [cand({"block_N": 128}, 120.0, True),
+                                               cand({"block_N": 64}, winner_latency)],
+                                        3000.0, 10 ** 8)
+    base_res = {"meta": {"provenance": prov(date="2026-11-27T00:00:00Z", git_commit="aaa"),
+                         "report_dir": "autotune/reports/sm90/old"},
+                "problems": [problem(1, 100.0, "a"), problem(16, 90.0, "b")]}
+    base = tmp_path / "base.json"
+    schedules.write_schedule(at_run.build_schedule(base_res, "sm90", tuned=True), base)
+    new_p = problem(16, 80.0, "b")
+    skipped = dict(problem(8, 70.0, "c"), status="skipped (time budget)")
+    res = {"meta": {"mode": "tune", "arch": "sm90", "elapsed_s": 10.0,
+                    "provenance": prov(date="2026-11-28T01:02:03Z", git_commit="bbb"),
+                    "report_dir": "/remote/out/report"},
+           "problems": [new_p, skipped], "compiles": []}
+    write(tmp_path, res, "results.json")
+    out = tmp_path / "sm90.json"
+    assert at_run.main(["--arch", "sm90", "--from-results", str(tmp_path), "--out", str(out),
+                        "--report-dir", str(tmp_path / "rep"), "--merge-with", str(base)]) == 0
+    s = schedules.load_schedule(out, expect_arch="sm90")
+    by_batch = {e.key["batch"]: e for e in s.entries}
+    assert sorted(by_batch) == [1, 16]                   # batch 8 was skipped, not tuned
+    assert by_batch[16].latency_us == 80.0 and "from_run" not in by_batch[16].data
+    assert by_batch[1].latency_us == 100.0
+    assert by_batch[1].data["from_run"]["git_commit"] == "aaa"
+    assert s.provenance["git_commit"] == "bbb"
+    assert s.provenance["merged_from"]["entries"] == 1
+    assert "kept 1 entries" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------
 # dispatch wiring: every kernel wrapper takes its config from the schedule
 # ------------------------------------------------------------------------------------------
