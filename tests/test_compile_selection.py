@@ -89,6 +89,16 @@ def test_compile_select_blocks_refresh(arch, shape):
     assert not writable.findall(plain.get_kernel_source()), "plain select writes no summaries"
 
 
+def test_compile_select_blocks_refresh_without_prefetch():
+    """Fewer select threads than head_dim: the refresh loads and reduces up front (a column
+    loop) instead of prefetching one column per thread."""
+    cfg = sel.SelectionConfig(select_threads=128)
+    kern = sel.build_select_blocks_kernel(300, 2, 2, 256, 16, 0.1, 16, 1, 30, "float16", "int32",
+                                          cfg, "sm_90a", None, True)
+    src = kern.get_kernel_source()
+    assert src.count("__global__ void __launch_bounds__") == 2 and "int S" in src
+
+
 def test_select_program_rejects_unsupported_shapes():
     with pytest.raises(ValueError, match="head_dim"):
         sel.select_blocks_program(64, 2, 2, 96, 16, 0.1, 16, 1, 16)

@@ -174,6 +174,11 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
     if TT % 32 or TT > 1024:
         raise ValueError(f"select_threads must be a multiple of 32 and <= 1024, got {TT}")
     NW = TT // 32
+    # refresh: thread d < D owns column d; its first RPF loads are issued before the radix
+    # passes and consumed after them, so their DRAM latency overlaps the selection instead of
+    # delaying its first barrier. (With fewer threads than D: loads and use up front.)
+    prefetch = refresh and TT >= D
+    RPF = min(BS, 16)
     C = -(-NB // TT)
     in_regs = C <= _MAX_REG_KEYS
     if not in_regs and C * TT > _MAX_SMEM_KEYS:
@@ -315,12 +320,19 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
                 rmin = T.alloc_var(f32)
                 rmax = T.alloc_var(f32)
                 rx = T.alloc_var(f32)
+            if prefetch:
+                rk = T.alloc_local((RPF,), dt)
 
             nv64 = (T.Cast("int64", Lens[b]) + (BS - 1)) // BS
             nvalid = T.Cast("int32", nv64)
             n = T.Cast("int32", T.min(T.max((nv64 * NUM + (DEN - 1)) // DEN,
                                             T.min(nv64, T.int64(MINB))), T.int64(K)))
-            if refresh:                   # newest block's summary from the cache (see above)
+            if prefetch:                  # issue the newest block's loads now, use them last
+                if nvalid > 0 and tx < D:
+                    for r in T.unroll(RPF):
+                        if (nvalid - 1) * BS + r < T.Cast("int32", Lens[b]):
+                            rk[r] = Kc[b, (nvalid - 1) * BS + r, h, tx]
+            if refresh and not prefetch:  # newest block's summary from the cache (see above)
                 if nvalid > 0:
                     for i in T.serial(-(-D // TT)):
                         col = tx + i * TT
@@ -440,6 +452,22 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
             for i in T.serial(-(-K // TT)):
                 if tx + i * TT >= n and tx + i * TT < K:
                     Out[b, h, tx + i * TT] = -1
+            if prefetch:                  # the refresh, its first RPF rows loaded at the start
+                if nvalid > 0 and tx < D:
+                    rmin = T.infinity(f32)
+                    rmax = -T.infinity(f32)
+                    for r in T.unroll(RPF):
+                        if (nvalid - 1) * BS + r < T.Cast("int32", Lens[b]):
+                            rmin = T.min(rmin, T.Cast(f32, rk[r]))
+                            rmax = T.max(rmax, T.Cast(f32, rk[r]))
+                    if BS > RPF:
+                        for r in T.unroll(BS - RPF):
+                            if (nvalid - 1) * BS + RPF + r < T.Cast("int32", Lens[b]):
+                                rx = T.Cast(f32, Kc[b, (nvalid - 1) * BS + RPF + r, h, tx])
+                                rmin = T.min(rmin, rx)
+                                rmax = T.max(rmax, rx)
+                    Kmin[b, nvalid - 1, h, tx] = T.Cast(dt, rmin)
+                    Kmax[b, nvalid - 1, h, tx] = T.Cast(dt, rmax)
 
     if refresh:
         S = T.dynamic("S")

@@ -372,25 +372,28 @@ def test_select_blocks_ties_prefer_lower_ids(hist):
             assert out[b, h].cpu().tolist() == want, f"b={b} h={h}: tie rule (lower ids first)"
 
 
-# (B, lengths or None = random, S_max, Hkv, g, D, dtype, index dtype, block_size, local_blocks)
+# (B, lengths or None = random, S_max, Hkv, g, D, dtype, index dtype, block_size, local_blocks,
+#  select_threads or None = the schedule's / heuristic's)
 REFRESH_CASES = [
-    (4, [1, 17, 4103, 0], 4103, 2, 7, 64, F16, I64, 16, 1),
-    (3, [8192, 33, 1000], 8192, 4, 6, 128, BF16, I32, 16, 2),
-    (2, [129, 64], 200, 8, 1, 128, F16, I32, 64, 1),
-    (8, None, 65536, 4, 7, 128, BF16, I32, 16, 1),
+    (4, [1, 17, 4103, 0], 4103, 2, 7, 64, F16, I64, 16, 1, None),
+    (3, [8192, 33, 1000], 8192, 4, 6, 128, BF16, I32, 16, 2, None),
+    (2, [129, 64], 200, 8, 1, 128, F16, I32, 64, 1, None),     # rows past the prefetched 16
+    (8, None, 65536, 4, 7, 128, BF16, I32, 16, 1, None),
+    (2, [100, 37], 128, 2, 2, 256, F16, I32, 16, 1, 128),      # fewer threads than D: no prefetch
 ]
 
 
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
 @pytest.mark.parametrize("case", REFRESH_CASES, ids=lambda c: (
-    f"B{c[0]}-S{c[2]}-h{c[3]}-g{c[4]}-d{c[5]}-{str(c[6])[6:]}-bs{c[8]}-loc{c[9]}"))
+    f"B{c[0]}-S{c[2]}-h{c[3]}-g{c[4]}-d{c[5]}-{str(c[6])[6:]}-bs{c[8]}-loc{c[9]}-t{c[10]}"))
 def test_select_blocks_refreshes_newest_summary(case, graph):
     """select_blocks(k_cache=...) after a one-token append: the same ids as the plain kernel on
     the pre-append summaries, and afterwards kmin/kmax equal the summaries of the whole cache at
     the new lengths, bit for bit. The blocks to refresh are poisoned (NaN) first, so an
     unwritten one fails; rows of length 0 stay as they were."""
-    B, lens, S, Hkv, g, D, dt, it, bs, local = case
+    B, lens, S, Hkv, g, D, dt, it, bs, local, threads = case
     nb = -(-S // bs)
+    cfg = variant_config(nb, Hkv, D, ("hybrid", threads)) if threads else None
     if lens is None:
         lens = torch.randint(1, S + 1, (B,), generator=torch.Generator().manual_seed(21)).tolist()
     torch.manual_seed(22)
@@ -401,7 +404,7 @@ def test_select_blocks_refreshes_newest_summary(case, graph):
     kmin0, kmax0 = summ.block_summaries_reference(k, before, bs)
     K = sel.default_max_selected(nb, 0.1, 16)
     kw = dict(block_size=bs, sparse_ratio=0.1, min_blocks=16, local_blocks=local, max_selected=K)
-    want_ids = sel.select_blocks_tilelang(q, kmin0, kmax0, sl, **kw)
+    want_ids = sel.select_blocks_tilelang(q, kmin0, kmax0, sl, config=cfg, **kw)
     want_min, want_max = summ.block_summaries_reference(k, sl, bs)
     empty = sl == 0
     want_min[empty], want_max[empty] = kmin0[empty], kmax0[empty]
@@ -411,7 +414,8 @@ def test_select_blocks_refreshes_newest_summary(case, graph):
     kmin[rows, newest] = float("nan")
     kmax[rows, newest] = float("nan")
     out = torch.full((B, Hkv, K), 0x7FFFFFFF, dtype=torch.int32, device=_dev())
-    call = lambda: sel.select_blocks_tilelang(q, kmin, kmax, sl, k_cache=k, out=out, **kw)  # noqa
+    call = lambda: sel.select_blocks_tilelang(q, kmin, kmax, sl, k_cache=k, out=out,  # noqa
+                                              config=cfg, **kw)
     if graph:
         call()                                                  # warm-up (compiles)
         kmin[rows, newest] = float("nan")
@@ -427,9 +431,10 @@ def test_select_blocks_refreshes_newest_summary(case, graph):
     assert torch.equal(out, want_ids), "the refresh must not change the selection"
     assert torch.equal(kmin, want_min) and torch.equal(kmax, want_max), \
         "summaries after the refresh differ from those of the whole cache"
-    via_op = ops.select_blocks(q, kmin0.clone(), kmax0.clone(), sl, k_cache=k,
-                               backend="tilelang", **kw)
-    assert torch.equal(via_op, want_ids)
+    if cfg is None:
+        via_op = ops.select_blocks(q, kmin0.clone(), kmax0.clone(), sl, k_cache=k,
+                                   backend="tilelang", **kw)
+        assert torch.equal(via_op, want_ids)
 
 
 GRAPH_NB = 2048
