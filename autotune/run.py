@@ -285,21 +285,32 @@ def build_schedule(results: dict, arch: str, tuned: bool) -> schedules.Schedule:
     return schedules.Schedule(arch=arch, tuned=tuned, provenance=prov, entries=uniq)
 
 
-def merge_schedules(new: schedules.Schedule, base_path: Path) -> schedules.Schedule:
-    """``new`` plus the tuned entries of the schedule at ``base_path`` whose (op, key) ``new``
-    lacks. A kept entry's data gains ``from_run`` (the base run's report, date and commit); the
-    header's provenance gains ``merged_from`` with the same and the number of entries kept."""
+def merge_schedules(new: schedules.Schedule, base_path: Path,
+                    results: dict) -> schedules.Schedule:
+    """``new`` plus the tuned entries of the schedule at ``base_path`` for shapes the run did
+    not reach (skipped by the time budget, or not in its workload). A shape the run measured
+    without a winner (no valid candidate) does not get its old entry back. A kept entry's data
+    gains ``from_run`` (the base run's report, date and commit, unless it already names an
+    earlier run); the header's provenance gains ``merged_from`` with the same and the number of
+    entries kept."""
     base = schedules.load_schedule(base_path, expect_arch=new.arch)
     if not base.tuned:
         raise UsageError(f"--merge-with {base_path}: not a tuned schedule")
     bp = base.provenance
     origin = {k: bp.get(k) for k in ("report", "date", "git_commit", "source_sha256", "gpu")}
-    have = {(e.op, tuple(sorted(e.key.items()))) for e in new.entries}
+
+    def ident(op, key):
+        return op, tuple(sorted(key.items()))
+    reached = {ident(p["op"], p["key"]) for p in results["problems"]
+               if not str(p.get("status", "")).startswith("skipped")}
+    have = {ident(e.op, e.key) for e in new.entries} | reached
     kept = [schedules.Entry(op=e.op, key=e.key, config=e.config, tuned=True,
-                            data={**e.data, "from_run": origin})
-            for e in base.entries
-            if e.tuned and (e.op, tuple(sorted(e.key.items()))) not in have]
-    prov = {**new.provenance, "merged_from": {**origin, "entries": len(kept)}}
+                            data={**e.data, "from_run": e.data.get("from_run", origin)})
+            for e in base.entries if e.tuned and ident(e.op, e.key) not in have]
+    merged = {**origin, "entries": len(kept)}
+    if "merged_from" in bp:
+        merged["earlier"] = bp["merged_from"]
+    prov = {**new.provenance, "merged_from": merged}
     print(f"schedule: kept {len(kept)} entries of {_rel(base_path)} for shapes this run did "
           f"not tune")
     return schedules.Schedule(arch=new.arch, tuned=True, provenance=prov,
@@ -650,8 +661,11 @@ def write_outputs(results, args, tuned: bool):
                 return
         except (OSError, json.JSONDecodeError):
             pass
-    if getattr(args, "merge_with", None) and tuned:
-        sched = merge_schedules(sched, Path(args.merge_with))
+    if getattr(args, "merge_with", None):
+        if tuned:
+            sched = merge_schedules(sched, Path(args.merge_with), results)
+        else:
+            print("schedule: --merge-with ignored (this run is untuned)")
     schedules.parse_schedule(sched.to_json(), path=str(out), installed_tilelang=None)
     schedules.write_schedule(sched, out)
     print(f"schedule: {_rel(out)} ({len(sched.entries)} entries, "

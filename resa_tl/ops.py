@@ -167,6 +167,9 @@ def select_blocks(q, kmin, kmax, cache_seqlens, *, block_size: int = 16, sparse_
                              f"{list(k_cache.shape)}")
         chk.same_device(q=q, k_cache=k_cache)
         chk.same_dtype(q=q, k_cache=k_cache)
+        if not k_cache.is_contiguous():
+            raise ValueError("k_cache must be contiguous (the refresh reads the cache in place; "
+                             "a copy per step would cost the whole cache)")
         if local_blocks < 1:
             raise ValueError("k_cache (refresh of the newest block's summary) needs "
                              f"local_blocks >= 1, got {local_blocks}")

@@ -4,7 +4,9 @@ import importlib.util
 import os
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessor
+
+import resa_tl
 
 
 def dense_kv(model, tokens):
@@ -25,3 +27,24 @@ def smollm2_gguf():
     d = spec.submodule_search_locations[0]
     f = "SmolLM2-135M-Instruct.Q4_1.gguf"
     return (d, f) if os.path.exists(os.path.join(d, f)) else None
+
+
+class SummaryCheck(LogitsProcessor):
+    """After every forward, every valid block's kmin/kmax must be those of the stored keys: a
+    sparse step refreshes the newest block inside its selection instead of a separate update."""
+
+    def __init__(self, cache):
+        self.cache, self.checked = cache, 0
+
+    def __call__(self, input_ids, scores):
+        st = self.cache.store
+        for layer in range(st.num_layers):
+            lens = st.seqlens[layer]
+            kmin, kmax = resa_tl.ops.block_summaries(st.k[layer], lens, st.block_size,
+                                                     backend="torch")
+            for b, n in enumerate(lens.tolist()):
+                nv = -(-n // st.block_size)
+                assert torch.equal(st.kmin[layer][b, :nv], kmin[b, :nv]), (layer, b, n)
+                assert torch.equal(st.kmax[layer][b, :nv], kmax[b, :nv]), (layer, b, n)
+        self.checked += 1
+        return scores

@@ -18,7 +18,7 @@ from resa_tl import ReSAConfig
 from resa_tl.integration import new_cache
 from resa_tl.integration.cache_layer import ReSAHFCache
 
-from hf_helpers import dense_kv, smollm2_gguf
+from hf_helpers import SummaryCheck, dense_kv, smollm2_gguf
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 VOCAB = 96
@@ -62,27 +62,6 @@ class Snapshots(LogitsProcessor):
             st = self.cache.store
             self.taken.append((input_ids.clone(), st.seqlens.clone(),
                                [k.clone() for k in st.k], [v.clone() for v in st.v]))
-        return scores
-
-
-class SummaryCheck(LogitsProcessor):
-    """After every forward, every valid block's kmin/kmax must be those of the stored keys: a
-    sparse step refreshes the newest block inside its selection instead of a separate update."""
-
-    def __init__(self, cache: ReSAHFCache):
-        self.cache, self.checked = cache, 0
-
-    def __call__(self, input_ids, scores):
-        st = self.cache.store
-        for layer in range(st.num_layers):
-            lens = st.seqlens[layer]
-            kmin, kmax = resa_tl.ops.block_summaries(st.k[layer], lens, st.block_size,
-                                                     backend="torch")
-            for b, n in enumerate(lens.tolist()):
-                nv = -(-n // st.block_size)
-                assert torch.equal(st.kmin[layer][b, :nv], kmin[b, :nv]), (layer, b, n)
-                assert torch.equal(st.kmax[layer][b, :nv], kmax[b, :nv]), (layer, b, n)
-        self.checked += 1
         return scores
 
 

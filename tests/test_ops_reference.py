@@ -204,3 +204,5 @@ def test_select_blocks_refresh_argument_errors():
         ops.select_blocks(q, kmin, kmax, L, k_cache=k[:, :, :1])
     with pytest.raises(TypeError, match="dtype"):
         ops.select_blocks(q, kmin, kmax, L, k_cache=k.half())
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.select_blocks(q, kmin, kmax, L, k_cache=k.transpose(0, 1).contiguous().transpose(0, 1))

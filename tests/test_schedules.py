@@ -747,28 +747,40 @@ def test_from_results_merge_with_keeps_the_untuned_shapes(tmp_path, capsys):
                                         3000.0, 10 ** 8)
     base_res = {"meta": {"provenance": prov(date="2026-11-27T00:00:00Z", git_commit="aaa"),
                          "report_dir": "autotune/reports/sm90/old"},
-                "problems": [problem(1, 100.0, "a"), problem(16, 90.0, "b")]}
+                "problems": [problem(1, 100.0, "a"), problem(16, 90.0, "b"),
+                             problem(4, 95.0, "d")]}
     base = tmp_path / "base.json"
     schedules.write_schedule(at_run.build_schedule(base_res, "sm90", tuned=True), base)
     new_p = problem(16, 80.0, "b")
     skipped = dict(problem(8, 70.0, "c"), status="skipped (time budget)")
+    failed = dict(problem(4, 70.0, "d"), status="no valid candidate")
     res = {"meta": {"mode": "tune", "arch": "sm90", "elapsed_s": 10.0,
                     "provenance": prov(date="2026-11-28T01:02:03Z", git_commit="bbb"),
                     "report_dir": "/remote/out/report"},
-           "problems": [new_p, skipped], "compiles": []}
+           "problems": [new_p, skipped, failed], "compiles": []}
     write(tmp_path, res, "results.json")
     out = tmp_path / "sm90.json"
     assert at_run.main(["--arch", "sm90", "--from-results", str(tmp_path), "--out", str(out),
                         "--report-dir", str(tmp_path / "rep"), "--merge-with", str(base)]) == 0
     s = schedules.load_schedule(out, expect_arch="sm90")
     by_batch = {e.key["batch"]: e for e in s.entries}
-    assert sorted(by_batch) == [1, 16]                   # batch 8 was skipped, not tuned
+    # batch 8: skipped now, absent before; batch 4: measured now without a valid winner, so
+    # its old entry is not resurrected; batch 1: not in this run, kept from the base
+    assert sorted(by_batch) == [1, 16]
     assert by_batch[16].latency_us == 80.0 and "from_run" not in by_batch[16].data
     assert by_batch[1].latency_us == 100.0
     assert by_batch[1].data["from_run"]["git_commit"] == "aaa"
     assert s.provenance["git_commit"] == "bbb"
     assert s.provenance["merged_from"]["entries"] == 1
     assert "kept 1 entries" in capsys.readouterr().out
+    # merging again on top keeps the first origin of a carried entry and the chain of runs
+    out2 = tmp_path / "sm90b.json"
+    assert at_run.main(["--arch", "sm90", "--from-results", str(tmp_path), "--out", str(out2),
+                        "--report-dir", str(tmp_path / "rep2"), "--merge-with", str(out)]) == 0
+    s2 = schedules.load_schedule(out2, expect_arch="sm90")
+    e1 = next(e for e in s2.entries if e.key["batch"] == 1)
+    assert e1.data["from_run"]["git_commit"] == "aaa"
+    assert s2.provenance["merged_from"]["earlier"]["git_commit"] == "aaa"
 
 
 # ------------------------------------------------------------------------------------------

@@ -183,6 +183,8 @@ class ReSAHFCache(Cache):
     def warm_up(self):
         """Run the decode loop's kernels once on this cache's shapes (a sparse step, and the
         rectification step of f + 1 tokens), outside any graph capture, and drop the results.
+        The sparse step's summary refresh writes layer 0's summary of one block from the
+        still-empty cache, i.e. zeros over zeros; any later write to that block recomputes it.
 
         This loads or compiles the kernels and allocates their workspaces (cached per shape in
         ordinary memory) before decoding starts. Otherwise the first sparse step of a
@@ -265,7 +267,10 @@ class ReSAHFCache(Cache):
 
     # ------------------------------------------------------------------ device side
     def _write(self, i: int, key_states, value_states):
-        """Append the new K/V ([B, Hkv, T, D]) at each row's end; refresh touched summaries."""
+        """Append the new K/V ([B, Hkv, T, D]) at each row's end; refresh touched summaries,
+        except for one token with ``refresh_in_select``: then resa_attention's sparse step, which
+        follows every such write in a ReSA forward, refreshes the block. (Writing one token
+        through this cache without that attention would leave the block's summary stale.)"""
         if i == 0:
             if not self._planned and not torch.compiler.is_compiling():
                 self.begin_step(key_states.shape[-2])         # a forward nobody planned

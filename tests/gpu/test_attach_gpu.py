@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tolerance import assert_close_to_reference  # noqa: E402
-from hf_helpers import dense_kv, smollm2_gguf  # noqa: E402
+from hf_helpers import SummaryCheck, dense_kv, smollm2_gguf  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList  # noqa: E402
@@ -147,11 +147,12 @@ def test_rectified_kv_equal_teacher_forced_dense_pass(arch):
     ids, mask = left_padded(lengths, seed=3)
     resa_tl.attach(model, **SPARSE)
     cache = new_cache(model, 3, CAP)
-    snaps = Snapshots(cache)
+    snaps, summaries = Snapshots(cache), SummaryCheck(cache)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=40, past_key_values=cache,
-                             logits_processor=LogitsProcessorList([snaps]), **GEN)
+                             logits_processor=LogitsProcessorList([snaps, summaries]), **GEN)
     assert len(snaps.taken) == cache.num_rectifications == 4
+    assert summaries.checked == 40          # the kernels' summaries == the stored keys', exactly
     pad = [ids.shape[1] - n for n in lengths]
     for fed, seqlens, ks, vs in snaps.taken:
         for b in range(3):

@@ -20,6 +20,7 @@ from resa_tl import ops  # noqa: E402
 from resa_tl.kernels.dense_decode import dense_decode_reference  # noqa: E402
 from resa_tl.kernels.rectify import rectify_attention_reference  # noqa: E402
 from resa_tl.kernels.selection import select_blocks_reference  # noqa: E402
+from resa_tl.kernels.summaries import block_summaries_reference  # noqa: E402
 from resa_tl.kernels.sparse_decode import sparse_decode_reference  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -41,6 +42,10 @@ def make_inputs(device, seed=0):
     v = [rnd(B, CAP, HKV, D) for _ in range(LAYERS)]
     lens = torch.tensor(LENS, dtype=torch.int32, device=device)
     summaries = [ops.block_summaries(kk, lens, BS) for kk in k]
+    rows = torch.arange(B, device=device)
+    for kmin, kmax in summaries:             # the newest blocks: the chain must rewrite them
+        kmin[rows, (lens.long() - 1) // BS] = float("nan")
+        kmax[rows, (lens.long() - 1) // BS] = float("nan")
     return dict(q=rnd(B, H, D), q_rect=rnd(B, T_RECT, H, D), k=k, v=v, lens=lens,
                 start=(lens - 1).contiguous(), summaries=summaries)
 
@@ -138,6 +143,9 @@ def test_pdl_chain_matches_references(hopper, monkeypatch):
     for layer in range(LAYERS):
         k, v = x["k"][layer], x["v"][layer]
         kmin, kmax = x["summaries"][layer]
+        want_min, want_max = block_summaries_reference(k, x["lens"], BS)
+        assert torch.equal(kmin, want_min) and torch.equal(kmax, want_max), \
+            f"layer {layer}: the {'refresh' if layer % 2 else 'update'} left a summary unwritten"
         q = out["q"][layer]
         idx = out["idx"][layer]
         K = idx.shape[-1]
