@@ -62,20 +62,14 @@ def update_block_summaries_reference(kmin, kmax, k_cache, start, length: int, bl
 
 def refresh_newest_summaries_reference(kmin, kmax, k_cache, cache_seqlens, block_size: int):
     """Recompute, in place, each row's newest block (the one holding position len - 1) over its
-    positions below len; rows of length 0 are left alone. For len >= 1 this is
+    positions below len; rows of length 0 are left alone. That is
     update_block_summaries(start=len - 1, length=1); select_blocks(k_cache=...) does it fused."""
-    B, S, H, D = k_cache.shape
-    dev = k_cache.device
-    lens = cache_seqlens.to(device=dev, dtype=torch.long)
-    blk = (lens - 1).clamp(min=0) // block_size                              # [B]
-    pos = blk[:, None] * block_size + torch.arange(block_size, device=dev)   # [B, bs]
-    valid = (pos < lens[:, None])[..., None, None]
-    rows = torch.arange(B, device=dev)
-    keys = k_cache[rows[:, None], pos.clamp(max=S - 1)]                      # [B, bs, H, D]
-    inf = torch.tensor(float("inf"), dtype=k_cache.dtype, device=dev)
-    has = (lens > 0)[:, None, None]
-    kmin[rows, blk] = torch.where(has, torch.where(valid, keys, inf).amin(dim=1), kmin[rows, blk])
-    kmax[rows, blk] = torch.where(has, torch.where(valid, keys, -inf).amax(dim=1), kmax[rows, blk])
+    lens = cache_seqlens.to(device=k_cache.device, dtype=torch.long)
+    empty = (lens == 0)[:, None, None]
+    first = kmin[:, 0].clone(), kmax[:, 0].clone()   # an empty row's update touches block 0 only
+    update_block_summaries_reference(kmin, kmax, k_cache, (lens - 1).clamp(min=0), 1, block_size)
+    kmin[:, 0] = torch.where(empty, first[0], kmin[:, 0])
+    kmax[:, 0] = torch.where(empty, first[1], kmax[:, 0])
     return kmin, kmax
 
 
