@@ -83,15 +83,19 @@ def load_austen(novel: str) -> str:
     return "\n".join(str(x) for x in lines)
 
 
-def configs(ratios, fs, pairs=None):
-    """sparse-only at each ratio, and ReSA at each (ratio, f): the full grid, or ``pairs``."""
+def configs(ratios, fs, pairs=None, selections=("upper_bound",)):
+    """sparse-only at each ratio, and ReSA at each (ratio, f): the full grid, or ``pairs``; ReSA
+    once per selection rule (resa_tl.fidelity.SELECTIONS; names of the diagnostic ones end in
+    " sel=<rule>"). Returns (name -> ReSAConfig, name -> rule)."""
     pairs = pairs or [(r, f) for r in ratios for f in fs]
-    out = {}
+    out, rules = {}, {}
     for r in sorted({r for r, _ in pairs}):
         out[f"sparse-only r={r}"] = ReSAConfig(sparse_ratio=r, rectify_every=0)
-    for r, f in pairs:
-        out[f"ReSA r={r} f={f}"] = ReSAConfig(sparse_ratio=r, rectify_every=f)
-    return out
+    for rule in selections:
+        for r, f in pairs:
+            name = f"ReSA r={r} f={f}" + ("" if rule == "upper_bound" else f" sel={rule}")
+            out[name], rules[name] = ReSAConfig(sparse_ratio=r, rectify_every=f), rule
+    return out, rules
 
 
 def windows(x: torch.Tensor, size: int):
@@ -163,6 +167,11 @@ def main():
     ap.add_argument("--fs", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--pairs", default=None,
                     help="ratio:f pairs instead of the full grid, e.g. 0.1:16,0.1:32,0.2:32")
+    ap.add_argument("--selections", default="upper_bound",
+                    help="comma-separated block-selection rules for the ReSA configurations: "
+                         "upper_bound (the paper's), sink, oracle (diagnostics, see "
+                         "resa_tl.fidelity); outputs get a _selections suffix unless only "
+                         "upper_bound")
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--free-running", type=int, default=0, help="greedy tokens for part (b)")
     ap.add_argument("--free-prompt-len", type=int, default=2048)
@@ -186,17 +195,21 @@ def main():
     pairs = None
     if args.pairs:
         pairs = [(float(a), int(b)) for a, b in (p.split(":") for p in args.pairs.split(","))]
-    cfgs = configs(args.ratios, args.fs, pairs)
+    selections = args.selections.split(",")
+    cfgs, rules = configs(args.ratios, args.fs, pairs, selections)
     if args.free_only:
+        cfgs = {n: c for n, c in cfgs.items() if rules.get(n, "upper_bound") == "upper_bound"}
         return free_running_only(args, model, ids, cfgs, commit, os.path.basename(path))
-    logits = teacher_forced_logits(model, ids, args.prompt_len, cfgs)
+    logits = teacher_forced_logits(model, ids, args.prompt_len, cfgs, selections=rules)
     stats = nll_and_agreement(logits, ids, args.prompt_len)
     del logits
     rows = []
     dense_ppl = perplexity(stats["dense"][0])
     for name, (nll, agree) in stats.items():
         ppl = perplexity(nll)
-        rows.append(dict(name=name, ppl=ppl, ppl_vs_dense=ppl / dense_ppl - 1,
+        rows.append(dict(name=name, ppl=ppl, selection=None if name == "dense" else
+                         rules.get(name, "upper_bound"),
+                         ppl_vs_dense=ppl / dense_ppl - 1,
                          top1_agreement=agree.float().mean().item()))
     meta = dict(model=os.path.basename(path), novel=args.novel, prompt_len=args.prompt_len,
                 decoded=args.decode, date=datetime.date.today().isoformat(),
@@ -206,6 +219,8 @@ def main():
 
     os.makedirs(args.out, exist_ok=True)
     base = f"fidelity_{args.novel}_L{args.prompt_len}"
+    if selections != ["upper_bound"]:
+        base += "_selections"
     pick = {n: s for n, s in stats.items() if n == "dense" or "r=0.1 " in n + " "}
     plot({n: windows(s[0], args.window) for n, s in pick.items()}, args.window, args.prompt_len,
          os.path.join(args.out, base + "_ppl.png"), f"perplexity ({args.window}-token windows)",
@@ -216,7 +231,8 @@ def main():
 
     free = {}
     if args.free_running:
-        fcfg = {n: c for n, c in cfgs.items() if "r=0.1" in n and (c.rectify_every in (0, 32))}
+        fcfg = {n: c for n, c in cfgs.items()      # attach runs the kernels' rule only
+                if "r=0.1" in n and c.rectify_every in (0, 32) and n not in rules}
         free = free_running(model, ids, args.free_prompt_len, args.free_running, fcfg)
         meta["free_running"] = dict(prompt_len=args.free_prompt_len, tokens=args.free_running)
     with open(os.path.join(args.out, base + ".json"), "w") as fh:

@@ -15,6 +15,15 @@ those f and feeds all f+1 densely (rewriting their K/V). A sparse step in a cycl
 position cs sees dense K/V below cs and the sparse K/V of positions cs..itself. f = 0 means
 sparse-only decoding: one endless cycle.
 
+Diagnostic selection rules (``selections=``; torch only, not something the kernels do): what
+part of ReSA's loss comes from its scoring rule rather than from its budget.
+  "upper_bound"  the paper's (and resa_tl's) rule: the group-mean query against per-block min/max
+                 keys, sum_d max(q_d kmin_d, q_d kmax_d);
+  "sink"         the same, with block 0 (the attention-sink tokens) always kept, inside the budget;
+  "oracle"       blocks ranked by their exact attention mass: softmax over every valid key of the
+                 K that this step really sees, summed over the group's query heads.
+All three keep the same number of blocks, force the newest ``local_blocks`` and rectify alike.
+
 Supported: transformers decoder-only models whose attention calls the attention interface with
 ``module.layer_idx`` (Llama, Qwen2, Qwen3, Mistral, ...).
 """
@@ -28,8 +37,11 @@ import torch.nn.functional as F
 
 from . import ops
 from .config import ReSAConfig
+from .kernels.selection import (block_scores_reference, default_max_selected,
+                                select_from_scores_reference)
 
 _IMPL = "resa_tl_teacher_forced"
+SELECTIONS = ("upper_bound", "sink", "oracle")
 
 
 class _State:
@@ -41,6 +53,7 @@ class _State:
     config: ReSAConfig | None = None
     backend: str = "auto"
     chunk: int = 128
+    selection: str = "upper_bound"
 
 
 _state = _State()
@@ -87,9 +100,12 @@ def _simulate_layer(layer, q, k_sim, v_sim, scale):
             mn, mx = kmin.expand(R, *kmin.shape[1:]).clone(), kmax.expand(R, *kmax.shape[1:]).clone()
             ops.update_block_summaries(mn, mx, kx, pos, 1, cfg.block_size, backend=_state.backend)
             qr = q[0, :, r0:r1].transpose(0, 1).contiguous()         # [R, H, D]
-            idx = ops.select_blocks(qr, mn, mx, lens, block_size=cfg.block_size,
-                                    sparse_ratio=cfg.sparse_ratio, min_blocks=cfg.min_blocks,
-                                    local_blocks=cfg.local_blocks, backend=_state.backend)
+            if _state.selection == "upper_bound":
+                idx = ops.select_blocks(qr, mn, mx, lens, block_size=cfg.block_size,
+                                        sparse_ratio=cfg.sparse_ratio, min_blocks=cfg.min_blocks,
+                                        local_blocks=cfg.local_blocks, backend=_state.backend)
+            else:
+                idx = diagnostic_select(_state.selection, qr, mn, mx, kc[None], lens, cfg, scale)
             out[0, r0:r1] = ops.sparse_decode(qr, kx, vx, idx, lens, block_size=cfg.block_size,
                                               softmax_scale=scale, backend=_state.backend)
         if n_sparse < c1 - c0:                                      # the fused dense step
@@ -100,6 +116,44 @@ def _simulate_layer(layer, q, k_sim, v_sim, scale):
                                               torch.tensor([p + 1], device=q.device),
                                               softmax_scale=scale, backend="torch")[0]
     return out
+
+
+def exact_block_mass(q, k, cache_seqlens, block_size: int, scale: float):
+    """Attention mass of every block: softmax(q k^T * scale) over the keys below each row's
+    length, summed over the block's keys and over the g query heads of each KV head.
+
+    q [R, H, D]; k [R or 1, S, Hkv, D] (1: one cache shared by all rows); cache_seqlens [R].
+    Returns fp32 [R, Hkv, ceil(S / block_size)] (0 past a row's end)."""
+    R, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    qg = q.float().view(R, Hkv, H // Hkv, D)
+    kf = k.float()
+    if kf.shape[0] == 1:
+        logits = torch.einsum("rhgd,shd->rhgs", qg, kf[0]) * scale
+    else:
+        logits = torch.einsum("rhgd,rshd->rhgs", qg, kf) * scale
+    valid = torch.arange(S, device=q.device)[None] < cache_seqlens.long()[:, None]   # [R, S]
+    p = logits.masked_fill(~valid[:, None, None], float("-inf")).softmax(-1).sum(2)  # [R, Hkv, S]
+    NB = -(-S // block_size)
+    p = F.pad(p, (0, NB * block_size - S))
+    return p.view(R, Hkv, NB, block_size).sum(-1)
+
+
+def diagnostic_select(rule: str, q, kmin, kmax, k, cache_seqlens, cfg: ReSAConfig, scale: float):
+    """Block indices [R, Hkv, K] int32 (ascending, -1 padded, as ops.select_blocks returns them)
+    chosen by one of the :data:`SELECTIONS`; budget, local blocks and K as in select_blocks."""
+    s = block_scores_reference(q, kmin, kmax, cache_seqlens, cfg.block_size, cfg.local_blocks)
+    if rule == "sink":
+        s[:, :, 0] = torch.where(s[:, :, 0] > float("-inf"), float("inf"), s[:, :, 0])
+    elif rule == "oracle":
+        mass = exact_block_mass(q, k, cache_seqlens, cfg.block_size, scale)[..., :s.shape[-1]]
+        s = torch.where(torch.isinf(s), s, mass)          # keeps the -inf / +inf masks
+    elif rule != "upper_bound":
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {rule!r}")
+    K = default_max_selected(kmin.shape[1], cfg.sparse_ratio, cfg.min_blocks)
+    return select_from_scores_reference(s, cache_seqlens, block_size=cfg.block_size,
+                                        sparse_ratio=cfg.sparse_ratio,
+                                        min_blocks=cfg.min_blocks, max_selected=K)
 
 
 @contextlib.contextmanager
@@ -115,11 +169,12 @@ def _registered(model):
     finally:
         model.set_attn_implementation(previous)
         _state.mode, _state.dense_k, _state.dense_v = "off", {}, {}
+        _state.selection = "upper_bound"
 
 
 @torch.no_grad()
 def teacher_forced_logits(model, token_ids, prompt_len: int, configs: dict, *,
-                          backend: str = "auto", chunk: int = 128):
+                          backend: str = "auto", chunk: int = 128, selections: dict | None = None):
     """Per-position logits of decoding ``token_ids[prompt_len:]`` one at a time after a dense
     prefill of ``token_ids[:prompt_len]``, for dense attention and each ReSA configuration.
 
@@ -129,6 +184,8 @@ def teacher_forced_logits(model, token_ids, prompt_len: int, configs: dict, *,
     token_ids : LongTensor [T] — the true sequence.
     prompt_len : int — L, the densely prefilled part (>= 1).
     configs : dict name -> ReSAConfig (rectify_every = 0 for sparse-only).
+    selections : optional dict name -> one of :data:`SELECTIONS` (default "upper_bound", the
+        paper's rule); any other rule runs the torch reference, whatever ``backend`` says.
 
     Returns
     -------
@@ -137,6 +194,11 @@ def teacher_forced_logits(model, token_ids, prompt_len: int, configs: dict, *,
     """
     T = token_ids.shape[0]
     L = prompt_len
+    selections = selections or {}
+    for name, rule in selections.items():
+        if name not in configs or rule not in SELECTIONS:
+            raise ValueError(f"selections: {name!r} -> {rule!r} needs a name of configs and a "
+                             f"rule in {SELECTIONS}")
     if not 1 <= L < T:
         raise ValueError(f"prompt_len must be in [1, {T - 1}], got {L}")
     dev = next(model.parameters()).device
@@ -151,6 +213,7 @@ def teacher_forced_logits(model, token_ids, prompt_len: int, configs: dict, *,
         for name, cfg in configs.items():
             _state.mode, _state.config, _state.prompt_len = "simulate", cfg, L
             _state.backend, _state.chunk = backend, chunk
+            _state.selection = selections.get(name, "upper_bound")
             results[name] = model(decode_ids, position_ids=positions, use_cache=False).logits[0].float()
     return results
 

@@ -71,3 +71,83 @@ def test_full_density_equals_dense_and_stats():
     assert abs(perplexity(stats["full"][0]) / perplexity(stats["dense"][0]) - 1) < 1e-4
     with pytest.raises(ValueError, match="prompt_len"):
         teacher_forced_logits(m, ids, 0, {})
+
+
+# --- diagnostic selection rules -----------------------------------------------------------
+
+def _selection_inputs(R=5, Hkv=2, g=3, D=16, S=150, bs=16, seed=3):
+    from resa_tl.kernels.summaries import block_summaries_reference
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(R, Hkv * g, D, generator=gen) * 2
+    k = torch.randn(1, S, Hkv, D, generator=gen)
+    lens = torch.tensor([S, S - 7, 40, 17, 1][:R], dtype=torch.int32)
+    kx = k.expand(R, S, Hkv, D)
+    kmin, kmax = block_summaries_reference(kx.contiguous(), lens, bs)
+    return q, k, kx, kmin, kmax, lens
+
+
+def test_exact_block_mass():
+    from resa_tl.fidelity import exact_block_mass
+    q, k, kx, _, _, lens = _selection_inputs()
+    R, H, D = q.shape
+    Hkv, g, bs = k.shape[2], H // k.shape[2], 16
+    mass = exact_block_mass(q, k, lens, bs, 0.3)
+    assert torch.allclose(exact_block_mass(q, kx, lens, bs, 0.3), mass, atol=1e-6)
+    for r in range(R):                                  # one row, one head at a time
+        n = int(lens[r])
+        for h in range(H):
+            p = torch.softmax((q[r, h].double() @ k[0, :n, h // g].double().T) * 0.3, -1)
+            blocks = torch.nn.functional.pad(p, (0, -n % bs)).view(-1, bs).sum(-1)
+            mass[r, h // g, :blocks.shape[0]] -= blocks.float()
+        assert mass[r, :, -(-n // bs):].abs().sum() == 0      # nothing past the row's end
+    assert mass.abs().max() < 1e-5                      # every head's mass, summed per group
+
+
+@pytest.mark.parametrize("rule", ["upper_bound", "sink", "oracle"])
+def test_diagnostic_select(rule):
+    from resa_tl import ops
+    from resa_tl.fidelity import diagnostic_select, exact_block_mass
+    q, k, kx, kmin, kmax, lens = _selection_inputs()
+    cfg = ReSAConfig(sparse_ratio=0.2, min_blocks=2, local_blocks=1)
+    got = diagnostic_select(rule, q, kmin, kmax, k, lens, cfg, 0.25)
+    paper = ops.select_blocks(q, kmin, kmax, lens, block_size=16, sparse_ratio=0.2,
+                              min_blocks=2, local_blocks=1, backend="torch")
+    assert got.dtype == torch.int32 and got.shape == paper.shape
+    assert torch.equal(got >= 0, paper >= 0)            # same budget per row
+    nvalid = (lens + 15) // 16
+    for r in range(q.shape[0]):
+        for h in range(k.shape[2]):
+            ids = got[r, h][got[r, h] >= 0].tolist()
+            assert ids == sorted(set(ids)) and int(nvalid[r]) - 1 in ids    # newest block
+            if rule == "upper_bound":
+                assert torch.equal(got[r, h], paper[r, h])
+            if rule == "sink":
+                assert 0 in ids
+            if rule == "oracle":                        # the most massive non-local blocks
+                m = exact_block_mass(q, k, lens, 16, 0.25)[r, h, :int(nvalid[r]) - 1]
+                rest = m[[i for i in range(m.shape[0]) if i not in ids]]
+                kept = m[[i for i in ids if i < m.shape[0]]]
+                if rest.numel() and kept.numel():
+                    assert kept.min() >= rest.max()
+    if rule == "oracle":
+        assert not torch.equal(got, paper)              # the inputs do tell the rules apart
+    with pytest.raises(ValueError, match="selection"):
+        diagnostic_select("best", q, kmin, kmax, k, lens, cfg, 0.25)
+
+
+def test_diagnostic_selections_in_teacher_forcing():
+    m = model()
+    ids = torch.randint(0, 300, (200,), generator=torch.Generator().manual_seed(2))
+    full = ReSAConfig(sparse_ratio=1.0, min_blocks=1)
+    part = ReSAConfig(sparse_ratio=0.1, min_blocks=1, rectify_every=8)
+    cfgs = {"full-oracle": full, "full-sink": full, "paper": part, "oracle": part}
+    sels = {"full-oracle": "oracle", "full-sink": "sink", "oracle": "oracle"}
+    out = teacher_forced_logits(m, ids, 120, cfgs, backend="torch", selections=sels)
+    scale = out["dense"].abs().max()
+    for name in ("full-oracle", "full-sink"):           # nothing dropped: dense, any rule
+        assert (out[name] - out["dense"]).abs().max() <= 1e-4 * scale
+    assert (out["oracle"] - out["paper"]).abs().max() > 1e-3 * scale
+    stats = nll_and_agreement(out, ids, 120)            # the oracle is the closer to dense
+    assert stats["oracle"][1].float().mean() >= stats["paper"][1].float().mean()
+    with pytest.raises(ValueError, match="selections"):
+        teacher_forced_logits(m, ids, 120, cfgs, selections={"paper": "best"})

@@ -55,14 +55,24 @@ def select_blocks_reference(q, kmin, kmax, cache_seqlens, *, block_size, sparse_
                                       local_blocks=local_blocks, max_selected=max_selected)
         refresh_newest_summaries_reference(kmin, kmax, k_cache, cache_seqlens, block_size)
         return top
-    B, NB = kmin.shape[0], kmin.shape[1]
-    K = max_selected
     s = block_scores_reference(q, kmin, kmax, cache_seqlens, block_size, local_blocks)
+    return select_from_scores_reference(s, cache_seqlens, block_size=block_size,
+                                        sparse_ratio=sparse_ratio, min_blocks=min_blocks,
+                                        max_selected=max_selected)
+
+
+def select_from_scores_reference(s, cache_seqlens, *, block_size, sparse_ratio, min_blocks,
+                                 max_selected):
+    """The budget, top-k and output order of select_blocks applied to given block scores
+    s [B, Hkv, NB] (fp32; -inf past a row's end, +inf for blocks that must be kept). Lets a
+    diagnostic swap the scoring rule (resa_tl.fidelity) and keep everything else."""
+    NB = s.shape[2]
+    K = max_selected
     nvalid = (cache_seqlens.long() + block_size - 1) // block_size
     n = blocks_to_keep(nvalid, sparse_ratio, min_blocks).clamp(max=K)      # [B]
     kk = min(K, NB)
     top = s.topk(kk, dim=-1, sorted=True).indices                         # [B, Hkv, kk]
-    keep = torch.arange(kk, device=q.device)[None, None] < n[:, None, None]
+    keep = torch.arange(kk, device=s.device)[None, None] < n[:, None, None]
     top = torch.where(keep, top, NB).sort(dim=-1).values                  # NB sorts after ids
     top = torch.where(top == NB, -1, top).to(torch.int32)
     if kk < K:
