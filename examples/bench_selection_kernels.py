@@ -56,7 +56,7 @@ def _select_cfgs(nb):
 def precompile(workers=1):
     """Compile (into TILELANG_CACHE_DIR) every kernel of the GPU tests and of this benchmark,
     for sm_90a, without a GPU."""
-    from resa_tl import heuristics
+    from resa_tl import heuristics, schedules
     sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
     import test_selection_gpu as tg
     name = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int32: "int32",
@@ -71,6 +71,12 @@ def precompile(workers=1):
     for nb, hkv, g, d, bs, ratio, minb, local, k, dt, it, variant in tg.select_specs():
         jobs.append(("sel", (nb, hkv, g, d, bs, float(ratio), minb, local, k, name[dt], name[it],
                              tg.variant_config(nb, hkv, d, variant))))
+    for B, nb, hkv, g, d, bs, ratio, minb, local, k, dt, it, refresh, sink in tg.sink_specs():
+        cfg = schedules.config_for(                     # what the wrapper will pick on sm_90a
+            "select_blocks", heuristics.selection_config(nb, hkv, d), arch="sm_90a", dtype=dt,
+            head_dim=d, g=g, hkv=hkv, block_size=bs, num_blocks=nb, batch=B)
+        jobs.append(("sel", (nb, hkv, g, d, bs, float(ratio), minb, local, k, name[dt],
+                             name[it], cfg), (("refresh", refresh), ("sink_blocks", sink))))
     for ctx in CONTEXTS:
         nb = ctx // BS
         for cfg in _select_cfgs(nb)[1]:
@@ -90,13 +96,14 @@ def precompile(workers=1):
 
 
 def _compile_job(job):
-    kind, args = job
+    kind, args = job[:2]
+    kw = dict(job[2]) if len(job) > 2 else {}          # (name, value) pairs: hashable jobs
     t = time.time()
     if kind == "summ":
         summ.build_summaries_kernel(*args, "sm_90a")
     else:
-        sel.build_select_blocks_kernel(*args, "sm_90a")
-    return f"{kind} {args} {time.time() - t:.1f}s"
+        sel.build_select_blocks_kernel(*args, "sm_90a", **kw)
+    return f"{kind} {args} {kw or ''} {time.time() - t:.1f}s"
 
 
 def rotations(nbytes, cap=64):

@@ -19,6 +19,11 @@ class ReSAConfig:
         A row keeps at least ``min(valid_blocks, min_blocks)`` blocks; >= 1. Default 16.
     local_blocks : int
         The newest ``local_blocks`` valid blocks are always kept; in [0, min_blocks]. Default 1.
+    sink_blocks : int
+        The oldest ``sink_blocks`` blocks (the attention-sink tokens at the start of the
+        sequence) are always kept, inside the same budget; ``sink_blocks + local_blocks`` must
+        not exceed ``min_blocks`` so that every forced block fits. Default 0: the paper keeps
+        none; see docs/fidelity.md for what it changes on a small model.
     rectify_every : int
         Every ``rectify_every`` sparse steps, a dense pass rewrites the K/V of those tokens.
         0 disables rectification (sparse-only decoding); >= 0. Default 32.
@@ -29,6 +34,7 @@ class ReSAConfig:
     min_blocks: int = 16
     local_blocks: int = 1
     rectify_every: int = 32
+    sink_blocks: int = 0
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -44,6 +50,11 @@ class ReSAConfig:
         if not _is_int(lb) or lb < 0 or lb > mb:
             raise ValueError(
                 f"ReSAConfig.local_blocks must be an integer in [0, min_blocks={mb}], got {lb!r}")
+        sb = self.sink_blocks
+        if not _is_int(sb) or sb < 0 or sb + lb > mb:
+            raise ValueError(
+                f"ReSAConfig.sink_blocks must be an integer in [0, min_blocks - local_blocks = "
+                f"{mb - lb}] (the forced blocks must fit the smallest budget), got {sb!r}")
         f = self.rectify_every
         if not _is_int(f) or f < 0:
             raise ValueError(

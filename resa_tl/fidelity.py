@@ -103,7 +103,8 @@ def _simulate_layer(layer, q, k_sim, v_sim, scale):
             if _state.selection == "upper_bound":
                 idx = ops.select_blocks(qr, mn, mx, lens, block_size=cfg.block_size,
                                         sparse_ratio=cfg.sparse_ratio, min_blocks=cfg.min_blocks,
-                                        local_blocks=cfg.local_blocks, backend=_state.backend)
+                                        local_blocks=cfg.local_blocks,
+                                        sink_blocks=cfg.sink_blocks, backend=_state.backend)
             else:
                 idx = diagnostic_select(_state.selection, qr, mn, mx, kc[None], lens, cfg, scale)
             out[0, r0:r1] = ops.sparse_decode(qr, kx, vx, idx, lens, block_size=cfg.block_size,
@@ -142,7 +143,8 @@ def exact_block_mass(q, k, cache_seqlens, block_size: int, scale: float):
 def diagnostic_select(rule: str, q, kmin, kmax, k, cache_seqlens, cfg: ReSAConfig, scale: float):
     """Block indices [R, Hkv, K] int32 (ascending, -1 padded, as ops.select_blocks returns them)
     chosen by one of the :data:`SELECTIONS`; budget, local blocks and K as in select_blocks."""
-    s = block_scores_reference(q, kmin, kmax, cache_seqlens, cfg.block_size, cfg.local_blocks)
+    s = block_scores_reference(q, kmin, kmax, cache_seqlens, cfg.block_size, cfg.local_blocks,
+                               cfg.sink_blocks)
     if rule == "sink":
         s[:, :, 0] = torch.where(s[:, :, 0] > float("-inf"), float("inf"), s[:, :, 0])
     elif rule == "oracle":

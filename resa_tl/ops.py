@@ -112,12 +112,12 @@ def update_block_summaries(kmin, kmax, k_cache, start, length: int, block_size: 
 
 def select_blocks(q, kmin, kmax, cache_seqlens, *, block_size: int = 16, sparse_ratio: float = 0.1,
                   min_blocks: int = 16, local_blocks: int = 1, max_selected: int | None = None,
-                  k_cache=None, backend: str = "auto"):
+                  k_cache=None, sink_blocks: int = 0, backend: str = "auto"):
     """Pick, per KV head, the blocks that a sparse decode step attends to.
 
     Each valid block j is scored with the group-mean query q̄ (mean over the g query heads of the
     KV head) as D^-0.5 * sum_d max(q̄_d * kmin_jd, q̄_d * kmax_jd). The last ``local_blocks``
-    valid blocks are always kept. A row with NB = ceil(len / block_size) valid blocks keeps
+    valid blocks and the first ``sink_blocks`` are always kept (inside the budget). A row with NB = ceil(len / block_size) valid blocks keeps
     n = max(ceil(NB * sparse_ratio), min(NB, min_blocks)) blocks, at most ``max_selected``.
 
     Parameters
@@ -125,9 +125,11 @@ def select_blocks(q, kmin, kmax, cache_seqlens, *, block_size: int = 16, sparse_
     q : Tensor [B, H, D], float16 / bfloat16 / float32 — the decode query (after RoPE).
     kmin, kmax : Tensor [B, NB_max, Hkv, D], dtype of q — from :func:`block_summaries`.
     cache_seqlens : Tensor [B], int32 / int64.
-    block_size, sparse_ratio, min_blocks, local_blocks : as in :class:`resa_tl.ReSAConfig`.
-    max_selected : int, optional — width K of the output. Default: n for a full cache
-        (NB = NB_max), so every row fits and sizing needs no host sync.
+    block_size, sparse_ratio, min_blocks, local_blocks, sink_blocks : as in
+        :class:`resa_tl.ReSAConfig` (sink_blocks + local_blocks <= min_blocks).
+    max_selected : int, optional — width K of the output, >= local_blocks + sink_blocks (the
+        forced blocks must fit). Default: n for a full cache (NB = NB_max), so every row fits
+        and sizing needs no host sync.
     k_cache : Tensor [B, S_max, Hkv, D], dtype of q, optional — the K cache the summaries
         describe (NB_max = ceil(S_max / block_size)). If given, each row's newest block (the
         one holding position len - 1) gets its kmin/kmax recomputed from it, in place, in the
@@ -141,7 +143,7 @@ def select_blocks(q, kmin, kmax, cache_seqlens, *, block_size: int = 16, sparse_
     """
     from .config import ReSAConfig
     ReSAConfig(block_size=block_size, sparse_ratio=sparse_ratio, min_blocks=min_blocks,
-               local_blocks=local_blocks)                        # field checks, one message style
+               local_blocks=local_blocks, sink_blocks=sink_blocks)   # field checks, one style
     chk.tensor("q", q, 3, shape_doc="[B, H, D]")
     B, H, D = q.shape
     chk.tensor("kmin", kmin, 4, shape_doc="[B, NB, Hkv, D]")
@@ -154,10 +156,13 @@ def select_blocks(q, kmin, kmax, cache_seqlens, *, block_size: int = 16, sparse_
     chk.seqlens(cache_seqlens, B, NB * block_size)
     if max_selected is None:
         max_selected = default_max_selected(NB, sparse_ratio, min_blocks)
-    elif isinstance(max_selected, bool) or not isinstance(max_selected, int) or max_selected < 1:
-        raise ValueError(f"max_selected must be an int >= 1 or None, got {max_selected!r}")
+    elif isinstance(max_selected, bool) or not isinstance(max_selected, int) or \
+            max_selected < max(1, local_blocks + sink_blocks):
+        raise ValueError(f"max_selected must be None or an int >= max(1, local_blocks + "
+                         f"sink_blocks = {local_blocks + sink_blocks}) (the blocks that are "
+                         f"always kept must fit), got {max_selected!r}")
     kw = dict(block_size=block_size, sparse_ratio=sparse_ratio, min_blocks=min_blocks,
-              local_blocks=local_blocks, max_selected=max_selected)
+              local_blocks=local_blocks, max_selected=max_selected, sink_blocks=sink_blocks)
     if k_cache is not None:
         chk.tensor("k_cache", k_cache, 4, shape_doc="[B, S_max, Hkv, D]")
         if tuple(k_cache.shape[::2]) != (B, Hkv) or k_cache.shape[3] != D or \

@@ -105,7 +105,7 @@ def _step(model, cache, tokens, positions, sparse: bool, config: ReSAConfig, bac
         idx = ops.select_blocks(q[:, 0], cache.kmin[layer], cache.kmax[layer], lens,
                                 block_size=config.block_size, sparse_ratio=config.sparse_ratio,
                                 min_blocks=config.min_blocks, local_blocks=config.local_blocks,
-                                backend=backend)
+                                sink_blocks=config.sink_blocks, backend=backend)
         return ops.sparse_decode(q[:, 0], kc, vc, idx, lens, block_size=config.block_size,
                                  backend=backend)[:, None]
 

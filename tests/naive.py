@@ -21,8 +21,8 @@ def summaries(k, lens, bs):
     return kmin, kmax
 
 
-def block_scores(q, kmin, kmax, lens, bs, local):
-    """fp64 scores [B, Hkv, NB] with -inf past the end and +inf for local blocks."""
+def block_scores(q, kmin, kmax, lens, bs, local, sink=0):
+    """fp64 scores [B, Hkv, NB] with -inf past the end and +inf for local and sink blocks."""
     B, H, D = q.shape
     NB, Hkv = kmin.shape[1], kmin.shape[2]
     g = H // Hkv
@@ -34,7 +34,7 @@ def block_scores(q, kmin, kmax, lens, bs, local):
             for j in range(nv):
                 lo, hi = kmin[b, j, h].double(), kmax[b, j, h].double()
                 out[b, h, j] = torch.maximum(qm * lo, qm * hi).sum()
-                if j >= nv - local:
+                if j >= nv - local or j < sink:
                     out[b, h, j] = math.inf
     return out
 

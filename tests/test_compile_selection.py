@@ -89,6 +89,24 @@ def test_compile_select_blocks_refresh(arch, shape):
     assert not writable.findall(plain.get_kernel_source()), "plain select writes no summaries"
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compile_select_blocks_sink(arch):
+    """sink_blocks > 0 compiles (plain and refresh), and sink_blocks = 0 builds exactly the
+    program without sinks, so existing compiled kernels and tuned entries stay valid."""
+    nb, hkv, g, d, dt, it, bs, ratio, minb, local = SELECT_SHAPES[0]
+    K = sel.default_max_selected(nb, ratio, minb)
+    cfg = heuristics.selection_config(nb, hkv, d)
+    for refresh in (False, True):
+        kern = sel.build_select_blocks_kernel(nb, hkv, g, d, bs, ratio, minb, local, K, dt, it,
+                                              cfg, arch, None, refresh, 2)
+        assert kern.get_kernel_source().count("__global__ void __launch_bounds__") == 2
+    args = (nb, hkv, g, d, bs, ratio, minb, local, K, dt, it, cfg)
+    assert sel.select_blocks_program(*args, sink_blocks=0).script() == \
+        sel.select_blocks_program(*args).script()
+    assert sel.select_blocks_program(*args, sink_blocks=2).script() != \
+        sel.select_blocks_program(*args).script()
+
+
 def test_compile_select_blocks_refresh_without_prefetch():
     """Fewer select threads than head_dim: the refresh loads and reduces up front (a column
     loop) instead of prefetching one column per thread."""

@@ -7,6 +7,7 @@ def test_defaults_are_the_papers():
     c = ReSAConfig()
     assert (c.block_size, c.sparse_ratio, c.min_blocks, c.local_blocks, c.rectify_every) == \
         (16, 0.1, 16, 1, 32)
+    assert c.sink_blocks == 0                   # not in the paper: off by default
 
 
 @pytest.mark.parametrize("field,value", [
@@ -15,6 +16,7 @@ def test_defaults_are_the_papers():
     ("min_blocks", 0), ("min_blocks", 2.5),
     ("local_blocks", -1), ("local_blocks", 17),
     ("rectify_every", -1), ("rectify_every", 1.0),
+    ("sink_blocks", -1), ("sink_blocks", 1.0), ("sink_blocks", 16),   # 16 + 1 local > 16
 ])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -26,5 +28,9 @@ def test_valid_edges_and_replace():
     assert c.replace(local_blocks=1).local_blocks == 1
     with pytest.raises(ValueError, match="local_blocks"):
         c.replace(local_blocks=2)            # > min_blocks
+    assert ReSAConfig(sink_blocks=15).sink_blocks == 15          # 15 + 1 local = min_blocks
+    assert c.replace(sink_blocks=1).sink_blocks == 1                # 1 + 0 local = min_blocks
+    with pytest.raises(ValueError, match="sink_blocks"):
+        c.replace(local_blocks=1, sink_blocks=1)                    # 2 forced > min_blocks 1
     with pytest.raises(TypeError, match="unknown ReSAConfig field"):
         c.replace(ratio=0.5)

@@ -35,12 +35,13 @@ def model():
     return m
 
 
-@pytest.mark.parametrize("f", [0, 5])
-def test_teacher_forced_simulation_equals_generate(f):
+@pytest.mark.parametrize("f,sink", [(0, 0), (5, 0), (5, 1)])
+def test_teacher_forced_simulation_equals_generate(f, sink):
     m = model()
     L, N = 150, 24
     ids = torch.randint(0, 300, (L + N + 1,), generator=torch.Generator().manual_seed(1))
-    cfg = ReSAConfig(sparse_ratio=0.25, min_blocks=2, local_blocks=1, rectify_every=f)
+    cfg = ReSAConfig(sparse_ratio=0.25, min_blocks=2, local_blocks=1, rectify_every=f,
+                     sink_blocks=sink)
     sim = teacher_forced_logits(m, ids, L, {"resa": cfg}, backend="torch")
     # generate(): step i's logits come from the forward that fed position L+i-1; the first one
     # is the prefill's. Row i of the simulation is the forward that fed position L+i.
@@ -58,6 +59,10 @@ def test_teacher_forced_simulation_equals_generate(f):
     assert live.float().mean() > 0.99
     assert (got - want)[live].abs().max() <= 1e-4 * scale
     assert (sim["resa"] - sim["dense"]).abs().max() > 1e-3 * scale      # sparsity did matter
+    if sink:                                                             # and so did the sink
+        no_sink = teacher_forced_logits(m, ids, L, {"resa": cfg.replace(sink_blocks=0)},
+                                        backend="torch")["resa"]
+        assert (no_sink[:N] - want).abs().max() > 1e-3 * scale
 
 
 def test_full_density_equals_dense_and_stats():
@@ -131,6 +136,10 @@ def test_diagnostic_select(rule):
                     assert kept.min() >= rest.max()
     if rule == "oracle":
         assert not torch.equal(got, paper)              # the inputs do tell the rules apart
+    if rule == "sink":                                  # = the kernels' rule with one sink block
+        assert torch.equal(got, ops.select_blocks(q, kmin, kmax, lens, block_size=16,
+                                                  sparse_ratio=0.2, min_blocks=2, local_blocks=1,
+                                                  sink_blocks=1, backend="torch"))
     with pytest.raises(ValueError, match="selection"):
         diagnostic_select("best", q, kmin, kmax, k, lens, cfg, 0.25)
 

@@ -73,6 +73,37 @@ def test_select_blocks(g, D, dtype, lens):
                 assert worst_kept >= best_dropped - 1e-4 * (1 + abs(best_dropped))
 
 
+@pytest.mark.parametrize("sink", [1, 3])
+@pytest.mark.parametrize("lens", [[300, 1, 17, 40], [250, 255]])
+def test_select_blocks_sink_blocks(sink, lens):
+    """sink_blocks: the first blocks are kept like the local ones, inside the same budget; the
+    rest are the top of the others by score."""
+    B, S, Hkv, g, D, bs = len(lens), 320, 2, 7, 64, 16
+    q, k, _ = make(B, S, Hkv, g, D, torch.float32, seed=40 + sink)
+    L = torch.tensor(lens)
+    kmin, kmax = ops.block_summaries(k, L, bs)
+    cfg = dict(block_size=bs, sparse_ratio=0.2, min_blocks=4, local_blocks=1)
+    idx = ops.select_blocks(q, kmin, kmax, L, sink_blocks=sink, **cfg)
+    plain = ops.select_blocks(q, kmin, kmax, L, **cfg)
+    assert idx.shape == plain.shape and torch.equal(idx >= 0, plain >= 0)   # same budget
+    assert not torch.equal(idx, plain), "the inputs must make the sinks matter"
+    scores = naive.block_scores(q, kmin, kmax, L, bs, local=1, sink=sink)
+    for b in range(B):
+        nv = math.ceil(lens[b] / bs)
+        for h in range(Hkv):
+            kept = [j for j in idx[b, h].tolist() if j >= 0]
+            assert kept == sorted(kept) and len(kept) == naive.keep_count(nv, 0.2, 4)
+            assert set(range(min(sink, nv))) | {nv - 1} <= set(kept), "sink and local kept"
+            dropped = [j for j in range(nv) if j not in kept]
+            if dropped:
+                worst_kept = min(scores[b, h, j].item() for j in kept)
+                assert worst_kept >= max(scores[b, h, j].item() for j in dropped) - 1e-9
+    with pytest.raises(ValueError, match="sink_blocks"):
+        ops.select_blocks(q, kmin, kmax, L, sink_blocks=4, **cfg)           # 4 + 1 > 4
+    with pytest.raises(ValueError, match="max_selected"):
+        ops.select_blocks(q, kmin, kmax, L, sink_blocks=sink, max_selected=sink, **cfg)
+
+
 def test_select_blocks_ratio_is_exact_and_max_selected():
     # 30 blocks at ratio 0.1: 30 * 0.1 = 3.0000000000000004 in floating point; 3 must be kept.
     B, S, bs = 1, 480, 16

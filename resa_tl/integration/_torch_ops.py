@@ -19,14 +19,15 @@ _NS = "resa_tl"
 def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      kmin: torch.Tensor, kmax: torch.Tensor, cache_seqlens: torch.Tensor,
                      block_size: int, sparse_ratio: float, min_blocks: int, local_blocks: int,
-                     softmax_scale: float, backend: str, refresh: bool) -> torch.Tensor:
+                     sink_blocks: int, softmax_scale: float, backend: str,
+                     refresh: bool) -> torch.Tensor:
     """One decode step: select blocks from the summaries, attend to them. q [B, H, D] ->
     [B, H, Dv]. ``refresh``: the selection also rewrites the newest block's kmin/kmax from
     k_cache (the step's one appended token; see :func:`resa_tl.ops.select_blocks`)."""
     idx = ops.select_blocks(q, kmin, kmax, cache_seqlens, block_size=block_size,
                             sparse_ratio=sparse_ratio, min_blocks=min_blocks,
-                            local_blocks=local_blocks, k_cache=k_cache if refresh else None,
-                            backend=backend)
+                            local_blocks=local_blocks, sink_blocks=sink_blocks,
+                            k_cache=k_cache if refresh else None, backend=backend)
     out = ops.sparse_decode(q, k_cache, v_cache, idx, cache_seqlens, block_size=block_size,
                             softmax_scale=softmax_scale, backend=backend)
     return out.contiguous()                      # the fake below promises a contiguous tensor
@@ -34,7 +35,7 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 @sparse_attention.register_fake
 def _(q, k_cache, v_cache, kmin, kmax, cache_seqlens, block_size, sparse_ratio, min_blocks,
-      local_blocks, softmax_scale, backend, refresh):
+      local_blocks, sink_blocks, softmax_scale, backend, refresh):
     return q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
 
 

@@ -205,7 +205,8 @@ class ReSAHFCache(Cache):
         torch.ops.resa_tl.hf_sparse_attention(q, store.k[0], store.v[0], store.kmin[0],
                                               store.kmax[0], lens, cfg.block_size,
                                               float(cfg.sparse_ratio), cfg.min_blocks,
-                                              cfg.local_blocks, 1.0, self.backend,
+                                              cfg.local_blocks, cfg.sink_blocks, 1.0,
+                                              self.backend,
                                               self.refresh_in_select)
         if cfg.rectify_every and T <= RECTIFY_MAX_T and T <= store.max_seq_len:
             q = torch.zeros(B, T, self.num_heads, D, dtype=dtype, device=store.device)

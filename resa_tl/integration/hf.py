@@ -138,7 +138,7 @@ def resa_attention(module, query, key, value, attention_mask, scaling=None, drop
         out = torch.ops.resa_tl.hf_sparse_attention(
             query[:, :, 0].contiguous(), store.k[i], store.v[i], store.kmin[i], store.kmax[i],
             store.seqlens[i], cfg.block_size, float(cfg.sparse_ratio), cfg.min_blocks,
-            cfg.local_blocks, scale, cache.backend, cache.refresh_in_select)
+            cfg.local_blocks, cfg.sink_blocks, scale, cache.backend, cache.refresh_in_select)
         return out.unsqueeze(1), None
     if attention_mask is not None:
         valid = attention_mask[:, -T:].to(device=query.device, dtype=torch.bool)

@@ -28,8 +28,9 @@ def default_max_selected(num_blocks: int, sparse_ratio: float, min_blocks: int) 
     return max(1, blocks_to_keep(num_blocks, sparse_ratio, min_blocks))
 
 
-def block_scores_reference(q, kmin, kmax, cache_seqlens, block_size: int, local_blocks: int):
-    """Scores [B, Hkv, NB] in fp32: -inf past a row's end, +inf for the local blocks."""
+def block_scores_reference(q, kmin, kmax, cache_seqlens, block_size: int, local_blocks: int,
+                           sink_blocks: int = 0):
+    """Scores [B, Hkv, NB] in fp32: -inf past a row's end, +inf for the local and sink blocks."""
     B, H, D = q.shape
     _, NB, Hkv, _ = kmin.shape
     qm = q.float().view(B, Hkv, H // Hkv, D).mean(dim=2) * D ** -0.5      # [B, Hkv, D]
@@ -39,23 +40,26 @@ def block_scores_reference(q, kmin, kmax, cache_seqlens, block_size: int, local_
     nvalid = (cache_seqlens.long() + block_size - 1) // block_size        # [B]
     j = torch.arange(NB, device=q.device)
     valid = j[None] < nvalid[:, None]                                    # [B, NB]
-    local = valid & (j[None] >= nvalid[:, None] - local_blocks)
+    local = valid & ((j[None] >= nvalid[:, None] - local_blocks) | (j[None] < sink_blocks))
     s = torch.where(valid[:, None], s, float("-inf"))
     return torch.where(local[:, None], float("inf"), s)
 
 
 def select_blocks_reference(q, kmin, kmax, cache_seqlens, *, block_size, sparse_ratio,
-                            min_blocks, local_blocks, max_selected, k_cache=None):
+                            min_blocks, local_blocks, max_selected, k_cache=None,
+                            sink_blocks=0):
     """Torch reference of :func:`resa_tl.ops.select_blocks` (with ``k_cache``: the newest
     block's summary is refreshed in place after the selection, which does not depend on it)."""
     if k_cache is not None:
         from .summaries import refresh_newest_summaries_reference
         top = select_blocks_reference(q, kmin, kmax, cache_seqlens, block_size=block_size,
                                       sparse_ratio=sparse_ratio, min_blocks=min_blocks,
-                                      local_blocks=local_blocks, max_selected=max_selected)
+                                      local_blocks=local_blocks, max_selected=max_selected,
+                                      sink_blocks=sink_blocks)
         refresh_newest_summaries_reference(kmin, kmax, k_cache, cache_seqlens, block_size)
         return top
-    s = block_scores_reference(q, kmin, kmax, cache_seqlens, block_size, local_blocks)
+    s = block_scores_reference(q, kmin, kmax, cache_seqlens, block_size, local_blocks,
+                               sink_blocks)
     return select_from_scores_reference(s, cache_seqlens, block_size=block_size,
                                         sparse_ratio=sparse_ratio, min_blocks=min_blocks,
                                         max_selected=max_selected)
@@ -91,8 +95,8 @@ def select_from_scores_reference(s, cache_seqlens, *, block_size, sparse_ratio, 
 #    one (block, head). fp32 scores go to a workspace [B, Hkv, NB] (stays in L2). CTAs whose
 #    blocks all lie past the row's length exit at once, so short rows cost nothing.
 # 2. Select (latency-bound): one CTA per (b, hkv). Thread t owns the contiguous block range
-#    [t*C, (t+1)*C) and turns its scores into order-preserving uint32 keys (local blocks ->
-#    0xFFFFFFFF, i.e. above any score). A 4-pass 8-bit radix select (shared-memory histogram,
+#    [t*C, (t+1)*C) and turns its scores into order-preserving uint32 keys (local and sink
+#    blocks -> 0xFFFFFFFF, i.e. above any score). A 4-pass 8-bit radix select (shared-memory histogram,
 #    SelectionConfig.hist: warp-aggregated atomics via __match_any_sync in the first pass, whose
 #    top bits (sign, exponent) are shared by most keys, plain atomics after; one warp finds the
 #    bucket by a suffix scan) finds the n-th largest key T and how many keys equal to T to keep;
@@ -146,13 +150,14 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
                           block_size: int, sparse_ratio: float, min_blocks: int,
                           local_blocks: int, max_selected: int, dtype: str = "bfloat16",
                           index_dtype: str = "int32", config: SelectionConfig | None = None,
-                          pdl: bool = False, refresh: bool = False):
+                          pdl: bool = False, refresh: bool = False, sink_blocks: int = 0):
     """The TileLang PrimFunc of select_blocks. Static: NB (kmin's block dim, fixed per cache),
     Hkv, g, D, the selection hyper-parameters and K; symbolic: B. The row lengths are data, so
     nothing recompiles as they change. ``pdl``: programmatic dependent launch for both kernels
     (sm_90+; see _splitkv.grid_dependency). ``refresh``: the program takes the K cache as a 7th
     argument and the select kernel also rewrites the newest block's kmin/kmax (needs
-    local_blocks >= 1)."""
+    local_blocks >= 1). ``sink_blocks``: blocks 0 .. sink_blocks - 1 are forced like the local
+    ones (0 emits no test, so the program is the one without sinks)."""
     import tilelang.language as T
     from ._splitkv import grid_dependency
     wait = grid_dependency(pdl)
@@ -166,7 +171,7 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
     if D % _VEC or (D // _VEC) & (D // _VEC - 1) or D // _VEC > 32:
         raise ValueError(f"head_dim must be 8 * 2^k <= 256 for the tilelang select_blocks, got {D}")
     NUM, DEN = ratio_numerator(sparse_ratio), RATIO_DENOM
-    MINB, LOCAL = min_blocks, local_blocks
+    MINB, LOCAL, SINK = min_blocks, local_blocks, sink_blocks
     scale = float(D) ** -0.5
     f32, dt, it = "float32", dtype, index_dtype
     # scoring
@@ -204,6 +209,12 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
     VL = 4 if C % 4 == 0 else 1          # fp32 scores per load in the select kernel
     B = T.dynamic("B")
     FULL = T.uint32(0xFFFFFFFF)
+
+    def forced(j, nvalid):
+        """Block j is kept whatever its score: a local block (or a sink block)."""
+        if SINK > 0:
+            return T.Or(j >= nvalid - LOCAL, j < SINK)
+        return j >= nvalid - LOCAL
 
     @T.macro
     def block_exclusive_scan(src, dst, buf, slot, lane, warp):
@@ -365,7 +376,7 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
                 kidx = c if in_regs else c * TT + tx
                 keys[kidx] = T.uint32(0)
                 if j0 + c < nvalid:
-                    if j0 + c >= nvalid - LOCAL:
+                    if forced(j0 + c, nvalid):
                         keys[kidx] = FULL
                     else:
                         if in_regs:
@@ -522,7 +533,7 @@ def build_select_blocks_kernel(num_blocks: int, heads_kv: int, group: int, head_
                                block_size: int, sparse_ratio: float, min_blocks: int,
                                local_blocks: int, max_selected: int, dtype: str,
                                index_dtype: str, config: SelectionConfig, target: str,
-                               pdl: bool = None, refresh: bool = False):
+                               pdl: bool = None, refresh: bool = False, sink_blocks: int = 0):
     """Compile (memoised) the select_blocks program for ``target`` ("sm_90a", "sm_80", ...).
     ``pdl`` None: :func:`resa_tl.heuristics.use_pdl` decides. ``refresh``: see
     :func:`select_blocks_program`."""
@@ -531,7 +542,7 @@ def build_select_blocks_kernel(num_blocks: int, heads_kv: int, group: int, head_
     pdl = heuristics.use_pdl(target) if pdl is None else pdl
     prog = select_blocks_program(num_blocks, heads_kv, group, head_dim, block_size, sparse_ratio,
                                  min_blocks, local_blocks, max_selected, dtype, index_dtype,
-                                 config, pdl, refresh)
+                                 config, pdl, refresh, sink_blocks)
     return tilelang.compile(prog, target={"kind": "cuda", "arch": target},
                             pass_configs=_pass_configs())
 
@@ -558,7 +569,7 @@ def _contig16(t: torch.Tensor) -> torch.Tensor:
 
 def select_blocks_tilelang(q, kmin, kmax, cache_seqlens, *, block_size, sparse_ratio,
                            min_blocks, local_blocks, max_selected, k_cache=None, out=None,
-                           config=None):
+                           config=None, sink_blocks=0):
     """TileLang backend of :func:`resa_tl.ops.select_blocks` (arguments already validated).
 
     ``k_cache`` (optional): [B, S_max, Hkv, D] contiguous; refresh the newest block's summary.
@@ -590,7 +601,7 @@ def select_blocks_tilelang(q, kmin, kmax, cache_seqlens, *, block_size, sparse_r
         int(local_blocks), K, {torch.float16: "float16", torch.bfloat16: "bfloat16"}[q.dtype],
         "int64" if cache_seqlens.dtype == torch.int64 else "int32", cfg,
         heuristics.arch_of(q.device), heuristics.use_pdl(heuristics.arch_of(q.device)),
-        k_cache is not None)
+        k_cache is not None, int(sink_blocks))
     nbp = -(-NB // cfg.select_threads) * cfg.select_threads     # padded row (see NBP)
     scores = _scores_workspace(q.device, B, Hkv, nbp)
     lo, hi = _contig16(kmin), _contig16(kmax)

@@ -228,13 +228,14 @@ def _random_summaries(B, nb, Hkv, D, dt, seed):
 
 
 def check_selection(out, q, kmin, kmax, lens, *, block_size, sparse_ratio, min_blocks,
-                    local_blocks, max_selected, ref=None):
+                    local_blocks, max_selected, ref=None, sink_blocks=0):
     """Asserts that ``out`` is a valid selection (see the module docstring); returns the number
     of rows that differ from ``ref`` (only allowed within the fp32 tolerance)."""
     B, NB, Hkv, D = kmin.shape
     K = max_selected
     assert out.dtype == torch.int32 and tuple(out.shape) == (B, Hkv, K)
-    s = sel.block_scores_reference(q, kmin, kmax, lens, block_size, local_blocks).cpu()
+    s = sel.block_scores_reference(q, kmin, kmax, lens, block_size, local_blocks,
+                                   sink_blocks).cpu()
     # tolerance: a few fp32 ulps of the sum of |terms| of the score
     qm = q.float().view(B, Hkv, -1, D).mean(2) * D ** -0.5
     mag = torch.maximum(kmin.float().abs(), kmax.float().abs()).permute(0, 2, 1, 3)
@@ -262,6 +263,7 @@ def check_selection(out, q, kmin, kmax, lens, *, block_size, sparse_ratio, min_b
             nloc = min(local_blocks, nv)
             if nloc <= nn:
                 assert is_kept[nv - nloc:nv].all(), f"{where}: local blocks not kept"
+            assert is_kept[:min(sink_blocks, nv)].all(), f"{where}: sink blocks not kept"
             dropped = valid & ~is_kept
             if dropped.any():
                 lo_kept = sc[is_kept].min()
@@ -435,6 +437,57 @@ def test_select_blocks_refreshes_newest_summary(case, graph):
         via_op = ops.select_blocks(q, kmin0.clone(), kmax0.clone(), sl, k_cache=k,
                                    backend="tilelang", **kw)
         assert torch.equal(via_op, want_ids)
+
+
+# (B, lengths, S_max, Hkv, g, D, dtype, block_size, local_blocks, sink_blocks, refresh)
+SINK_CASES = [
+    (8, [1, 15, 16, 17, 1000, 4103, 32768, 70], 32768, 4, 7, 128, BF16, 16, 1, 1, True),
+    (3, [4103, 1000, 17], 4103, 2, 6, 64, F16, 16, 2, 3, False),
+    (4, [1, 16, 33, 5000], 5000, 4, 7, 128, BF16, 32, 1, 2, False),
+]
+
+
+def sink_specs():
+    """(batch, static parameters, refresh, sink_blocks) of the kernels below (the sink ones
+    and the plain ones they are compared with), for precompiling."""
+    out = set()
+    for B, lens, S, Hkv, g, D, dt, bs, local, sink, refresh in SINK_CASES:
+        nb = -(-S // bs)
+        static = (nb, Hkv, g, D, bs, 0.1, 16, local, sel.default_max_selected(nb, 0.1, 16), dt,
+                  I32)
+        out |= {(B,) + static + (refresh, sink), (B,) + static + (False, 0)}
+    return sorted(out, key=str)
+
+
+@pytest.mark.parametrize("case", SINK_CASES, ids=lambda c: (
+    f"B{c[0]}-S{c[2]}-h{c[3]}-g{c[4]}-d{c[5]}-bs{c[7]}-loc{c[8]}-sink{c[9]}-refresh{c[10]}"))
+def test_select_blocks_sink_blocks(case):
+    """sink_blocks: the first blocks are kept like the local ones, inside the budget; everything
+    else as without sinks (checked against the torch reference), with and without the refresh."""
+    B, lens, S, Hkv, g, D, dt, bs, local, sink, refresh = case
+    nb = -(-S // bs)
+    K = sel.default_max_selected(nb, 0.1, 16)
+    torch.manual_seed(31)
+    sl = _lens(lens)
+    q = torch.randn(B, Hkv * g, D, device=_dev()).to(dt)
+    kmin, kmax = _random_summaries(B, nb, Hkv, D, dt, seed=32)
+    k = torch.randn(B, S, Hkv, D, device=_dev()).to(dt) if refresh else None
+    kw = dict(block_size=bs, sparse_ratio=0.1, min_blocks=16, local_blocks=local,
+              max_selected=K, sink_blocks=sink)
+    ref_min, ref_max = kmin.clone(), kmax.clone()
+    ref = sel.select_blocks_reference(q, ref_min, ref_max, sl, k_cache=k, **kw)
+    out = torch.full((B, Hkv, K), 0x7FFFFFFF, dtype=torch.int32, device=_dev())   # poisoned
+    got_min, got_max = kmin.clone(), kmax.clone()
+    sel.select_blocks_tilelang(q, got_min, got_max, sl, k_cache=k, out=out, **kw)
+    differing = check_selection(out, q, kmin, kmax, sl, ref=ref, **kw)
+    assert differing <= max(1, B * Hkv // 8), f"{differing} rows differ from torch.topk"
+    assert torch.equal(got_min, ref_min) and torch.equal(got_max, ref_max)
+    plain = sel.select_blocks_tilelang(q, kmin.clone(), kmax.clone(), sl,
+                                       **{**kw, "sink_blocks": 0})
+    assert not torch.equal(plain, out), "the cases must make the sink blocks matter"
+    via_op = ops.select_blocks(q, kmin.clone(), kmax.clone(), sl, k_cache=k, backend="tilelang",
+                               **kw)
+    assert torch.equal(via_op, out)
 
 
 GRAPH_NB = 2048
