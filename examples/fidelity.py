@@ -83,18 +83,23 @@ def load_austen(novel: str) -> str:
     return "\n".join(str(x) for x in lines)
 
 
-def configs(ratios, fs, pairs=None, selections=("upper_bound",)):
+def configs(ratios, fs, pairs=None, selections=("upper_bound",), sink_blocks=0):
     """sparse-only at each ratio, and ReSA at each (ratio, f): the full grid, or ``pairs``; ReSA
     once per selection rule (resa_tl.fidelity.SELECTIONS; names of the diagnostic ones end in
-    " sel=<rule>"). Returns (name -> ReSAConfig, name -> rule)."""
+    " sel=<rule>"); ``sink_blocks`` > 0: every configuration keeps that many sink blocks
+    (ReSAConfig.sink_blocks; names end in " sink=<n>"). Returns (name -> ReSAConfig,
+    name -> rule)."""
     pairs = pairs or [(r, f) for r in ratios for f in fs]
+    tag = f" sink={sink_blocks}" if sink_blocks else ""
     out, rules = {}, {}
     for r in sorted({r for r, _ in pairs}):
-        out[f"sparse-only r={r}"] = ReSAConfig(sparse_ratio=r, rectify_every=0)
+        out[f"sparse-only r={r}{tag}"] = ReSAConfig(sparse_ratio=r, rectify_every=0,
+                                                    sink_blocks=sink_blocks)
     for rule in selections:
         for r, f in pairs:
-            name = f"ReSA r={r} f={f}" + ("" if rule == "upper_bound" else f" sel={rule}")
-            out[name], rules[name] = ReSAConfig(sparse_ratio=r, rectify_every=f), rule
+            name = f"ReSA r={r} f={f}" + ("" if rule == "upper_bound" else f" sel={rule}") + tag
+            out[name] = ReSAConfig(sparse_ratio=r, rectify_every=f, sink_blocks=sink_blocks)
+            rules[name] = rule
     return out, rules
 
 
@@ -151,7 +156,9 @@ def free_running_only(args, model, ids, cfgs, commit, model_name):
                results={k: list(v) for k, v in free.items()},
                seconds_generating=round(time.time() - t0))
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"fidelity_free_running_{args.novel}.json"), "w") as fh:
+    sink = f"_sink{args.sink_blocks}" if args.sink_blocks else ""
+    with open(os.path.join(args.out, f"fidelity_free_running_{args.novel}{sink}.json"),
+              "w") as fh:
         json.dump(out, fh, indent=1)
     for name, (first, agree) in free.items():
         print(f"free-running {name:24s} first divergence at token {first}, agreement {agree:.1%}")
@@ -172,6 +179,9 @@ def main():
                          "upper_bound (the paper's), sink, oracle (diagnostics, see "
                          "resa_tl.fidelity); outputs get a _selections suffix unless only "
                          "upper_bound")
+    ap.add_argument("--sink-blocks", type=int, default=0,
+                    help="ReSAConfig.sink_blocks for every sparse configuration (default 0: the "
+                         "paper's rule); outputs get a _sink<n> suffix")
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--free-running", type=int, default=0, help="greedy tokens for part (b)")
     ap.add_argument("--free-prompt-len", type=int, default=2048)
@@ -196,7 +206,7 @@ def main():
     if args.pairs:
         pairs = [(float(a), int(b)) for a, b in (p.split(":") for p in args.pairs.split(","))]
     selections = args.selections.split(",")
-    cfgs, rules = configs(args.ratios, args.fs, pairs, selections)
+    cfgs, rules = configs(args.ratios, args.fs, pairs, selections, args.sink_blocks)
     if args.free_only:
         cfgs = {n: c for n, c in cfgs.items() if rules.get(n, "upper_bound") == "upper_bound"}
         return free_running_only(args, model, ids, cfgs, commit, os.path.basename(path))
@@ -221,6 +231,8 @@ def main():
     base = f"fidelity_{args.novel}_L{args.prompt_len}"
     if selections != ["upper_bound"]:
         base += "_selections"
+    if args.sink_blocks:
+        base += f"_sink{args.sink_blocks}"
     pick = {n: s for n, s in stats.items() if n == "dense" or "r=0.1 " in n + " "}
     plot({n: windows(s[0], args.window) for n, s in pick.items()}, args.window, args.prompt_len,
          os.path.join(args.out, base + "_ppl.png"), f"perplexity ({args.window}-token windows)",
