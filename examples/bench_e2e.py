@@ -180,7 +180,7 @@ class Decoder:
         return ops.select_blocks(q, self.kmin[layer], self.kmax[layer], self.lens_after,
                                  block_size=c.block_size, sparse_ratio=c.sparse_ratio,
                                  min_blocks=c.min_blocks, local_blocks=c.local_blocks,
-                                 k_cache=self.k[layer])
+                                 sink_blocks=c.sink_blocks, k_cache=self.k[layer])
 
     def step(self, tokens, mode):
         s, W = self.s, self.W
@@ -306,7 +306,8 @@ def precompile(s: Qwen7BShape, cfg: ReSAConfig, contexts, batches):
                 q = torch.empty(B, s.heads, s.head_dim, **kv)
                 idx = ops.select_blocks(q, kmin, kmax, lens, block_size=cfg.block_size,
                                         sparse_ratio=cfg.sparse_ratio, min_blocks=cfg.min_blocks,
-                                        local_blocks=cfg.local_blocks, k_cache=k)
+                                        local_blocks=cfg.local_blocks,
+                                        sink_blocks=cfg.sink_blocks, k_cache=k)
                 ops.sparse_decode(q, k, k, idx, lens, block_size=cfg.block_size)
                 ops.dense_decode(q, k, k, lens)
                 ops.rectify_attention(torch.empty(B, f + 1, s.heads, s.head_dim, **kv), k, k,

@@ -244,7 +244,8 @@ def main():
     free = {}
     if args.free_running:
         fcfg = {n: c for n, c in cfgs.items()      # attach runs the kernels' rule only
-                if "r=0.1" in n and c.rectify_every in (0, 32) and n not in rules}
+                if "r=0.1" in n and c.rectify_every in (0, 32)
+                and rules.get(n, "upper_bound") == "upper_bound"}
         free = free_running(model, ids, args.free_prompt_len, args.free_running, fcfg)
         meta["free_running"] = dict(prompt_len=args.free_prompt_len, tokens=args.free_running)
     with open(os.path.join(args.out, base + ".json"), "w") as fh:

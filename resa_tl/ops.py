@@ -117,8 +117,9 @@ def select_blocks(q, kmin, kmax, cache_seqlens, *, block_size: int = 16, sparse_
 
     Each valid block j is scored with the group-mean query q̄ (mean over the g query heads of the
     KV head) as D^-0.5 * sum_d max(q̄_d * kmin_jd, q̄_d * kmax_jd). The last ``local_blocks``
-    valid blocks and the first ``sink_blocks`` are always kept (inside the budget). A row with NB = ceil(len / block_size) valid blocks keeps
-    n = max(ceil(NB * sparse_ratio), min(NB, min_blocks)) blocks, at most ``max_selected``.
+    valid blocks and the first ``sink_blocks`` are always kept (inside the budget). A row with
+    NB = ceil(len / block_size) valid blocks keeps n = max(ceil(NB * sparse_ratio),
+    min(NB, min_blocks)) blocks, at most ``max_selected``.
 
     Parameters
     ----------

@@ -89,8 +89,10 @@ def test_bad_scalars_and_backend():
     kmin, kmax = ops.block_summaries(k, L)
     with pytest.raises(ValueError, match="sparse_ratio"):
         ops.select_blocks(q, kmin, kmax, L, sparse_ratio=0)
-    with pytest.raises(ValueError, match="max_selected must be an int >= 1"):
+    with pytest.raises(ValueError, match="max_selected must be None or an int >="):
         ops.select_blocks(q, kmin, kmax, L, max_selected=0)
+    with pytest.raises(ValueError, match="the blocks that are always kept must fit"):
+        ops.select_blocks(q, kmin, kmax, L, min_blocks=4, local_blocks=2, max_selected=1)
     with pytest.raises(ValueError, match=r"kmin must have shape \[B, NB, Hkv, D\]"):
         ops.update_block_summaries(kmin[:, :2], kmax, k, L, 1)
     with pytest.raises(ValueError, match="length must be an int >= 0"):

@@ -96,8 +96,8 @@ def select_from_scores_reference(s, cache_seqlens, *, block_size, sparse_ratio, 
 #    blocks all lie past the row's length exit at once, so short rows cost nothing.
 # 2. Select (latency-bound): one CTA per (b, hkv). Thread t owns the contiguous block range
 #    [t*C, (t+1)*C) and turns its scores into order-preserving uint32 keys (local and sink
-#    blocks -> 0xFFFFFFFF, i.e. above any score). A 4-pass 8-bit radix select (shared-memory histogram,
-#    SelectionConfig.hist: warp-aggregated atomics via __match_any_sync in the first pass, whose
+#    blocks -> 0xFFFFFFFF, i.e. above any score). A 4-pass 8-bit radix select (shared-memory
+#    histogram, SelectionConfig.hist: warp-aggregated atomics via __match_any_sync in the first pass, whose
 #    top bits (sign, exponent) are shared by most keys, plain atomics after; one warp finds the
 #    bucket by a suffix scan) finds the n-th largest key T and how many keys equal to T to keep;
 #    it stops early once the threshold bucket is kept whole. Then an ordered compaction: two
