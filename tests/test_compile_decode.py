@@ -52,11 +52,6 @@ def test_decode_compiles(case):
             "expected a warp-specialised kernel (128-thread TMA producer + 128 MMA threads)"
         if op == "sparse-ws":
             assert "warpgroup_reg_alloc" in src and src.count(".expect_transaction(") >= 2
-            # the producer does not wait for the MMA warpgroup's Q load: one CTA-wide
-            # barrier (TileLang's, after the mbarrier init), Q_s published by a named one
-            split = src[src.index("sparse_decode_kernel("):]
-            assert split.count("__syncthreads();") == 1, "expected no CTA barrier after the scan"
-            assert "__sync_thread_partial(8, 128)" in split
         if op.startswith("sparse"):
             # every gathered block is its own bulk copy, per 128-byte column piece, K and V
             bn = max(cfg.block_N, bs)

@@ -121,11 +121,9 @@ def make_write_partials(block_h: int, group: int, dim_v: int):
 
 def make_combine(heads: int, dim_v: int, dtype: str, chunk: int, pdl: bool = False):
     """Kernel (inside the caller's prim_func) merging the split partials of every (row, head):
-    one CTA of dim_v threads per (head, row), thread d owning output column d. Per step of
-    ``chunk`` splits a thread issues the chunk's LSE loads and its O column loads together
-    (registers) before using either, so the combine costs ceil(num_splits / chunk) memory
-    round trips, not two per step; an online rescale carries the running max across steps.
-    ``pdl``: see :func:`grid_dependency`."""
+    one CTA of dim_v threads per (head, row), ``chunk`` splits per step with independent loads
+    and an online rescale, so latency is ceil(num_splits / chunk) round trips. ``pdl``: see
+    :func:`grid_dependency`."""
     import tilelang.language as T
     wait = grid_dependency(pdl)
 
@@ -133,10 +131,8 @@ def make_combine(heads: int, dim_v: int, dtype: str, chunk: int, pdl: bool = Fal
     def combine(O_part, LSE_part, Out, batch, num_splits):
         with T.Kernel(heads, batch, threads=dim_v) as (h, b):
             wait()
-            d = T.get_thread_binding()
+            o = T.alloc_fragment((dim_v,), ACC)
             w = T.alloc_local((chunk,), ACC)
-            ov = T.alloc_local((chunk,), ACC)
-            o = T.alloc_var(ACC)
             m = T.alloc_var(ACC)
             cm = T.alloc_var(ACC)
             ms = T.alloc_var(ACC)
@@ -144,27 +140,29 @@ def make_combine(heads: int, dim_v: int, dtype: str, chunk: int, pdl: bool = Fal
             tot = T.alloc_var(ACC)
             m = -T.infinity(ACC)
             tot = 0.0
-            o = 0.0
+            T.clear(o)
             for c in T.serial(T.ceildiv(num_splits, chunk)):
-                for s in T.unroll(chunk):          # a clamped index past the last split is
-                    w[s] = T.if_then_else(         # read but weighted 0 (w = -inf below)
-                        c * chunk + s < num_splits,
-                        LSE_part[b, h, T.min(c * chunk + s, num_splits - 1)],
-                        -T.infinity(ACC))
-                    ov[s] = O_part[b, h, T.min(c * chunk + s, num_splits - 1), d]
+                for s in T.unroll(chunk):
+                    w[s] = T.if_then_else(c * chunk + s < num_splits,
+                                          LSE_part[b, h, T.min(c * chunk + s, num_splits - 1)],
+                                          -T.infinity(ACC))
                 cm = m
                 for s in T.unroll(chunk):
                     cm = T.max(cm, w[s])
                 ms = T.if_then_else(cm == -T.infinity(ACC), 0.0, cm)
                 r = T.exp2(m - ms)
                 tot = tot * r
-                o = o * r
+                for d in T.Parallel(dim_v):
+                    o[d] = o[d] * r
                 for s in T.unroll(chunk):
                     w[s] = T.exp2(w[s] - ms)
                     tot = tot + w[s]
-                    o = o + w[s] * ov[s]
+                for s in T.unroll(chunk):
+                    for d in T.Parallel(dim_v):
+                        o[d] += w[s] * O_part[b, h, T.min(c * chunk + s, num_splits - 1), d]
                 m = cm
-            Out[b, h, d] = T.cast(T.if_then_else(tot > 0, o / tot, 0.0), dtype)
+            for d in T.Parallel(dim_v):
+                Out[b, h, d] = T.cast(T.if_then_else(tot > 0, o[d] / tot, 0.0), dtype)
 
     return combine
 

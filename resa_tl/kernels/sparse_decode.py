@@ -239,9 +239,6 @@ def build_sparse_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int,
     return sparse_decode
 
 
-_Q_BAR = 8   # named barrier of the MMA warpgroup's Q load (ids 0-2 are TileLang's own)
-
-
 def _build_ws(heads, heads_kv, dim, dim_v, bs, dtype, cfg, index_dtype, seqlen_dtype, BN, pdl):
     """Split kernel with a hand-written sm_90a schedule (SparseDecodeConfig.schedule="ws").
 
@@ -306,10 +303,11 @@ def _build_ws(heads, heads_kv, dim, dim_v, bs, dtype, cfg, index_dtype, seqlen_d
             last = T.warp_reduce_max(last)
             n = T.ceildiv(last - e0, bpt)
 
-            # No CTA-wide barrier after the scan: the producer issues its first TMA loads at
-            # once while the MMA warpgroup loads Q (two round trips overlap instead of
-            # following each other); Q_s is published to the MMA warpgroup alone by a named
-            # barrier (the mbarriers were initialised before TileLang's opening barrier).
+            for i, d in T.Parallel(BH, dim):
+                Q_s[i, d] = T.if_then_else(i < G, Q[b, hk * G + i, d], T.cast(0, dtype))
+            T.fence_proxy_async()
+            T.sync_threads()
+
             if tx >= NMMA:
                 T.set_max_nreg(24, 0)
             if tx >= NMMA and tx < NMMA + 32:
@@ -340,10 +338,6 @@ def _build_ws(heads, heads_kv, dim, dim_v, bs, dtype, cfg, index_dtype, seqlen_d
 
             with T.ws(0):
                 T.set_max_nreg(240 if cfg.ctas_per_sm == 1 else 224, 1)
-                for i, d in T.Parallel(BH, dim):
-                    Q_s[i, d] = T.if_then_else(i < G, Q[b, hk * G + i, d], T.cast(0, dtype))
-                T.fence_proxy_async()
-                T.sync_threads(_Q_BAR, NMMA)
                 Sc = T.alloc_fragment((BH, BN), ACC)
                 P = T.alloc_fragment((BH, BN), dtype)
                 acc = T.alloc_fragment((BH, dim_v), ACC)
