@@ -19,7 +19,8 @@ Diagnostic selection rules (``selections=``; torch only, not something the kerne
 part of ReSA's loss comes from its scoring rule rather than from its budget.
   "upper_bound"  the paper's (and resa_tl's) rule: the group-mean query against per-block min/max
                  keys, sum_d max(q_d kmin_d, q_d kmax_d);
-  "sink"         the same, with block 0 (the attention-sink tokens) always kept, inside the budget;
+  "sink"         the same, with block 0 (the attention-sink tokens) always kept, inside the budget:
+                 the kernels' rule with ReSAConfig(sink_blocks=1);
   "oracle"       blocks ranked by their exact attention mass: softmax over every valid key of the
                  K that this step really sees, summed over the group's query heads.
 All three keep the same number of blocks, force the newest ``local_blocks`` and rectify alike.
@@ -143,15 +144,14 @@ def exact_block_mass(q, k, cache_seqlens, block_size: int, scale: float):
 def diagnostic_select(rule: str, q, kmin, kmax, k, cache_seqlens, cfg: ReSAConfig, scale: float):
     """Block indices [R, Hkv, K] int32 (ascending, -1 padded, as ops.select_blocks returns them)
     chosen by one of the :data:`SELECTIONS`; budget, local blocks and K as in select_blocks."""
+    if rule not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {rule!r}")
+    sink = max(cfg.sink_blocks, 1) if rule == "sink" else cfg.sink_blocks   # = sink_blocks=1
     s = block_scores_reference(q, kmin, kmax, cache_seqlens, cfg.block_size, cfg.local_blocks,
-                               cfg.sink_blocks)
-    if rule == "sink":
-        s[:, :, 0] = torch.where(s[:, :, 0] > float("-inf"), float("inf"), s[:, :, 0])
-    elif rule == "oracle":
+                               sink)
+    if rule == "oracle":
         mass = exact_block_mass(q, k, cache_seqlens, cfg.block_size, scale)[..., :s.shape[-1]]
         s = torch.where(torch.isinf(s), s, mass)          # keeps the -inf / +inf masks
-    elif rule != "upper_bound":
-        raise ValueError(f"selection must be one of {SELECTIONS}, got {rule!r}")
     K = default_max_selected(kmin.shape[1], cfg.sparse_ratio, cfg.min_blocks)
     return select_from_scores_reference(s, cache_seqlens, block_size=cfg.block_size,
                                         sparse_ratio=cfg.sparse_ratio,
