@@ -106,7 +106,13 @@ def build_variants(args, arch):
                           ("BM128-BN64-s3", RectifyConfig(128, 64, 3, 256)),
                           ("BM64-BN64-s2", RectifyConfig(64, 64, 2, 128)),
                           ("BM64-BN128-s2", RectifyConfig(64, 128, 2, 128)),
-                          ("pp-BN64-s3", RectifyConfig(128, 64, 3, 256, "pingpong"))]:
+                          ("pp-BN64-s3", RectifyConfig(128, 64, 3, 256, "pingpong")),
+                          # wider key steps: fewer softmax/barrier rounds per wgmma flop
+                          # (FlashAttention-3 uses 176 for head_dim 128); 192 x 2 stages is
+                          # 224 KB of shared memory, the most that fits with 32 KB of Q
+                          ("pp-BN160-s2", RectifyConfig(128, 160, 2, 256, "pingpong")),
+                          ("pp-BN176-s2", RectifyConfig(128, 176, 2, 256, "pingpong")),
+                          ("pp-BN192-s2", RectifyConfig(128, 192, 2, 256, "pingpong"))]:
             if cfg.schedule in args.schedules:
                 sweep.append((f"T{T}-{name}", T, cfg, None))
     return variants, sweep
