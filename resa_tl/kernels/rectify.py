@@ -69,13 +69,6 @@ import math
 
 RECTIFY_MAX_T = 64            # largest chunk T the TileLang kernel takes (see the wrapper)
 RECTIFY_HEAD_DIMS = (64, 128)  # head_dim / head_dim_v the TileLang kernel takes
-# Combine kernel: query rows per CTA and split partials loaded per step. One CTA per row (the
-# first version) meant T * g * Hkv * B CTAs of Dv threads (7,392 at T = 33, Qwen2.5-7B,
-# batch 8), each waiting on two dependent round trips: 16 us per call on the H100 (ncu,
-# 2026-11-28) next to a 247 us split kernel. 8 rows x 8 splits per step keeps 64 + 8 loads
-# per thread in flight and the grid at one wave.
-_COMBINE_ROWS = 8
-_COMBINE_CHUNK = 8
 _LOG2E = 1.4426950408889634
 
 
@@ -243,57 +236,31 @@ def build_rectify_kernel(num_q: int, group: int, num_kv_heads: int, head_dim: in
     if config.schedule == "pingpong":
         split_prog = _split_pingpong(TQ, G, HKV, D, DV, dt, c, config, B, S, NS, wait)
 
-    RB, CH = _COMBINE_ROWS, _COMBINE_CHUNK
-
     @T.prim_func
     def combine_prog(
             O_part: T.Tensor((B, HKV, NS, R, DV), acc_t),
             LSE_part: T.Tensor((B, HKV, NS, R), acc_t),
             Out: T.Tensor((B, TQ, H, DV), dt),
     ):
-        # thread d owns column d of RB rows; per step of CH splits every LSE load of the RB
-        # rows, then every O load, is independent of the others (one round trip each)
-        with T.Kernel(T.ceildiv(R, RB), HKV, B, threads=DV) as (rb, hkv, b):
+        with T.Kernel(R, HKV, B, threads=DV) as (r, hkv, b):
             wait()
-            d = T.get_thread_binding()
-            o = T.alloc_local((RB,), acc_t)
-            mx = T.alloc_local((RB,), acc_t)
-            tot = T.alloc_local((RB,), acc_t)
-            w = T.alloc_local((RB, CH), acc_t)
-            cm = T.alloc_var(acc_t)
-            ms = T.alloc_var(acc_t)
-            sc = T.alloc_var(acc_t)
-            for i in T.unroll(RB):
-                o[i] = 0.0
-                tot[i] = 0.0
-                mx[i] = neg_inf
-            for c in T.serial(T.ceildiv(NS, CH)):
-                for i in T.unroll(RB):
-                    for s in T.unroll(CH):
-                        w[i, s] = neg_inf
-                        if c * CH + s < NS and rb * RB + i < R:
-                            w[i, s] = LSE_part[b, hkv, c * CH + s, rb * RB + i]
-                for i in T.unroll(RB):
-                    cm = mx[i]
-                    for s in T.unroll(CH):
-                        cm = T.max(cm, w[i, s])
-                    ms = T.if_then_else(cm == neg_inf, 0.0, cm)   # no key yet: weights 0
-                    sc = T.exp2(mx[i] - ms)
-                    o[i] = o[i] * sc
-                    tot[i] = tot[i] * sc
-                    for s in T.unroll(CH):
-                        w[i, s] = T.exp2(w[i, s] - ms)
-                        tot[i] = tot[i] + w[i, s]
-                    mx[i] = cm
-                for i in T.unroll(RB):
-                    for s in T.unroll(CH):
-                        if c * CH + s < NS and rb * RB + i < R:
-                            o[i] = o[i] + w[i, s] * O_part[b, hkv, c * CH + s, rb * RB + i, d]
-            # every row has at least key 0 in split 0, so tot > 0
-            for i in T.unroll(RB):
-                if rb * RB + i < R:
-                    Out[b, (rb * RB + i) // G, hkv * G + (rb * RB + i) % G, d] = \
-                        T.cast(o[i] / tot[i], dt)
+            o = T.alloc_fragment((DV,), acc_t)
+            mx = T.alloc_var(acc_t)
+            tot = T.alloc_var(acc_t)
+            w = T.alloc_var(acc_t)
+            mx = neg_inf
+            for s in T.serial(NS):
+                mx = T.max(mx, LSE_part[b, hkv, s, r])
+            tot = 0.0
+            T.clear(o)
+            # every row has at least key 0 in split 0, so mx is finite
+            for s in T.serial(NS):
+                w = T.exp2(LSE_part[b, hkv, s, r] - mx)
+                tot += w
+                for d in T.Parallel(DV):
+                    o[d] += O_part[b, hkv, s, r, d] * w
+            for d in T.Parallel(DV):
+                Out[b, r // G, hkv * G + r % G, d] = T.cast(o[d] / tot, dt)
 
     return split_prog, combine_prog
 
