@@ -188,6 +188,9 @@ def main():
     ap.add_argument("--free-only", action="store_true",
                     help="only part (b), for every configuration of --pairs / the grid; writes "
                          "<out>/fidelity_free_running_<novel>.json")
+    ap.add_argument("--kv-drift", action="store_true",
+                    help="also record the relative error of the K/V that decoding writes for "
+                         "every position (resa_tl.fidelity, kv_errors=) and plot it")
     ap.add_argument("--out", default="docs")
     args = ap.parse_args()
 
@@ -210,7 +213,9 @@ def main():
     if args.free_only:
         cfgs = {n: c for n, c in cfgs.items() if rules.get(n, "upper_bound") == "upper_bound"}
         return free_running_only(args, model, ids, cfgs, commit, os.path.basename(path))
-    logits = teacher_forced_logits(model, ids, args.prompt_len, cfgs, selections=rules)
+    kv = {} if args.kv_drift else None
+    logits = teacher_forced_logits(model, ids, args.prompt_len, cfgs, selections=rules,
+                                   kv_errors=kv)
     stats = nll_and_agreement(logits, ids, args.prompt_len)
     del logits
     rows = []
@@ -233,6 +238,8 @@ def main():
         base += "_selections"
     if args.sink_blocks:
         base += f"_sink{args.sink_blocks}"
+    if args.kv_drift:
+        base += "_kvdrift"
     pick = {n: s for n, s in stats.items() if n == "dense" or "r=0.1 " in n + " "}
     plot({n: windows(s[0], args.window) for n, s in pick.items()}, args.window, args.prompt_len,
          os.path.join(args.out, base + "_ppl.png"), f"perplexity ({args.window}-token windows)",
@@ -241,6 +248,19 @@ def main():
          args.window, args.prompt_len, os.path.join(args.out, base + "_agree.png"),
          "top-1 agreement with dense", f"{meta['model']}, {args.novel}, keep 10%")
 
+    drift = {}
+    if kv:
+        # mean over layers 1.. (layer 0's K/V depend on the embeddings only: always exact)
+        per_pos = {n: e[1:].mean(0) for n, e in kv.items()}                # [2, decoded]
+        for n, e in per_pos.items():
+            drift[n] = dict(k_mean=e[0].mean().item(), v_mean=e[1].mean().item(),
+                            k_windows=windows(e[0], args.window).tolist(),
+                            v_windows=windows(e[1], args.window).tolist())
+        plot({n: windows(e[0], args.window) for n, e in per_pos.items()}, args.window,
+             args.prompt_len, os.path.join(args.out, base + "_k_error.png"),
+             f"relative K error ({args.window}-token windows)",
+             f"{meta['model']}, {args.novel}: error of the K that decoding writes "
+             "(mean over layers 1..)")
     free = {}
     if args.free_running:
         fcfg = {n: c for n, c in cfgs.items()      # attach runs the kernels' rule only
@@ -249,12 +269,15 @@ def main():
         free = free_running(model, ids, args.free_prompt_len, args.free_running, fcfg)
         meta["free_running"] = dict(prompt_len=args.free_prompt_len, tokens=args.free_running)
     with open(os.path.join(args.out, base + ".json"), "w") as fh:
-        json.dump(dict(meta=meta, rows=rows, free_running=free), fh, indent=1)
+        json.dump(dict(meta=meta, rows=rows, free_running=free, kv_drift=drift), fh, indent=1)
 
     print(json.dumps(meta))
     print(f"\n{'config':24s} {'ppl':>8s} {'vs dense':>9s} {'top-1 agree':>11s}")
     for r in rows:
         print(f"{r['name']:24s} {r['ppl']:8.3f} {r['ppl_vs_dense']:+8.2%} {r['top1_agreement']:11.1%}")
+    for name, d in drift.items():
+        print(f"K/V error {name:24s} K {d['k_mean']:.4f} (first window {d['k_windows'][0]:.4f}, "
+              f"last {d['k_windows'][-1]:.4f}), V {d['v_mean']:.4f}")
     for name, (first, agree) in free.items():
         print(f"free-running {name:24s} first divergence at token {first}, agreement {agree:.1%}")
 

@@ -55,6 +55,7 @@ class _State:
     backend: str = "auto"
     chunk: int = 128
     selection: str = "upper_bound"
+    kv_rel: dict | None = None  # layer -> [2, N] relative K/V error of the decoded positions
 
 
 _state = _State()
@@ -70,7 +71,22 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         return out.transpose(1, 2).contiguous(), None
     if _state.mode != "simulate":
         raise RuntimeError("resa_tl.fidelity attention used outside teacher_forced_logits")
+    if _state.kv_rel is not None:
+        _state.kv_rel[layer] = _relative_kv_error(layer, key, value)
     return _simulate_layer(layer, query, key, value, scaling), None
+
+
+def _relative_kv_error(layer, k_sim, v_sim):
+    """[2, N]: ||K_path - K_dense|| / ||K_dense|| (and V) over all KV heads and dims, for each
+    decoded position, where K_path is what the decode path writes for that position (kept until
+    a rectification rewrites it, f steps at most; forever without rectification)."""
+    L, N = _state.prompt_len, k_sim.shape[2]
+    out = []
+    for sim, dense in ((k_sim, _state.dense_k[layer]), (v_sim, _state.dense_v[layer])):
+        ref = dense[0, :, L:L + N].double()                         # [Hkv, N, D]
+        err = (sim[0].double() - ref).pow(2).sum(dim=(0, 2)).sqrt()
+        out.append((err / ref.pow(2).sum(dim=(0, 2)).sqrt().clamp_min(1e-30)).float())
+    return torch.stack(out)
 
 
 def _simulate_layer(layer, q, k_sim, v_sim, scale):
@@ -171,12 +187,13 @@ def _registered(model):
     finally:
         model.set_attn_implementation(previous)
         _state.mode, _state.dense_k, _state.dense_v = "off", {}, {}
-        _state.selection = "upper_bound"
+        _state.selection, _state.kv_rel = "upper_bound", None
 
 
 @torch.no_grad()
 def teacher_forced_logits(model, token_ids, prompt_len: int, configs: dict, *,
-                          backend: str = "auto", chunk: int = 128, selections: dict | None = None):
+                          backend: str = "auto", chunk: int = 128, selections: dict | None = None,
+                          kv_errors: dict | None = None):
     """Per-position logits of decoding ``token_ids[prompt_len:]`` one at a time after a dense
     prefill of ``token_ids[:prompt_len]``, for dense attention and each ReSA configuration.
 
@@ -188,6 +205,12 @@ def teacher_forced_logits(model, token_ids, prompt_len: int, configs: dict, *,
     configs : dict name -> ReSAConfig (rectify_every = 0 for sparse-only).
     selections : optional dict name -> one of :data:`SELECTIONS` (default "upper_bound", the
         paper's rule); any other rule runs the torch reference, whatever ``backend`` says.
+    kv_errors : optional dict, filled with name -> float32 Tensor [layers, 2, T - L]: per layer,
+        the relative error ||K - K_dense|| / ||K_dense|| (index 0) and the same for V (index 1)
+        of the K/V that decoding writes for each decoded position (over all KV heads and dims).
+        Sparse-only keeps that error in the cache for good; ReSA rewrites it at the next
+        rectification, and its rectification steps write dense K/V (error 0). This is the
+        drift that rectification bounds.
 
     Returns
     -------
@@ -216,7 +239,10 @@ def teacher_forced_logits(model, token_ids, prompt_len: int, configs: dict, *,
             _state.mode, _state.config, _state.prompt_len = "simulate", cfg, L
             _state.backend, _state.chunk = backend, chunk
             _state.selection = selections.get(name, "upper_bound")
+            _state.kv_rel = {} if kv_errors is not None else None
             results[name] = model(decode_ids, position_ids=positions, use_cache=False).logits[0].float()
+            if kv_errors is not None:
+                kv_errors[name] = torch.stack([_state.kv_rel[i] for i in sorted(_state.kv_rel)])
     return results
 
 
