@@ -258,9 +258,8 @@ def main():
                             v_windows=windows(e[1], args.window).tolist())
         plot({n: windows(e[0], args.window) for n, e in per_pos.items()}, args.window,
              args.prompt_len, os.path.join(args.out, base + "_k_error.png"),
-             f"relative K error ({args.window}-token windows)",
-             f"{meta['model']}, {args.novel}: error of the K that decoding writes "
-             "(mean over layers 1..)")
+             f"relative K error, layers 1.. ({args.window}-token windows)",
+             f"{args.novel}: error of the K that decoding writes")
     free = {}
     if args.free_running:
         fcfg = {n: c for n, c in cfgs.items()      # attach runs the kernels' rule only
