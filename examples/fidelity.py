@@ -193,6 +193,8 @@ def main():
                          "every position (resa_tl.fidelity, kv_errors=) and plot it")
     ap.add_argument("--out", default="docs")
     args = ap.parse_args()
+    if args.free_only and args.kv_drift:
+        sys.exit("--kv-drift needs the teacher-forced run; drop --free-only")
 
     torch.manual_seed(0)
     t0 = time.time()

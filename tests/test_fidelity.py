@@ -181,7 +181,33 @@ def test_kv_errors_drift_and_rectification():
     rect = torch.arange(N) % (f + 1) == f  # positions fed by a rectification step
     assert errs["resa"][:, :, rect].max() <= 1e-5
     assert errs["sparse-only"][1:, :, rect].min() > 1e-4
-    assert errs["resa"][1:, :, ~rect].max() > 1e-3      # sparse steps do write approximate K/V
+    # every sparse step writes approximate K or V somewhere past layer 0
+    assert errs["resa"][1:, :, ~rect].amax((0, 1)).min() > 1e-3
+    # the first cycle is the same computation with and without rectification
+    assert torch.equal(errs["resa"][:, :, :f], errs["sparse-only"][:, :, :f])
     # (this toy model's sharpened random attention saturates the error near 1 on every sparse
     # step, so how the drift grows is measured on the real model: examples/fidelity.py --kv-drift)
     assert (out["full"] - out["dense"]).abs().max() <= 1e-4 * out["dense"].abs().max()
+
+
+def test_relative_kv_error_definition():
+    """One norm over all KV heads and dims per position, relative to the dense K/V; K first."""
+    from resa_tl import fidelity
+    L, N, Hkv, D = 7, 5, 3, 4
+    gen = torch.Generator().manual_seed(5)
+    kd = torch.randn(1, Hkv, L + N, D, generator=gen)
+    vd = torch.randn(1, Hkv, L + N, D, generator=gen)
+    scale = torch.tensor([1.5, 1.0, 0.8])[None, :, None, None]     # per-head error 50%, 0, 20%
+    k_sim = kd[:, :, L:] * scale
+    state = fidelity._state
+    saved = (state.prompt_len, state.dense_k, state.dense_v)
+    try:
+        state.prompt_len, state.dense_k, state.dense_v = L, {0: kd}, {0: vd}
+        got = fidelity._relative_kv_error(0, k_sim, vd[:, :, L:].clone())
+    finally:
+        state.prompt_len, state.dense_k, state.dense_v = saved
+    ref = kd[0, :, L:]                                               # [Hkv, N, D]
+    want = ((scale[0] - 1) ** 2 * ref ** 2).sum((0, 2)).sqrt() / (ref ** 2).sum((0, 2)).sqrt()
+    assert got.shape == (2, N)
+    assert torch.allclose(got[0], want, rtol=1e-5, atol=0)
+    assert got[1].abs().max() == 0                                  # V is the dense V
