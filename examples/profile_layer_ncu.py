@@ -14,6 +14,7 @@ import argparse
 
 import torch
 
+from bench_e2e import cache_capacity          # examples/ is on sys.path when run as a script
 from resa_tl import ReSAConfig, ops
 
 
@@ -28,7 +29,7 @@ def main():
     args = p.parse_args()
     cfg = ReSAConfig()
     B, Hkv, D = args.batch, args.kv_heads, args.head_dim
-    cap = args.context + 4 * (cfg.rectify_every + 1) + 1024      # bench_e2e.cache_capacity
+    cap = cache_capacity(args.context, cfg)                       # the bench_e2e cache
     dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)
     k = torch.randn(B, cap, Hkv, D, device=dev, dtype=dt)
