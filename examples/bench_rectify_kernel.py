@@ -29,9 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _measure import graph_ms  # noqa: E402
 from resa_tl import heuristics  # noqa: E402
-from resa_tl.kernels.rectify import (RectifyConfig, _split_counters, _workspace,  # noqa: E402
+from resa_tl.kernels.rectify import (RectifyConfig, _workspace,  # noqa: E402
                                      compile_rectify_kernel, rectify_attention_reference,
-                                     merges_in_split, rectify_attention_tilelang)
+                                     rectify_attention_tilelang)
 
 
 # ------------------------------------------------------------------------------ pre-compiling
@@ -196,13 +196,10 @@ def bench(args):
                     row[f"{name}_maxerr"] = err
                 if args.split_sweep and (ctx, B) in args.sweep_shapes:
                     # the split kernel alone (no combine launch): what the combine costs
-                    # (where merges_in_split, the split kernel is the whole op)
                     split_k, _ = compile_rectify_kernel(T, g, Hkv, D, D, dts, sc, cfg, arch)
                     o_p, l_p = _workspace(B, Hkv, nsplit, R, D, dev)
-                    cnt = _split_counters(B, Hkv, -(-R // cfg.block_M), dev)
                     row[f"{name}_splitonly_ms"] = graph_ms([lambda i=i: split_k(
-                        qs[i], ks[i], vs[i], lens, o_p, l_p, cnt, outs[i]) for i in idx])
-                    row[f"{name}_merges_in_split"] = merges_in_split(cfg, nsplit)
+                        qs[i], ks[i], vs[i], lens, o_p, l_p, outs[i]) for i in idx])
                 if args.split_sweep and (ctx, B) in args.sweep_shapes and ns is None:
                     for mult in (0.5, 2.0):
                         ns2 = max(1, int(nsplit * mult))

@@ -110,16 +110,6 @@ def rectify_ctas_per_sm(config) -> int:
     return 2 if smem <= 100 * 1024 else 1
 
 
-# Largest split count at which the rectify split kernel merges its own partials (the last of
-# a tile's split CTAs to finish reads the others' partial O/LSE from L2 and writes the output)
-# instead of a combine kernel following it. Reason: with a few splits the merge is one or
-# three 32 KB reads per warpgroup at the tail of the kernel, while the combine kernel (one CTA
-# per query row: 7,392 CTAs at T = 33, g = 7, batch 8) added 24 us per call at 32K x 8 on an
-# H100; with many splits (batch 1: 16) one CTA would read them serially, so the combine
-# kernel, which spreads the rows over the device, stays. Only the "pingpong" schedule merges.
-RECTIFY_MERGE_IN_SPLIT_MAX = 4
-
-
 def rectify_num_splits(batch: int, num_kv_heads: int, row_tiles: int, s_max: int, config,
                        device: torch.device | None = None, max_splits: int = 64,
                        num_sms: int | None = None) -> int:

@@ -124,11 +124,10 @@ def build_rectify_kernel(num_q: int, group: int, num_kv_heads: int, head_dim: in
 
     split_prog(Q [B, T, H, D], K [B, S, Hkv, D], V [B, S, Hkv, Dv], Lens [B] int32,
                O_part [B, Hkv, NS, T*g, Dv] f32, LSE_part [B, Hkv, NS, T*g] f32,
-               Cnt [B, Hkv, ceil(T*g / block_M)] int32 (zeros; left zero), Out [B, T, H, Dv])
+               Out [B, T, H, Dv])
         B, S and NS are symbolic. NS == 1: writes Out directly (O_part/LSE_part untouched);
-        NS > 1: writes the per-split partials, and unless :func:`merges_in_split` (the last
-        split CTA of each tile merges them into Out, counting arrivals in Cnt),
-        combine_prog(O_part, LSE_part, Out) must follow.
+        NS > 1: writes the per-split partials, and combine_prog(O_part, LSE_part, Out) must
+        follow.
     ``pdl``: programmatic dependent launch for both (sm_90+; see _splitkv.grid_dependency).
     """
     import tilelang.language as T
@@ -155,7 +154,6 @@ def build_rectify_kernel(num_q: int, group: int, num_kv_heads: int, head_dim: in
             Lens: T.Tensor((B,), "int32"),
             O_part: T.Tensor((B, HKV, NS, R, DV), acc_t),
             LSE_part: T.Tensor((B, HKV, NS, R), acc_t),
-            Cnt: T.Tensor((B, HKV, NRT), "int32"),
             Out: T.Tensor((B, TQ, H, DV), dt),
     ):
         with T.Kernel(NRT, NS, B * HKV, threads=config.threads) as (rt, sid, bh):
@@ -268,7 +266,6 @@ def build_rectify_kernel(num_q: int, group: int, num_kv_heads: int, head_dim: in
 
 
 _PP_BAR = (8, 9)   # named-barrier ids of the ping-pong (ids 0-2 are used by TileLang itself)
-_MERGE_BAR = 10    # named barrier of both consumer warpgroups before/after the split count
 
 
 def _split_pingpong(TQ, G, HKV, D, DV, dt, c, config, B, S, NS, wait):
@@ -292,7 +289,6 @@ def _split_pingpong(TQ, G, HKV, D, DV, dt, c, config, B, S, NS, wait):
     NRT = -(-R // (2 * HM))
     NMMA = 256                                   # consumer threads
     neg_inf = -T.infinity(acc_t)
-    from ..heuristics import RECTIFY_MERGE_IN_SPLIT_MAX as MERGE_MAX
 
     @T.macro
     def softmax_step(Sc, m, m_prev, mc, alpha, rsum, kb, r0, fm):
@@ -313,58 +309,6 @@ def _split_pingpong(TQ, G, HKV, D, DV, dt, c, config, B, S, NS, wait):
             Sc[i, j] = T.exp2(Sc[i, j] * c - mc[i])
         T.reduce_sum(Sc, rsum, dim=1)
 
-    @T.macro
-    def merge_in_split(acc, m, l, rsum, O_part, LSE_part, Cnt, Out, arrived, b, hkv, sid, rt,
-                       r0, tx, w):
-        """After both warpgroups wrote this split's partials: count the CTA in (the
-        threadfence publishes the partials before the count, the classic last-block
-        reduction), and if it is the last of the NS splits of (b, hkv, rt), reset the counter
-        for the next launch and merge its own partial (still in registers) with the NS - 1
-        others, read back from L2, into the output; see heuristics.RECTIFY_MERGE_IN_SPLIT_MAX."""
-        lse_own = T.alloc_fragment((HM,), acc_t)
-        mx = T.alloc_fragment((HM,), acc_t)
-        wgt = T.alloc_fragment((HM,), acc_t)
-        den = T.alloc_fragment((HM,), acc_t)
-        T.call_extern("handle", "__threadfence")
-        T.sync_threads(_MERGE_BAR, NMMA)
-        if w == 0:                                # Python: one thread of warpgroup 0 counts
-            if tx == 0:
-                arrived[0] = T.atomic_add(Cnt[b, hkv, rt], 1, memory_order="acq_rel",
-                                          return_prev=True)
-                if arrived[0] == NS - 1:
-                    Cnt[b, hkv, rt] = 0
-        T.sync_threads(_MERGE_BAR, NMMA)
-        if arrived[0] == NS - 1:
-            T.call_extern("handle", "__threadfence")
-            for i in T.Parallel(HM):
-                lse_own[i] = T.if_then_else(l[i] > 0, T.log2(l[i]) + m[i] * c, neg_inf)
-                mx[i] = lse_own[i]
-            for s in T.serial(NS):
-                if s != sid:
-                    for i in T.Parallel(HM):
-                        if r0 + i < R:
-                            mx[i] = T.max(mx[i], LSE_part[b, hkv, s, r0 + i])
-            for i in T.Parallel(HM):
-                mx[i] = T.if_then_else(mx[i] == neg_inf, 0.0, mx[i])
-                wgt[i] = T.exp2(lse_own[i] - mx[i])
-                den[i] = wgt[i]
-            for i, d in T.Parallel(HM, DV):
-                acc[i, d] = acc[i, d] * rsum[i] * wgt[i]
-            for s in T.serial(NS):
-                if s != sid:
-                    for i in T.Parallel(HM):
-                        wgt[i] = T.if_then_else(
-                            r0 + i < R,
-                            T.exp2(LSE_part[b, hkv, s, T.min(r0 + i, R - 1)] - mx[i]), 0.0)
-                        den[i] = den[i] + wgt[i]
-                    for i, d in T.Parallel(HM, DV):
-                        if r0 + i < R:
-                            acc[i, d] += wgt[i] * O_part[b, hkv, s, r0 + i, d]
-            for i, d in T.Parallel(HM, DV):
-                if r0 + i < R:
-                    Out[b, (r0 + i) // G, hkv * G + (r0 + i) % G, d] = T.cast(
-                        T.if_then_else(den[i] > 0, acc[i, d] / den[i], 0.0), dt)
-
     @T.prim_func
     def split_prog(
             Q: T.Tensor((B, TQ, H, D), dt),
@@ -373,7 +317,6 @@ def _split_pingpong(TQ, G, HKV, D, DV, dt, c, config, B, S, NS, wait):
             Lens: T.Tensor((B,), "int32"),
             O_part: T.Tensor((B, HKV, NS, R, DV), acc_t),
             LSE_part: T.Tensor((B, HKV, NS, R), acc_t),
-            Cnt: T.Tensor((B, HKV, NRT), "int32"),
             Out: T.Tensor((B, TQ, H, DV), dt),
     ):
         with T.Kernel(NRT, NS, B * HKV, threads=NMMA + 128) as (rt, sid, bh):
@@ -387,7 +330,6 @@ def _split_pingpong(TQ, G, HKV, D, DV, dt, c, config, B, S, NS, wait):
             vready = T.alloc_barrier([32] * NST)
             kfree = T.alloc_barrier([NMMA] * NST)
             vfree = T.alloc_barrier([NMMA] * NST)
-            arrived = T.alloc_shared((1,), "int32")
 
             tx = T.get_thread_binding()
             b = bh // HKV
@@ -507,9 +449,6 @@ def _split_pingpong(TQ, G, HKV, D, DV, dt, c, config, B, S, NS, wait):
                             if r0 + i < R:
                                 LSE_part[b, hkv, sid, r0 + i] = T.if_then_else(
                                     l[i] > 0, T.log2(l[i]) + m[i] * c, neg_inf)
-                        if NS <= MERGE_MAX:
-                            merge_in_split(acc, m, l, rsum, O_part, LSE_part, Cnt, Out,
-                                           arrived, b, hkv, sid, rt, r0, tx, w)
 
     return split_prog
 
@@ -543,28 +482,7 @@ def compile_rectify_kernel(num_q: int, group: int, num_kv_heads: int, head_dim: 
             tilelang.compile(combine_prog, target=tg, pass_configs=pc))
 
 
-def merges_in_split(config: RectifyConfig, num_splits: int) -> bool:
-    """Whether the split kernel merges its own partials (no combine launch): the ping-pong
-    schedule with 2 .. heuristics.RECTIFY_MERGE_IN_SPLIT_MAX splits."""
-    from ..heuristics import RECTIFY_MERGE_IN_SPLIT_MAX
-    return config.schedule == "pingpong" and 1 < num_splits <= RECTIFY_MERGE_IN_SPLIT_MAX
-
-
 _WORKSPACES: dict = {}
-_COUNTERS: dict = {}
-
-
-def _split_counters(B, Hkv, row_tiles, device):
-    """Arrival counters of the in-split merge, [B, Hkv, row_tiles] int32, zeroed once per shape
-    and device; the last CTA of each tile resets its counter, so they are zero between calls
-    (and a captured CUDA graph can replay). Like the partials, one set per shape: two streams
-    must not run rectify_attention of the same shape concurrently."""
-    key = (B, Hkv, row_tiles, device)
-    cnt = _COUNTERS.get(key)
-    if cnt is None:
-        cnt = _COUNTERS[key] = torch.zeros((B, Hkv, row_tiles), dtype=torch.int32,
-                                           device=device)
-    return cnt
 
 
 def _workspace(B, Hkv, ns, R, Dv, device):
@@ -627,8 +545,7 @@ def rectify_attention_tilelang(q, k_cache, v_cache, cache_seqlens, *, softmax_sc
                          f"{list(out.shape)} on {out.device}")
     lens = cache_seqlens if cache_seqlens.dtype == torch.int32 else cache_seqlens.to(torch.int32)
     q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
-    cnt = _split_counters(B, Hkv, -(-R // config.block_M), q.device)
-    split_k(q, k_cache, v_cache, lens, o_part, lse_part, cnt, out)
-    if num_splits > 1 and not merges_in_split(config, num_splits):
+    split_k(q, k_cache, v_cache, lens, o_part, lse_part, out)
+    if num_splits > 1:
         combine_k(o_part, lse_part, out)
     return out
