@@ -189,7 +189,6 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
     if TT % 32 or TT > 1024:
         raise ValueError(f"select_threads must be a multiple of 32 and <= 1024, got {TT}")
     NW = TT // 32
-    CLR = TT - 32 if NW > 1 else 32      # threads of warps 1.. that clear the next histogram
     # refresh: thread d < D owns column d; its first RPF loads are issued before the radix
     # passes and consumed after them, so their DRAM latency overlaps the selection instead of
     # delaying its first barrier. (With fewer threads than D: loads and use up front.)
@@ -208,7 +207,6 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
     COPIES = 8 if cfg.hist == "priv" else 1
     NBP = C * TT                         # score workspace row, padded: unmasked vector loads
     VL = 4 if C % 4 == 0 else 1          # fp32 scores per load in the select kernel
-    PACKED = NBP < 32768                 # both compaction counts fit one int32 scan
     B = T.dynamic("B")
     FULL = T.uint32(0xFFFFFFFF)
 
@@ -313,7 +311,7 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
                 keys = T.alloc_local((C,), "uint32")
             else:
                 keys = T.alloc_shared((C * TT,), "uint32")
-            hist = T.alloc_shared((2, RADIX * COPIES), "int32")   # double-buffered by pass
+            hist = T.alloc_shared((RADIX * COPIES,), "int32")
             scv = T.alloc_local((C if in_regs else 1,), f32)
             bcast = T.alloc_shared((4,), "int32")
             sbuf = T.alloc_shared((2, 32), "int32")
@@ -390,14 +388,12 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
             prefix = T.uint32(0)
             mask = T.uint32(0)
             done = T.if_then_else(n == 0, 1, 0)
-            # Pass p builds its histogram in buffer p % 2, which pass p - 2 left to be cleared
-            # during pass p - 1's bucket search: two barriers per pass instead of three.
-            for i in T.serial(-(-(2 * RADIX * COPIES) // TT)):
-                if tx + i * TT < 2 * RADIX * COPIES:
-                    hist[(tx + i * TT) // (RADIX * COPIES), (tx + i * TT) % (RADIX * COPIES)] = 0
-            T.sync_threads()
             for p in T.serial(PASSES):
                 if done == 0:
+                    for i in T.serial(-(-(RADIX * COPIES) // TT)):
+                        if tx + i * TT < RADIX * COPIES:
+                            hist[tx + i * TT] = 0
+                    T.sync_threads()
                     shift = T.Cast("uint32", (PASSES - 1 - p) * _RADIX_BITS)
                     for c in T.unroll(C):
                         kidx = c if in_regs else c * TT + tx
@@ -406,26 +402,26 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
                             d = (keys[kidx] >> shift) & T.uint32(RADIX - 1)
                         if cfg.hist == "priv":
                             if d < T.uint32(RADIX):
-                                T.atomic_add(hist[p % 2, T.Cast("int32", d) * COPIES + lane % COPIES], 1)
+                                T.atomic_add(hist[T.Cast("int32", d) * COPIES + lane % COPIES], 1)
                         elif cfg.hist == "match":
                             peers = T.match_any_sync(d)          # lanes holding the same digit
                             if d < T.uint32(RADIX) and (peers & lanes_below) == T.uint32(0):
-                                T.atomic_add(hist[p % 2, d], T.Cast("int32", T.popcount(peers)))
+                                T.atomic_add(hist[d], T.Cast("int32", T.popcount(peers)))
                         else:
                             if p == 0:
                                 peers = T.match_any_sync(d)          # lanes holding the same digit
                                 if d < T.uint32(RADIX) and (peers & lanes_below) == T.uint32(0):
-                                    T.atomic_add(hist[p % 2, d], T.Cast("int32", T.popcount(peers)))
+                                    T.atomic_add(hist[d], T.Cast("int32", T.popcount(peers)))
                             else:
                                 if d < T.uint32(RADIX):
-                                    T.atomic_add(hist[p % 2, d], 1)
+                                    T.atomic_add(hist[d], 1)
                     T.sync_threads()
                     if warp == 0:
                         tot = 0
                         for i in T.unroll(BPL):
                             binv[i] = 0
                             for cp in T.unroll(COPIES):
-                                binv[i] = binv[i] + hist[p % 2, (lane * BPL + i) * COPIES + cp]
+                                binv[i] = binv[i] + hist[(lane * BPL + i) * COPIES + cp]
                             tot = tot + binv[i]
                         suf = tot
                         for o in T.unroll(5):
@@ -439,14 +435,6 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
                                 bcast[1] = kk - run
                                 bcast[2] = binv[BPL - 1 - i]
                             run = run + binv[BPL - 1 - i]
-                        if NW == 1:
-                            for i in T.serial(-(-(RADIX * COPIES) // 32)):
-                                if lane + i * 32 < RADIX * COPIES:
-                                    hist[(p + 1) % 2, lane + i * 32] = 0
-                    else:                                     # the next pass's buffer
-                        for i in T.serial(-(-(RADIX * COPIES) // CLR)):
-                            if tx - 32 + i * CLR < RADIX * COPIES:
-                                hist[(p + 1) % 2, tx - 32 + i * CLR] = 0
                     T.sync_threads()
                     prefix = prefix | (T.Cast("uint32", bcast[0]) << shift)
                     mask = mask | (T.uint32(RADIX - 1) << shift)
@@ -464,20 +452,12 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
                         gt = gt + 1
                     if mk == prefix:
                         eq = eq + 1
-            if PACKED:
-                # one scan of (eq << 16 | gt): the kept keys before mine are the > T keys
-                # before mine plus the first kk of the == T keys before mine
-                s_in[0] = eq * 65536 + gt
-                block_exclusive_scan(s_in, s_out, sbuf, 0, lane, warp)
-                rank = s_out[0] // 65536                      # keys == T in blocks before mine
-                pos = s_out[0] % 65536 + T.min(kk, rank)
-            else:
-                s_in[0] = eq
-                block_exclusive_scan(s_in, s_out, sbuf, 0, lane, warp)
-                rank = s_out[0]                               # keys == T in blocks before mine
-                s_in[0] = gt + T.max(T.min(kk - rank, eq), 0)
-                block_exclusive_scan(s_in, s_out, sbuf, 1, lane, warp)
-                pos = s_out[0]
+            s_in[0] = eq
+            block_exclusive_scan(s_in, s_out, sbuf, 0, lane, warp)
+            rank = s_out[0]                                   # keys == T in blocks before mine
+            s_in[0] = gt + T.max(T.min(kk - rank, eq), 0)
+            block_exclusive_scan(s_in, s_out, sbuf, 1, lane, warp)
+            pos = s_out[0]
             for c in T.unroll(C):
                 kidx = c if in_regs else c * TT + tx
                 mk = keys[kidx] & mask
