@@ -65,9 +65,10 @@ def git_commit():
 def graph_kernel_table(calls, trace_path=None, replays=3):
     """Per-kernel GPU time of ``calls`` captured as one CUDA graph: profile ``replays`` replays
     with torch.profiler (CUPTI reports the kernels of graph replays) and return
-    (rows, span_us): rows = [(kernel name, launches per replay, µs per replay)] by time, and
-    span_us = first kernel start to last kernel end of a replay, median (span minus the sum of
-    kernel times is the time between kernels). ``trace_path``: keep the Chrome trace there."""
+    (rows, span_us): rows = [(kernel name, launches per replay, µs per replay, frontier µs per
+    replay)] by time (frontier: see :func:`frontier_us`), and span_us = first kernel start to
+    last kernel end of a replay, median (span minus the sum of kernel times is the time between
+    kernels). ``trace_path``: keep the Chrome trace there."""
     import json
     import tempfile
     from torch.profiler import ProfilerActivity, profile
@@ -94,9 +95,31 @@ def graph_kernel_table(calls, trace_path=None, replays=3):
     for e in events:
         n, t = table.get(e["name"], (0, 0.0))
         table[e["name"]] = (n + 1, t + e["dur"])
-    rows = sorted(((k, n / replays, t / replays) for k, (n, t) in table.items()),
-                  key=lambda r: -r[2])
+    front = frontier_us(events, replays)
+    rows = sorted(((k, n / replays, t / replays, front.get(k, 0.0))
+                   for k, (n, t) in table.items()), key=lambda r: -r[2])
     per = len(events) // replays
     spans = sorted(max(e["ts"] + e["dur"] for e in events[r * per:(r + 1) * per])
                    - events[r * per]["ts"] for r in range(replays)) if per else [float("nan")]
     return rows, spans[len(spans) // 2]
+
+
+def frontier_us(events, replays: int) -> dict:
+    """Each kernel's share of the span of a replay, by kernel name, µs per replay (mean).
+
+    ``events``: the kernel events of ``replays`` back-to-back replays of one graph, sorted by
+    start ("name", "ts", "dur" in µs, as in a Chrome trace). A kernel's share is how far its end
+    moves the latest end seen so far (0 if it ends inside an earlier kernel). The shares of a
+    replay add up to its span, whatever overlaps. Raw kernel time does not: with programmatic
+    dependent launch a kernel starts early and waits for its predecessor, and that wait counts
+    as kernel time. A gap before a kernel, its launch latency, counts toward that kernel."""
+    per = len(events) // replays if replays else 0
+    out: dict = {}
+    for r in range(replays if per else 0):
+        chunk = events[r * per:(r + 1) * per]
+        front = chunk[0]["ts"]
+        for e in chunk:
+            end = e["ts"] + e["dur"]
+            out[e["name"]] = out.get(e["name"], 0.0) + max(0.0, end - front) / replays
+            front = max(front, end)
+    return out

@@ -231,20 +231,22 @@ def kernel_group(name: str) -> str:
 
 
 def profile_step(step, label, trace_dir):
-    """Kernel time per class and the idle time between kernels of one captured step."""
+    """Per kernel class of one captured step: launches, kernel time and frontier time (its
+    share of the step's span, _measure.frontier_us: with PDL on, the kernel time of a class
+    includes the waits of its early-launched kernels, the frontier does not)."""
     path = f"{trace_dir}/{label}.json" if trace_dir else None
     rows, span = graph_kernel_table([step], trace_path=path)
     groups: dict = {}
-    for name, n, us in rows:
+    for name, n, us, front in rows:
         g = kernel_group(name)
-        c, t = groups.get(g, (0, 0.0))
-        groups[g] = (c + n, t + us)
-    busy = sum(us for _, _, us in rows)
+        c, t, f = groups.get(g, (0, 0.0, 0.0))
+        groups[g] = (c + n, t + us, f + front)
+    busy = sum(r[2] for r in rows)
     return dict(span_us=round(span, 1), busy_us=round(busy, 1), idle_us=round(span - busy, 1),
-                launches=round(sum(n for _, n, _ in rows)),
-                groups={g: [round(c), round(t, 1)] for g, (c, t) in
-                        sorted(groups.items(), key=lambda kv: -kv[1][1])},
-                top=[[name, n, round(us, 1)] for name, n, us in rows[:12]])
+                launches=round(sum(r[1] for r in rows)),
+                groups={g: [round(c), round(t, 1), round(f, 1)] for g, (c, t, f) in
+                        sorted(groups.items(), key=lambda kv: -kv[1][2])},
+                top=[[name, n, round(us, 1), round(front, 1)] for name, n, us, front in rows[:12]])
 
 
 def run_one(s, W, context, batch, cfg, free_bytes, rest, profile=False, trace_dir=None):
@@ -372,8 +374,9 @@ def main():
         for mode, p in r.get("profile", {}).items():
             print(f"\n{r['context']} x {r['batch']} {mode}: span {p['span_us']} us, kernels "
                   f"{p['busy_us']} us, idle {p['idle_us']} us, {p['launches']} launches")
-            for g, (n, us) in p["groups"].items():
-                print(f"  {g:<30} {n:>5} {us:9.1f} us")
+            print(f"  {'class':<30} {'n':>5} {'kernel us':>10} {'frontier us':>12}")
+            for g, (n, us, front) in p["groups"].items():
+                print(f"  {g:<30} {n:>5} {us:10.1f} {front:12.1f}")
 
 
 if __name__ == "__main__":
