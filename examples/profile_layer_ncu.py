@@ -42,7 +42,8 @@ def main():
     def layer():
         idx = ops.select_blocks(q, kmin, kmax, lens, block_size=cfg.block_size,
                                 sparse_ratio=cfg.sparse_ratio, min_blocks=cfg.min_blocks,
-                                local_blocks=cfg.local_blocks, k_cache=k)
+                                local_blocks=cfg.local_blocks, sink_blocks=cfg.sink_blocks,
+                                k_cache=k)
         ops.sparse_decode(q, k, v, idx, lens, block_size=cfg.block_size)
         ops.rectify_attention(qr, k, v, lens)
         ops.dense_decode(q, k, v, lens)
