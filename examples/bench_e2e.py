@@ -145,7 +145,8 @@ class Decoder:
         self.start = self.seqlens.clone()
         self.kmin, self.kmax = [], []
         for layer in range(n_kv):
-            mn, mx = ops.block_summaries(self.k[layer], self.seqlens, cfg.block_size)
+            mn, mx = ops.block_summaries(self.k[layer], self.seqlens, cfg.block_size,
+                                         summary_dtype=cfg.summary_dtype)
             self.kmin.append(mn)
             self.kmax.append(mx)
         if share_kv:
@@ -303,7 +304,8 @@ def precompile(s: Qwen7BShape, cfg: ReSAConfig, contexts, batches):
                 kv = dict(device="meta", dtype=torch.bfloat16)
                 k = torch.empty(B, cap, s.kv_heads, s.head_dim, **kv)
                 lens = torch.empty(B, device="meta", dtype=torch.int32)
-                kmin, kmax = ops.block_summaries(k, lens, cfg.block_size)
+                kmin, kmax = ops.block_summaries(k, lens, cfg.block_size,
+                                                 summary_dtype=cfg.summary_dtype)
                 ops.update_block_summaries(kmin, kmax, k, lens, f + 1, cfg.block_size)
                 q = torch.empty(B, s.heads, s.head_dim, **kv)
                 idx = ops.select_blocks(q, kmin, kmax, lens, block_size=cfg.block_size,
@@ -333,14 +335,15 @@ def main():
                     help="also profile one dense-tl, ReSA and rectification step per row "
                          "(torch.profiler over a graph replay): kernel time per class, idle time")
     ap.add_argument("--trace-dir", default=None, help="with --profile: keep Chrome traces here")
+    ap.add_argument("--summary-dtype", default=None, choices=["float8_e4m3fn", "float8_e5m2"],
+                    help="ReSAConfig.summary_dtype (default: the cache dtype, as in the paper)")
     args = ap.parse_args()
+    cfg = ReSAConfig(summary_dtype=args.summary_dtype)
     if args.precompile:
-        return precompile(Qwen7BShape(layers=args.layers), ReSAConfig(), args.contexts,
-                          args.batches)
+        return precompile(Qwen7BShape(layers=args.layers), cfg, args.contexts, args.batches)
     torch._dynamo.config.cache_size_limit = 64       # one specialisation per (batch, T)
     rest = Rest(compiled=not args.eager_rest)
     s = Qwen7BShape(layers=args.layers)
-    cfg = ReSAConfig()
     W = Weights(s, "cuda")
     bw = copy_gbs()
     header = dict(gpu=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),

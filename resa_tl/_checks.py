@@ -84,9 +84,36 @@ def block_size(bs) -> int:
     return bs
 
 
-def summaries(kmin, kmax, batch: int, num_blocks: int, num_kv_heads: int, head_dim: int):
-    tensor("kmin", kmin, 4, shape_doc="[B, NB, Hkv, D]")
-    tensor("kmax", kmax, 4, shape_doc="[B, NB, Hkv, D]")
+SUMMARY_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def summary_dtype(dtype, base: torch.dtype, name: str = "summary_dtype") -> torch.dtype:
+    """The dtype summaries are stored in: None -> ``base`` (that of the keys), else ``base`` or
+    an fp8 type (rounded outward, see resa_tl.kernels.summaries)."""
+    if dtype is None:
+        return base
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None) if dtype.startswith("float") else None
+    allowed = (base, *SUMMARY_FP8_DTYPES)
+    if dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name} must be None or one of {names} (keys are "
+                        f"{str(base).replace('torch.', '')}), got {dtype!r}")
+    return dtype
+
+
+def summaries(kmin, kmax, batch: int, num_blocks: int, num_kv_heads: int, head_dim: int,
+              key_dtype: torch.dtype | None = None):
+    """Shape checks; with ``key_dtype``: kmin and kmax share one dtype, that of the keys
+    (q / k_cache) or an fp8 one."""
+    tensor("kmin", kmin, 4, FLOAT_DTYPES + SUMMARY_FP8_DTYPES, "[B, NB, Hkv, D]")
+    tensor("kmax", kmax, 4, FLOAT_DTYPES + SUMMARY_FP8_DTYPES, "[B, NB, Hkv, D]")
+    if key_dtype is not None:
+        if kmin.dtype != kmax.dtype:
+            raise TypeError(f"kmin and kmax must share one dtype; got "
+                            f"{str(kmin.dtype).replace('torch.', '')} and "
+                            f"{str(kmax.dtype).replace('torch.', '')}")
+        summary_dtype(kmin.dtype, key_dtype, "kmin/kmax dtype")
     want = (batch, num_blocks, num_kv_heads, head_dim)
     for name, t in (("kmin", kmin), ("kmax", kmax)):
         if tuple(t.shape) != want:

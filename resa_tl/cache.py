@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .config import ReSAConfig
+from .config import ReSAConfig, summary_torch_dtype
 
 
 class ReSACache:
@@ -21,7 +21,8 @@ class ReSACache:
     num_layers, batch_size, max_seq_len, num_kv_heads, head_dim : int
         Storage is ``k[l], v[l]`` of shape [batch_size, max_seq_len, num_kv_heads, head_dim]
         and ``kmin[l], kmax[l]`` of shape [batch_size, ceil(max_seq_len / block_size),
-        num_kv_heads, head_dim], all in ``dtype``.
+        num_kv_heads, head_dim], all in ``dtype`` (the summaries in ``config.summary_dtype``
+        if set).
     config : ReSAConfig, optional — its block_size sizes the summaries.
     dtype : torch.dtype — float16, bfloat16 or float32.
     device : torch.device or str.
@@ -52,8 +53,9 @@ class ReSACache:
         self.k = [torch.zeros(*shape, head_dim, dtype=dtype, device=dev) for _ in range(num_layers)]
         self.v = [torch.zeros(*shape, self.v_head_dim, dtype=dtype, device=dev)
                   for _ in range(num_layers)]
-        self.kmin = [torch.zeros(sshape, dtype=dtype, device=dev) for _ in range(num_layers)]
-        self.kmax = [torch.zeros(sshape, dtype=dtype, device=dev) for _ in range(num_layers)]
+        sdt = summary_torch_dtype(self.config, dtype)
+        self.kmin = [torch.zeros(sshape, dtype=sdt, device=dev) for _ in range(num_layers)]
+        self.kmax = [torch.zeros(sshape, dtype=sdt, device=dev) for _ in range(num_layers)]
         self.seqlens = torch.zeros(num_layers, batch_size, dtype=torch.int32, device=dev)
         self._rows = torch.arange(batch_size, device=dev)
         self._steps = torch.arange(max_seq_len, device=dev)
@@ -107,6 +109,7 @@ class ReSACache:
         self.seqlens[layer].copy_(lens)
         self._max_len[layer], self._min_len[layer] = max(host), min(host)
         kmin, kmax = ops.block_summaries(self.k[layer], self.seqlens[layer], self.block_size,
+                                         summary_dtype=self.kmin[layer].dtype,
                                          backend=self.backend)
         self.kmin[layer].copy_(kmin)
         self.kmax[layer].copy_(kmax)
@@ -151,6 +154,7 @@ class ReSACache:
                                            lens - 1, 1, self.block_size, backend=self.backend)
             else:
                 kmin, kmax = ops.block_summaries(self.k[layer], lens, self.block_size,
+                                                 summary_dtype=self.kmin[layer].dtype,
                                                  backend=self.backend)
                 self.kmin[layer].copy_(kmin)
                 self.kmax[layer].copy_(kmax)

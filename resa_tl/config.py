@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+SUMMARY_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+
 
 @dataclass(frozen=True)
 class ReSAConfig:
@@ -27,6 +29,12 @@ class ReSAConfig:
     rectify_every : int
         Every ``rectify_every`` sparse steps, a dense pass rewrites the K/V of those tokens.
         0 disables rectification (sparse-only decoding); >= 0. Default 32.
+    summary_dtype : str or None
+        Storage of the per-block key summaries (kmin/kmax) that selection reads every step.
+        None (default): the cache dtype, exact, as in the paper. "float8_e4m3fn" or
+        "float8_e5m2": half the bytes (selection reads 1/16 of K instead of 1/8); kmin is
+        rounded down and kmax up, so the score stays an upper bound, only a looser one; see
+        docs/fidelity.md and docs/performance.md for what it changes.
     """
 
     block_size: int = 16
@@ -35,6 +43,7 @@ class ReSAConfig:
     local_blocks: int = 1
     rectify_every: int = 32
     sink_blocks: int = 0
+    summary_dtype: str | None = None
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -55,6 +64,13 @@ class ReSAConfig:
             raise ValueError(
                 f"ReSAConfig.sink_blocks must be an integer in [0, min_blocks - local_blocks = "
                 f"{mb - lb}] (the forced blocks must fit the smallest budget), got {sb!r}")
+        sd = self.summary_dtype
+        if sd is not None:
+            name = str(sd).replace("torch.", "")
+            if name not in SUMMARY_DTYPES:
+                raise ValueError(f"ReSAConfig.summary_dtype must be None (the cache dtype) or one "
+                                 f"of {SUMMARY_DTYPES}, got {sd!r}")
+            object.__setattr__(self, "summary_dtype", name)    # torch dtypes normalised
         f = self.rectify_every
         if not _is_int(f) or f < 0:
             raise ValueError(
@@ -67,6 +83,12 @@ class ReSAConfig:
         if unknown:
             raise TypeError(f"unknown ReSAConfig field(s) {unknown}; valid fields: {sorted(names)}")
         return replace(self, **overrides)
+
+
+def summary_torch_dtype(config: "ReSAConfig", cache_dtype):
+    """The torch dtype kmin/kmax are stored in under ``config`` for a cache of ``cache_dtype``."""
+    import torch
+    return cache_dtype if config.summary_dtype is None else getattr(torch, config.summary_dtype)
 
 
 def _is_int(x) -> bool:

@@ -106,7 +106,8 @@ def _simulate_layer(layer, q, k_sim, v_sim, scale):
         kc[L + c0:L + c0 + n_sparse] = k_sim[0, :, c0:c0 + n_sparse].transpose(0, 1)
         vc[L + c0:L + c0 + n_sparse] = v_sim[0, :, c0:c0 + n_sparse].transpose(0, 1)
         kmin, kmax = ops.block_summaries(kc[None], torch.tensor([S], device=q.device),
-                                         cfg.block_size, backend=_state.backend)
+                                         cfg.block_size, summary_dtype=cfg.summary_dtype,
+                                         backend=_state.backend)
         for r0 in range(c0, c0 + n_sparse, _state.chunk):
             r1 = min(r0 + _state.chunk, c0 + n_sparse)
             R = r1 - r0

@@ -176,6 +176,20 @@ def selection_config(num_blocks: int, num_kv_heads: int, head_dim: int):
                            hist="hybrid")
 
 
+def selection_config_for_summaries(config, summary_dtype, dtype):
+    """The select_blocks config for summaries stored in ``summary_dtype`` (``dtype`` = q's).
+
+    Reason: tuned configs (and selection_config) size a scoring thread's work in 16-byte
+    (block, vector) items of fp16/bf16 summaries. An fp8 vector holds twice the elements, so a
+    block row has half the items; doubling the blocks per CTA keeps the loads each thread has
+    in flight, and so the bytes in flight per SM, what they were (the op is memory-bound).
+    """
+    import dataclasses
+    if summary_dtype == dtype or torch.finfo(summary_dtype).bits != 8:
+        return config
+    return dataclasses.replace(config, score_rows_per_cta=2 * config.score_rows_per_cta)
+
+
 # --- sparse_decode / dense_decode (resa_tl/kernels/sparse_decode.py, dense_decode.py) --------
 
 def _decode_tile(arch: str, block_size: int = 16, head_dim: int = 128):

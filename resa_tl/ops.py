@@ -44,7 +44,8 @@ def _tilelang(module: str, name: str):
     return getattr(mod, name)
 
 
-def block_summaries(k_cache, cache_seqlens, block_size: int = 16, *, backend: str = "auto"):
+def block_summaries(k_cache, cache_seqlens, block_size: int = 16, *, summary_dtype=None,
+                    backend: str = "auto"):
     """Per-block element-wise min and max of the valid keys.
 
     Parameters
@@ -52,10 +53,14 @@ def block_summaries(k_cache, cache_seqlens, block_size: int = 16, *, backend: st
     k_cache : Tensor [B, S_max, Hkv, D], float16 / bfloat16 / float32
     cache_seqlens : Tensor [B], int32 / int64 — valid keys per row (<= S_max).
     block_size : int — power of two in [16, 128].
+    summary_dtype : torch.dtype or str, optional — None (default): ``k_cache``'s dtype, exact.
+        ``torch.float8_e4m3fn`` / ``torch.float8_e5m2``: half the bytes for selection to read;
+        kmin is rounded toward -inf and kmax toward +inf, so the score stays an upper bound,
+        and the largest finite fp8 value means "unbounded" (keys beyond the fp8 range).
 
     Returns
     -------
-    (kmin, kmax) : two Tensors [B, ceil(S_max / block_size), Hkv, D], dtype of ``k_cache``.
+    (kmin, kmax) : two Tensors [B, ceil(S_max / block_size), Hkv, D] of ``summary_dtype``.
         Blocks with no valid key are zero; selection never picks blocks past a row's length.
     """
     chk.tensor("k_cache", k_cache, 4, shape_doc="[B, S_max, Hkv, D]")
@@ -63,9 +68,11 @@ def block_summaries(k_cache, cache_seqlens, block_size: int = 16, *, backend: st
     chk.same_device(k_cache=k_cache, cache_seqlens=cache_seqlens)
     B, S = k_cache.shape[:2]
     chk.seqlens(cache_seqlens, B, S)
+    sdt = chk.summary_dtype(summary_dtype, k_cache.dtype)
     if resolve_backend(backend, k_cache.device, k_cache.dtype) == "torch":
-        return block_summaries_reference(k_cache, cache_seqlens, block_size)
-    return _tilelang("summaries", "block_summaries_tilelang")(k_cache, cache_seqlens, block_size)
+        return block_summaries_reference(k_cache, cache_seqlens, block_size, sdt)
+    return _tilelang("summaries", "block_summaries_tilelang")(k_cache, cache_seqlens, block_size,
+                                                              summary_dtype=sdt)
 
 
 def update_block_summaries(kmin, kmax, k_cache, start, length: int, block_size: int = 16, *,
@@ -76,7 +83,8 @@ def update_block_summaries(kmin, kmax, k_cache, start, length: int, block_size: 
 
     Parameters
     ----------
-    kmin, kmax : Tensor [B, ceil(S_max / block_size), Hkv, D], dtype of ``k_cache`` (updated).
+    kmin, kmax : Tensor [B, ceil(S_max / block_size), Hkv, D] (updated), dtype of ``k_cache``
+        or an fp8 one (see :func:`block_summaries`; rounded outward the same way).
     k_cache : Tensor [B, S_max, Hkv, D], float16 / bfloat16 / float32.
     start : Tensor [B], int32 / int64 — first written position of each row.
     length : int — positions written per row (>= 0; 0 is a no-op).
@@ -89,9 +97,8 @@ def update_block_summaries(kmin, kmax, k_cache, start, length: int, block_size: 
     chk.tensor("k_cache", k_cache, 4, shape_doc="[B, S_max, Hkv, D]")
     chk.block_size(block_size)
     B, S, Hkv, D = k_cache.shape
-    chk.summaries(kmin, kmax, B, -(-S // block_size), Hkv, D)
+    chk.summaries(kmin, kmax, B, -(-S // block_size), Hkv, D, key_dtype=k_cache.dtype)
     chk.same_device(kmin=kmin, kmax=kmax, k_cache=k_cache, start=start)
-    chk.same_dtype(kmin=kmin, kmax=kmax, k_cache=k_cache)
     if isinstance(length, bool) or not isinstance(length, int) or length < 0:
         raise ValueError(f"length must be an int >= 0, got {length!r}")
     chk.tensor("start", start, 1, chk.INDEX_DTYPES, "[B]")
@@ -124,7 +131,8 @@ def select_blocks(q, kmin, kmax, cache_seqlens, *, block_size: int = 16, sparse_
     Parameters
     ----------
     q : Tensor [B, H, D], float16 / bfloat16 / float32 — the decode query (after RoPE).
-    kmin, kmax : Tensor [B, NB_max, Hkv, D], dtype of q — from :func:`block_summaries`.
+    kmin, kmax : Tensor [B, NB_max, Hkv, D], dtype of q or an fp8 one — from
+        :func:`block_summaries`.
     cache_seqlens : Tensor [B], int32 / int64.
     block_size, sparse_ratio, min_blocks, local_blocks, sink_blocks : as in
         :class:`resa_tl.ReSAConfig` (sink_blocks + local_blocks <= min_blocks).
@@ -147,13 +155,12 @@ def select_blocks(q, kmin, kmax, cache_seqlens, *, block_size: int = 16, sparse_
                local_blocks=local_blocks, sink_blocks=sink_blocks)   # field checks, one style
     chk.tensor("q", q, 3, shape_doc="[B, H, D]")
     B, H, D = q.shape
-    chk.tensor("kmin", kmin, 4, shape_doc="[B, NB, Hkv, D]")
+    chk.tensor("kmin", kmin, 4, chk.FLOAT_DTYPES + chk.SUMMARY_FP8_DTYPES, "[B, NB, Hkv, D]")
     NB, Hkv = kmin.shape[1], kmin.shape[2]
     if H % max(Hkv, 1):
         raise ValueError(f"query heads H={H} must be a multiple of KV heads Hkv={Hkv}")
-    chk.summaries(kmin, kmax, B, NB, Hkv, D)
+    chk.summaries(kmin, kmax, B, NB, Hkv, D, key_dtype=q.dtype)
     chk.same_device(q=q, kmin=kmin, kmax=kmax, cache_seqlens=cache_seqlens)
-    chk.same_dtype(q=q, kmin=kmin, kmax=kmax)
     chk.seqlens(cache_seqlens, B, NB * block_size)
     if max_selected is None:
         max_selected = default_max_selected(NB, sparse_ratio, min_blocks)

@@ -83,7 +83,7 @@ def _prefill(model, cache, prompt, lengths, backend):
     logits = model.forward(prompt, positions, cache, attend)
     for layer in range(cache.num_layers):              # summaries over the real lengths only
         kmin, kmax = ops.block_summaries(cache.k[layer], cache.seqlens[layer], cache.block_size,
-                                         backend=backend)
+                                         summary_dtype=cache.kmin[layer].dtype, backend=backend)
         cache.kmin[layer].copy_(kmin)
         cache.kmax[layer].copy_(kmax)
     return logits[torch.arange(B), lengths.long() - 1]

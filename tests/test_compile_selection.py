@@ -136,3 +136,54 @@ def test_heuristics_are_sane():
     assert heuristics.selection_config(16384, 4, 128).select_threads == 1024
     assert heuristics.summaries_config(4, 128, 16).blocks_per_cta == 4
     assert heuristics.summaries_config(32, 128, 16).blocks_per_cta == 1
+
+
+FP8_NAMES = ["float8_e4m3fn", "float8_e5m2"]
+# the fp32 bits an fp8 mantissa keeps (3 / 2 of 23): the outward rounding masks with these
+_ROUND_MASK = {"float8_e4m3fn": 0xFFF00000, "float8_e5m2": 0xFFE00000}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("sdt", FP8_NAMES)
+def test_compile_fp8_summaries(arch, sdt):
+    """fp8 summaries (ReSAConfig.summary_dtype): build/update store fp8 kmin/kmax, the select
+    kernel (with the refresh) reads them 16 per 16-byte load and stores the refreshed block;
+    the default (None) builds exactly the fp16/bf16 program, so compiled kernels stay valid."""
+    hkv, d, bs, dt, it = SUMMARY_SHAPES[0]
+    cfg = heuristics.summaries_config(hkv, d, bs)
+    fp8_ptr = re.compile(r"(?<!const )fp8_e[45]_t\* (__restrict__ )?Km(in|ax)\b")
+    for mode in ("build", "update"):
+        src = summ.build_summaries_kernel(hkv, d, bs, dt, it, mode, cfg, arch, None,
+                                          sdt).get_kernel_source()
+        assert len(fp8_ptr.findall(src)) >= 2, "kmin and kmax must be fp8 outputs"
+        assert str(_ROUND_MASK[sdt]) in src, "outward rounding (fp32 mantissa mask) expected"
+        assert "uint4" in src, "16-byte loads of K expected"
+        assert_pdl(src, arch)
+        assert summ.summaries_program(hkv, d, bs, dt, it, mode).script() == \
+            summ.summaries_program(hkv, d, bs, dt, it, mode, summary_dtype=None).script()
+    nb, hkv, g, d, dt, it, bs, ratio, minb, local = SELECT_SHAPES[0]
+    K = sel.default_max_selected(nb, ratio, minb)
+    scfg = heuristics.selection_config_for_summaries(heuristics.selection_config(nb, hkv, d),
+                                                     getattr(__import__("torch"), sdt),
+                                                     __import__("torch").bfloat16)
+    kern = sel.build_select_blocks_kernel(nb, hkv, g, d, bs, ratio, minb, local, K, dt, it,
+                                          scfg, arch, None, True, 0, sdt)
+    src = kern.get_kernel_source()
+    assert src.count("__global__ void __launch_bounds__") == 2
+    assert re.search(r"fp8_e[45]_16_t", src), "16 fp8 summaries per 16-byte load expected"
+    assert len(fp8_ptr.findall(src)) >= 2, "the refresh must store fp8 kmin and kmax"
+    assert str(_ROUND_MASK[sdt]) in src, "the refresh must round outward"
+    assert_pdl(src, arch)
+    args = (nb, hkv, g, d, bs, ratio, minb, local, K, dt, it, heuristics.selection_config(nb,
+                                                                                         hkv, d))
+    assert sel.select_blocks_program(*args, summary_dtype=None).script() == \
+        sel.select_blocks_program(*args).script()
+
+
+def test_fp8_selection_config_keeps_bytes_per_thread():
+    import torch
+    base = heuristics.selection_config(2048, 4, 128)
+    assert heuristics.selection_config_for_summaries(base, torch.bfloat16, torch.bfloat16) is base
+    f8 = heuristics.selection_config_for_summaries(base, torch.float8_e4m3fn, torch.bfloat16)
+    assert f8.score_rows_per_cta == 2 * base.score_rows_per_cta
+    assert f8.select_threads == base.select_threads

@@ -304,7 +304,8 @@ class ReSAHFCache(Cache):
         for buf in (store.k[i], store.v[i]):
             buf[self._rows, pos] = buf[self._rows, src]
         lens.copy_(base + valid.sum(-1))
-        kmin, kmax = ops.block_summaries(store.k[i], lens, store.block_size, backend=self.backend)
+        kmin, kmax = ops.block_summaries(store.k[i], lens, store.block_size,
+                                         summary_dtype=store.kmin[i].dtype, backend=self.backend)
         store.kmin[i].copy_(kmin)
         store.kmax[i].copy_(kmax)
         host = lens.tolist()

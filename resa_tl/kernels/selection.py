@@ -33,9 +33,10 @@ def block_scores_reference(q, kmin, kmax, cache_seqlens, block_size: int, local_
     """Scores [B, Hkv, NB] in fp32: -inf past a row's end, +inf for the local and sink blocks."""
     B, H, D = q.shape
     _, NB, Hkv, _ = kmin.shape
+    from .summaries import summary_values
     qm = q.float().view(B, Hkv, H // Hkv, D).mean(dim=2) * D ** -0.5      # [B, Hkv, D]
-    lo = kmin.float().permute(0, 2, 1, 3)                                # [B, Hkv, NB, D]
-    hi = kmax.float().permute(0, 2, 1, 3)
+    lo, hi = summary_values(kmin, kmax)                                  # fp8: sentinel decoded
+    lo, hi = lo.permute(0, 2, 1, 3), hi.permute(0, 2, 1, 3)              # [B, Hkv, NB, D]
     s = torch.maximum(qm[:, :, None] * lo, qm[:, :, None] * hi).sum(-1)
     nvalid = (cache_seqlens.long() + block_size - 1) // block_size        # [B]
     j = torch.arange(NB, device=q.device)
@@ -150,16 +151,20 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
                           block_size: int, sparse_ratio: float, min_blocks: int,
                           local_blocks: int, max_selected: int, dtype: str = "bfloat16",
                           index_dtype: str = "int32", config: SelectionConfig | None = None,
-                          pdl: bool = False, refresh: bool = False, sink_blocks: int = 0):
+                          pdl: bool = False, refresh: bool = False, sink_blocks: int = 0,
+                          summary_dtype: str | None = None):
     """The TileLang PrimFunc of select_blocks. Static: NB (kmin's block dim, fixed per cache),
     Hkv, g, D, the selection hyper-parameters and K; symbolic: B. The row lengths are data, so
     nothing recompiles as they change. ``pdl``: programmatic dependent launch for both kernels
     (sm_90+; see _splitkv.grid_dependency). ``refresh``: the program takes the K cache as a 7th
     argument and the select kernel also rewrites the newest block's kmin/kmax (needs
     local_blocks >= 1). ``sink_blocks``: blocks 0 .. sink_blocks - 1 are forced like the local
-    ones (0 emits no test, so the program is the one without sinks)."""
+    ones (0 emits no test, so the program is the one without sinks). ``summary_dtype``: dtype
+    of kmin/kmax, None = ``dtype``; an fp8 one (see summaries.FP8_SUMMARY_DTYPES) is read 16
+    elements per 16-byte load and its "unbounded" sentinel decoded."""
     import tilelang.language as T
     from ._splitkv import grid_dependency
+    from .summaries import fp8_name, round_outward_tl, summary_value_tl
     wait = grid_dependency(pdl)
 
     cfg = config or SelectionConfig()
@@ -174,10 +179,16 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
     MINB, LOCAL, SINK = min_blocks, local_blocks, sink_blocks
     scale = float(D) ** -0.5
     f32, dt, it = "float32", dtype, index_dtype
+    sdt = summary_dtype or dtype
+    fp8 = fp8_name(sdt) is not None
+    SV = 16 if fp8 else _VEC             # summary elements per 16-byte load
+    if D % SV or (D // SV) & (D // SV - 1):
+        raise ValueError(f"head_dim must be a power-of-two multiple of {SV} for {sdt} "
+                         f"summaries in the tilelang select_blocks, got {D}")
     # scoring
     TS, RPC = cfg.score_threads, cfg.score_rows_per_cta
-    RV = HKV * D // _VEC                 # 16-byte vectors per block row (all heads)
-    DV = D // _VEC                       # lanes that share one (block, head) dot product
+    RV = HKV * D // SV                   # 16-byte vectors per block row (all heads)
+    DV = D // SV                         # lanes that share one (block, head) dot product
     ITEMS = RPC * RV
     U = -(-ITEMS // TS)
     QE = HKV * D
@@ -251,10 +262,10 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
         with T.Kernel(T.ceildiv(NB, RPC), B, threads=TS) as (bx, b):
             wait()
             tx = T.get_thread_binding()
-            lo = T.alloc_local((U, _VEC), dt)
-            hi = T.alloc_local((U, _VEC), dt)
+            lo = T.alloc_local((U, SV), sdt)
+            hi = T.alloc_local((U, SV), sdt)
             qm_s = T.alloc_shared((QE,), f32)
-            qv = T.alloc_local((_VEC,), f32)
+            qv = T.alloc_local((SV,), f32)
             nvalid = T.alloc_var("int32")
             acc = T.alloc_var(f32)
             nvalid = T.Cast("int32", (T.Cast("int64", Lens[b]) + (BS - 1)) // BS)
@@ -262,17 +273,17 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
                 for u in T.unroll(U):
                     item = tx + u * TS
                     row = bx * RPC + item // RV
-                    e0 = (item % RV) * _VEC
+                    e0 = (item % RV) * SV
                     if item < ITEMS and row < nvalid:
-                        for v in T.vectorized(_VEC):
+                        for v in T.vectorized(SV):
                             lo[u, v] = Kmin[b, row, e0 // D, e0 % D + v]
-                        for v in T.vectorized(_VEC):
+                        for v in T.vectorized(SV):
                             hi[u, v] = Kmax[b, row, e0 // D, e0 % D + v]
                     else:
-                        for v in T.vectorized(_VEC):
-                            lo[u, v] = T.Cast(dt, 0)
-                        for v in T.vectorized(_VEC):
-                            hi[u, v] = T.Cast(dt, 0)
+                        for v in T.vectorized(SV):
+                            lo[u, v] = T.Cast(sdt, 0)
+                        for v in T.vectorized(SV):
+                            hi[u, v] = T.Cast(sdt, 0)
                 for i in T.serial(-(-QE // TS)):
                     e = tx + i * TS
                     if e < QE:
@@ -282,19 +293,19 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
                         qm_s[e] = acc / T.float32(G) * T.float32(scale)
                 T.sync_threads()
                 if QFIXED:                       # every item of this thread has the same lanes
-                    for v in T.vectorized(_VEC):
-                        qv[v] = qm_s[(tx % RV) * _VEC + v]
+                    for v in T.vectorized(SV):
+                        qv[v] = qm_s[(tx % RV) * SV + v]
                 for u in T.unroll(U):
                     item = tx + u * TS
                     row = bx * RPC + item // RV
-                    e0 = (item % RV) * _VEC
+                    e0 = (item % RV) * SV
                     if not QFIXED:
-                        for v in T.vectorized(_VEC):
+                        for v in T.vectorized(SV):
                             qv[v] = qm_s[e0 + v]
                     acc = T.float32(0)
-                    for v in T.unroll(_VEC):
-                        acc = acc + T.max(qv[v] * T.Cast(f32, lo[u, v]),
-                                          qv[v] * T.Cast(f32, hi[u, v]))
+                    for v in T.unroll(SV):
+                        acc = acc + T.max(qv[v] * summary_value_tl(T, lo[u, v], sdt, False),
+                                          qv[v] * summary_value_tl(T, hi[u, v], sdt, True))
                     for o in T.unroll(DV.bit_length() - 1):
                         acc = acc + T.shfl_xor(acc, DV >> (o + 1))
                     if item < ITEMS and row < nvalid and item % DV == 0:
@@ -365,8 +376,11 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
                                     rx = T.Cast(f32, Kc[b, (nvalid - 1) * BS + r, h, col])
                                     rmin = T.min(rmin, rx)
                                     rmax = T.max(rmax, rx)
-                            Kmin[b, nvalid - 1, h, col] = T.Cast(dt, rmin)
-                            Kmax[b, nvalid - 1, h, col] = T.Cast(dt, rmax)
+                            if fp8:
+                                rmin = round_outward_tl(T, rmin, sdt, False)
+                                rmax = round_outward_tl(T, rmax, sdt, True)
+                            Kmin[b, nvalid - 1, h, col] = T.Cast(sdt, rmin)
+                            Kmax[b, nvalid - 1, h, col] = T.Cast(sdt, rmax)
             j0 = tx * C
             if in_regs:
                 for c0 in T.unroll(C // VL):              # in bounds: the row is padded to C*TT
@@ -487,8 +501,11 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
                                 rx = T.Cast(f32, Kc[b, (nvalid - 1) * BS + RPF + r, h, tx])
                                 rmin = T.min(rmin, rx)
                                 rmax = T.max(rmax, rx)
-                    Kmin[b, nvalid - 1, h, tx] = T.Cast(dt, rmin)
-                    Kmax[b, nvalid - 1, h, tx] = T.Cast(dt, rmax)
+                    if fp8:
+                        rmin = round_outward_tl(T, rmin, sdt, False)
+                        rmax = round_outward_tl(T, rmax, sdt, True)
+                    Kmin[b, nvalid - 1, h, tx] = T.Cast(sdt, rmin)
+                    Kmax[b, nvalid - 1, h, tx] = T.Cast(sdt, rmax)
 
     # Two signatures rather than one with an unused K argument: the plain kernel's TIR, and so
     # its compile-cache key, stays what it was before the refresh existed.
@@ -498,8 +515,8 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
         @T.prim_func
         def select_blocks_refresh_kernel(
                 Q: T.Tensor((B, H, D), dt),
-                Kmin: T.Tensor((B, NB, HKV, D), dt),
-                Kmax: T.Tensor((B, NB, HKV, D), dt),
+                Kmin: T.Tensor((B, NB, HKV, D), sdt),
+                Kmax: T.Tensor((B, NB, HKV, D), sdt),
                 Lens: T.Tensor((B,), it),
                 Scores: T.Tensor((B, HKV, NBP), f32),
                 Out: T.Tensor((B, HKV, K), "int32"),
@@ -510,8 +527,8 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
     @T.prim_func
     def select_blocks_kernel(
             Q: T.Tensor((B, H, D), dt),
-            Kmin: T.Tensor((B, NB, HKV, D), dt),
-            Kmax: T.Tensor((B, NB, HKV, D), dt),
+            Kmin: T.Tensor((B, NB, HKV, D), sdt),
+            Kmax: T.Tensor((B, NB, HKV, D), sdt),
             Lens: T.Tensor((B,), it),
             Scores: T.Tensor((B, HKV, NBP), f32),
             Out: T.Tensor((B, HKV, K), "int32")):
@@ -533,16 +550,17 @@ def build_select_blocks_kernel(num_blocks: int, heads_kv: int, group: int, head_
                                block_size: int, sparse_ratio: float, min_blocks: int,
                                local_blocks: int, max_selected: int, dtype: str,
                                index_dtype: str, config: SelectionConfig, target: str,
-                               pdl: bool = None, refresh: bool = False, sink_blocks: int = 0):
+                               pdl: bool = None, refresh: bool = False, sink_blocks: int = 0,
+                               summary_dtype: str | None = None):
     """Compile (memoised) the select_blocks program for ``target`` ("sm_90a", "sm_80", ...).
-    ``pdl`` None: :func:`resa_tl.heuristics.use_pdl` decides. ``refresh``: see
-    :func:`select_blocks_program`."""
+    ``pdl`` None: :func:`resa_tl.heuristics.use_pdl` decides. ``refresh``, ``summary_dtype``:
+    see :func:`select_blocks_program`."""
     import tilelang
     from .. import heuristics
     pdl = heuristics.use_pdl(target) if pdl is None else pdl
     prog = select_blocks_program(num_blocks, heads_kv, group, head_dim, block_size, sparse_ratio,
                                  min_blocks, local_blocks, max_selected, dtype, index_dtype,
-                                 config, pdl, refresh, sink_blocks)
+                                 config, pdl, refresh, sink_blocks, summary_dtype)
     return tilelang.compile(prog, target={"kind": "cuda", "arch": target},
                             pass_configs=_pass_configs())
 
@@ -567,6 +585,18 @@ def _contig16(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+def select_config(num_blocks: int, heads_kv: int, group: int, head_dim: int, block_size: int,
+                  batch: int, dtype, summary_dtype, arch: str) -> SelectionConfig:
+    """The config select_blocks_tilelang launches with: the tuned schedule's entry for the shape,
+    else the heuristic, adjusted for fp8 summaries (heuristics.selection_config_for_summaries)."""
+    from .. import heuristics, schedules
+    cfg = schedules.config_for(
+        "select_blocks", heuristics.selection_config(num_blocks, heads_kv, head_dim), arch=arch,
+        dtype=dtype, head_dim=head_dim, g=group, hkv=heads_kv, block_size=block_size,
+        num_blocks=max(num_blocks, 1), batch=max(batch, 1))
+    return heuristics.selection_config_for_summaries(cfg, summary_dtype, dtype)
+
+
 def select_blocks_tilelang(q, kmin, kmax, cache_seqlens, *, block_size, sparse_ratio,
                            min_blocks, local_blocks, max_selected, k_cache=None, out=None,
                            config=None, sink_blocks=0):
@@ -577,17 +607,20 @@ def select_blocks_tilelang(q, kmin, kmax, cache_seqlens, *, block_size, sparse_r
     ``config`` (optional): a :class:`SelectionConfig` overriding the heuristic (tests, tuning).
     Among blocks with equal fp32 scores at the threshold, the lower block ids are kept.
     """
-    from .. import heuristics, schedules
+    from .. import heuristics
+    from .summaries import fp8_name
     B, H, D = q.shape
     NB, Hkv = kmin.shape[1], kmin.shape[2]
     K = int(max_selected)
     if D % _VEC or (D // _VEC) & (D // _VEC - 1) or D // _VEC > 32:
         raise ValueError(f"head_dim must be one of 8, 16, 32, 64, 128, 256 for the tilelang "
                          f"select_blocks, got {D}")
-    cfg = config or schedules.config_for(   # the tuned schedule's entry, else the heuristic
-        "select_blocks", heuristics.selection_config(NB, Hkv, D),
-        arch=heuristics.arch_of(q.device), dtype=q.dtype, head_dim=D, g=H // Hkv, hkv=Hkv,
-        block_size=block_size, num_blocks=max(NB, 1), batch=max(B, 1))
+    cfg = config or select_config(NB, Hkv, H // Hkv, D, block_size, B, q.dtype, kmin.dtype,
+                                  heuristics.arch_of(q.device))
+    sdt = fp8_name(kmin.dtype)
+    if sdt is not None and D % 16:
+        raise ValueError(f"fp8 summaries need head_dim a multiple of 16 for the tilelang "
+                         f"select_blocks, got {D}")
     if -(-NB // cfg.select_threads) > _MAX_REG_KEYS and \
             -(-NB // cfg.select_threads) * cfg.select_threads > _MAX_SMEM_KEYS:
         raise ValueError(f"kmin has NB={NB} blocks per row; the tilelang select_blocks supports "
@@ -601,7 +634,7 @@ def select_blocks_tilelang(q, kmin, kmax, cache_seqlens, *, block_size, sparse_r
         int(local_blocks), K, {torch.float16: "float16", torch.bfloat16: "bfloat16"}[q.dtype],
         "int64" if cache_seqlens.dtype == torch.int64 else "int32", cfg,
         heuristics.arch_of(q.device), heuristics.use_pdl(heuristics.arch_of(q.device)),
-        k_cache is not None, int(sink_blocks))
+        k_cache is not None, int(sink_blocks), sdt)
     nbp = -(-NB // cfg.select_threads) * cfg.select_threads     # padded row (see NBP)
     scores = _scores_workspace(q.device, B, Hkv, nbp)
     lo, hi = _contig16(kmin), _contig16(kmax)

@@ -8,10 +8,107 @@ two tensors (2/block_size of K) instead of the keys themselves.
 import torch
 
 
-def block_summaries_reference(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, block_size: int):
+# ---------------------------------------------------------------------------------------------
+# fp8 summaries (opt-in: ReSAConfig.summary_dtype). Selection reads kmin+kmax, 2/block_size of
+# K, every step; in fp8 they are half that. The bound must stay a bound, so kmin is rounded
+# toward -inf and kmax toward +inf on the fp8 grid (never to nearest). Values past the largest
+# finite fp8 number cannot be rounded outward, so that number itself means "unbounded": a kmin
+# of -max / a kmax of +max decodes to -/+SUMMARY_UNBOUNDED (finite, so 0 * it stays 0; scores
+# of such blocks are huge and the block is kept). fp16/bf16 summaries are exact min/max.
+# ---------------------------------------------------------------------------------------------
+FP8_SUMMARY_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# name -> (mantissa bits, smallest normal, subnormal spacing, largest finite)
+FP8_FORMATS = {"float8_e4m3fn": (3, 2.0 ** -6, 2.0 ** -9, 448.0),
+               "float8_e5m2": (2, 2.0 ** -14, 2.0 ** -16, 57344.0)}
+SUMMARY_UNBOUNDED = 2.0 ** 64
+
+
+def fp8_name(dtype) -> str | None:
+    """"float8_e4m3fn" / "float8_e5m2" for an fp8 summary dtype (torch dtype or name), else None."""
+    name = str(dtype).replace("torch.", "")
+    return name if name in FP8_FORMATS else None
+
+
+def round_outward_reference(x: torch.Tensor, dtype, up: bool) -> torch.Tensor:
+    """fp32 ``x`` rounded to the fp8 grid of ``dtype`` toward +inf (``up``) or -inf, clamped to
+    the finite range (the clamp at the far end is the "unbounded" sentinel). Exact: the result
+    is an fp8 value, so the cast that follows does not round again."""
+    m, smallest, sub, fmax = FP8_FORMATS[fp8_name(dtype)]
+    x = x.float()
+    drop = 23 - m
+    bits = x.view(torch.int32)
+    kept = bits & ~((1 << drop) - 1)                       # the fp32 bits fp8 can hold
+    trunc = kept.view(torch.float32)                       # rounded toward zero
+    away = (kept + (1 << drop)).view(torch.float32)        # one fp8 step away from zero
+    exact = (bits & ((1 << drop) - 1)) == 0
+    if up:
+        normal = torch.where(x > 0, torch.where(exact, x, away), trunc)
+        tiny = torch.ceil(x / sub) * sub
+    else:
+        normal = torch.where(x < 0, torch.where(exact, x, away), trunc)
+        tiny = torch.floor(x / sub) * sub
+    y = torch.where(x.abs() < smallest, tiny, normal).clamp(-fmax, fmax)
+    return y.to(dtype)
+
+
+def encode_summaries_reference(kmin: torch.Tensor, kmax: torch.Tensor, dtype):
+    """Exact per-block min/max (any float dtype) -> summaries stored in ``dtype``: fp8 rounded
+    outward (see above), other dtypes cast."""
+    if fp8_name(dtype) is None:
+        return kmin.to(dtype), kmax.to(dtype)
+    return round_outward_reference(kmin, dtype, False), round_outward_reference(kmax, dtype, True)
+
+
+def summary_values(kmin: torch.Tensor, kmax: torch.Tensor):
+    """Stored summaries -> fp32 bounds; for fp8, the sentinel -max / +max becomes
+    -/+SUMMARY_UNBOUNDED (what the scoring kernel does)."""
+    lo, hi = kmin.float(), kmax.float()
+    name = fp8_name(kmin.dtype)
+    if name is not None:
+        fmax = FP8_FORMATS[name][3]
+        lo = torch.where(lo <= -fmax, -SUMMARY_UNBOUNDED, lo)
+        hi = torch.where(hi >= fmax, SUMMARY_UNBOUNDED, hi)
+    return lo, hi
+
+
+def round_outward_tl(T, x, sdt: str, up: bool):
+    """TileLang expression of :func:`round_outward_reference` (fp32 in, fp32 out; the cast to
+    ``sdt`` that follows is then exact). ``x`` must be a variable (it is reinterpreted)."""
+    m, smallest, sub, fmax = FP8_FORMATS[sdt]
+    drop = 23 - m
+    low = (1 << drop) - 1
+    bits = T.reinterpret(x, "uint32")
+    kept = bits & T.uint32(0xFFFFFFFF ^ low)
+    trunc = T.reinterpret(kept, "float32")
+    away = T.reinterpret(kept + T.uint32(1 << drop), "float32")
+    exact = (bits & T.uint32(low)) == T.uint32(0)
+    if up:
+        normal = T.if_then_else(x > T.float32(0), T.if_then_else(exact, x, away), trunc)
+        tiny = T.ceil(x * T.float32(1.0 / sub)) * T.float32(sub)
+    else:
+        normal = T.if_then_else(x < T.float32(0), T.if_then_else(exact, x, away), trunc)
+        tiny = T.floor(x * T.float32(1.0 / sub)) * T.float32(sub)
+    y = T.if_then_else(T.abs(x) < T.float32(smallest), tiny, normal)
+    return T.max(T.min(y, T.float32(fmax)), T.float32(-fmax))
+
+
+def summary_value_tl(T, v, sdt: str, is_max: bool):
+    """TileLang: a loaded summary element -> fp32 bound (the fp8 sentinel decoded)."""
+    f = T.Cast("float32", v)
+    if fp8_name(sdt) is None:
+        return f
+    fmax = FP8_FORMATS[sdt][3]
+    if is_max:
+        return T.if_then_else(f >= T.float32(fmax), T.float32(SUMMARY_UNBOUNDED), f)
+    return T.if_then_else(f <= T.float32(-fmax), T.float32(-SUMMARY_UNBOUNDED), f)
+
+
+def block_summaries_reference(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, block_size: int,
+                              summary_dtype=None):
     """Torch reference of :func:`resa_tl.ops.block_summaries`.
 
-    Blocks with no valid key are zero in both outputs.
+    Blocks with no valid key are zero in both outputs. ``summary_dtype``: None (that of
+    ``k_cache``) or an fp8 dtype (rounded outward, see FP8_SUMMARY_DTYPES).
     """
     B, S, H, D = k_cache.shape
     nb = -(-S // block_size)
@@ -26,7 +123,9 @@ def block_summaries_reference(k_cache: torch.Tensor, cache_seqlens: torch.Tensor
     kmax = torch.where(valid, k, -inf).amax(dim=2)
     any_valid = valid.any(dim=2)
     zero = torch.zeros((), dtype=k.dtype, device=k.device)
-    return torch.where(any_valid, kmin, zero), torch.where(any_valid, kmax, zero)
+    return encode_summaries_reference(torch.where(any_valid, kmin, zero),
+                                      torch.where(any_valid, kmax, zero),
+                                      summary_dtype or k_cache.dtype)
 
 
 def touched_blocks_bound(length: int, block_size: int) -> int:
@@ -55,8 +154,10 @@ def update_block_summaries_reference(kmin, kmax, k_cache, start, length: int, bl
     keys = k_cache[rows[:, None, None], pos.clamp(max=S - 1)]                # [B, nt, bs, H, D]
     inf = torch.tensor(float("inf"), dtype=k_cache.dtype, device=dev)
     # Repeated block ids (rows touching fewer than nt blocks) write identical values.
-    kmin[rows[:, None], blk] = torch.where(valid, keys, inf).amin(dim=2)
-    kmax[rows[:, None], blk] = torch.where(valid, keys, -inf).amax(dim=2)
+    lo, hi = encode_summaries_reference(torch.where(valid, keys, inf).amin(dim=2),
+                                        torch.where(valid, keys, -inf).amax(dim=2), kmin.dtype)
+    kmin[rows[:, None], blk] = lo
+    kmax[rows[:, None], blk] = hi
     return kmin, kmax
 
 
@@ -109,10 +210,12 @@ def _tl_dtype(dtype) -> str:
 
 def summaries_program(heads_kv: int, head_dim: int, block_size: int, dtype: str = "bfloat16",
                       index_dtype: str = "int32", mode: str = "build",
-                      config: SummariesConfig | None = None, pdl: bool = False):
+                      config: SummariesConfig | None = None, pdl: bool = False,
+                      summary_dtype: str | None = None):
     """The TileLang PrimFunc of block_summaries (mode="build") or update_block_summaries
     (mode="update"). Static: Hkv, D, block size, dtypes, config; symbolic: B, S_max, NB.
-    ``pdl``: programmatic dependent launch (sm_90+; see _splitkv.grid_dependency)."""
+    ``pdl``: programmatic dependent launch (sm_90+; see _splitkv.grid_dependency).
+    ``summary_dtype``: dtype of kmin/kmax, None = ``dtype``; an fp8 one is rounded outward."""
     import tilelang.language as T
     from ._splitkv import grid_dependency
     wait = grid_dependency(pdl)
@@ -128,6 +231,8 @@ def summaries_program(heads_kv: int, head_dim: int, block_size: int, dtype: str 
     PER_THREAD = -(-ITEMS // TH)
     UNROLL = min(BS, 16)                     # tokens whose loads are issued together
     dt, it, f32 = dtype, index_dtype, "float32"
+    sdt = summary_dtype or dtype
+    fp8 = fp8_name(sdt) is not None
     B, S, NB = T.dynamic("B S NB")
     update = mode == "update"
 
@@ -174,16 +279,20 @@ def summaries_program(heads_kv: int, head_dim: int, block_size: int, dtype: str 
                     for v in T.serial(_VEC):                 # empty block -> zeros
                         mn[v] = T.if_then_else(cnt > 0, mn[v], T.float32(0))
                         mx[v] = T.if_then_else(cnt > 0, mx[v], T.float32(0))
+                    if fp8:                                  # outward: the bound stays a bound
+                        for v in T.serial(_VEC):
+                            mn[v] = round_outward_tl(T, mn[v], sdt, False)
+                            mx[v] = round_outward_tl(T, mx[v], sdt, True)
                     for v in T.vectorized(_VEC):
-                        Kmin[b, blk, h, d0 + v] = T.Cast(dt, mn[v])
+                        Kmin[b, blk, h, d0 + v] = T.Cast(sdt, mn[v])
                     for v in T.vectorized(_VEC):
-                        Kmax[b, blk, h, d0 + v] = T.Cast(dt, mx[v])
+                        Kmax[b, blk, h, d0 + v] = T.Cast(sdt, mx[v])
 
     if update:
         @T.prim_func
         def update_block_summaries_kernel(
                 K: T.Tensor((B, S, HKV, D), dt), Start: T.Tensor((B,), it),
-                Kmin: T.Tensor((B, NB, HKV, D), dt), Kmax: T.Tensor((B, NB, HKV, D), dt),
+                Kmin: T.Tensor((B, NB, HKV, D), sdt), Kmax: T.Tensor((B, NB, HKV, D), sdt),
                 length: T.int32):
             body(K, Start, Kmin, Kmax, length)
         return update_block_summaries_kernel
@@ -191,7 +300,7 @@ def summaries_program(heads_kv: int, head_dim: int, block_size: int, dtype: str 
     @T.prim_func
     def block_summaries_kernel(
             K: T.Tensor((B, S, HKV, D), dt), Lens: T.Tensor((B,), it),
-            Kmin: T.Tensor((B, NB, HKV, D), dt), Kmax: T.Tensor((B, NB, HKV, D), dt)):
+            Kmin: T.Tensor((B, NB, HKV, D), sdt), Kmax: T.Tensor((B, NB, HKV, D), sdt)):
         body(K, Lens, Kmin, Kmax, 0)
     return block_summaries_kernel
 
@@ -199,14 +308,15 @@ def summaries_program(heads_kv: int, head_dim: int, block_size: int, dtype: str 
 @functools.lru_cache(maxsize=None)
 def build_summaries_kernel(heads_kv: int, head_dim: int, block_size: int, dtype: str,
                            index_dtype: str, mode: str, config: SummariesConfig, target: str,
-                           pdl: bool = None):
+                           pdl: bool = None, summary_dtype: str | None = None):
     """Compile (memoised) the summaries program for ``target`` ("sm_90a", "sm_80", ...).
-    ``pdl`` None: :func:`resa_tl.heuristics.use_pdl` decides."""
+    ``pdl`` None: :func:`resa_tl.heuristics.use_pdl` decides. ``summary_dtype``: see
+    :func:`summaries_program`."""
     import tilelang
     from .. import heuristics
     pdl = heuristics.use_pdl(target) if pdl is None else pdl
     prog = summaries_program(heads_kv, head_dim, block_size, dtype, index_dtype, mode, config,
-                             pdl)
+                             pdl, summary_dtype)
     return tilelang.compile(prog, target={"kind": "cuda", "arch": target})
 
 
@@ -225,7 +335,8 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _kernel_for(k_cache, index: torch.Tensor, block_size: int, mode: str, length: int = 1):
+def _kernel_for(k_cache, index: torch.Tensor, block_size: int, mode: str, length: int = 1,
+                summary_dtype=None):
     from .. import heuristics, schedules
     B, S, Hkv, D = k_cache.shape
     arch = heuristics.arch_of(k_cache.device)
@@ -238,27 +349,28 @@ def _kernel_for(k_cache, index: torch.Tensor, block_size: int, mode: str, length
         **shape)
     return build_summaries_kernel(Hkv, D, block_size, _tl_dtype(k_cache.dtype),
                                   "int64" if index.dtype == torch.int64 else "int32", mode, cfg,
-                                  arch, heuristics.use_pdl(arch))
+                                  arch, heuristics.use_pdl(arch), fp8_name(summary_dtype))
 
 
 def block_summaries_tilelang(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, block_size: int,
-                             *, out=None):
+                             *, out=None, summary_dtype=None):
     """TileLang backend of :func:`resa_tl.ops.block_summaries` (arguments already validated).
 
     ``out`` (optional): a (kmin, kmax) pair of contiguous tensors to write into.
+    ``summary_dtype``: None (k_cache's dtype) or an fp8 dtype (rounded outward).
     """
     _check_tilelang_shapes(k_cache)
     B, S, Hkv, D = k_cache.shape
     nb = -(-S // block_size)
     k = _aligned(k_cache)
     if out is None:
-        kmin = torch.empty((B, nb, Hkv, D), dtype=k.dtype, device=k.device)
+        kmin = torch.empty((B, nb, Hkv, D), dtype=summary_dtype or k.dtype, device=k.device)
         kmax = torch.empty_like(kmin)
     else:
         kmin, kmax = out
     if B == 0 or nb == 0:
         return kmin, kmax
-    kern = _kernel_for(k, cache_seqlens, block_size, "build")
+    kern = _kernel_for(k, cache_seqlens, block_size, "build", summary_dtype=kmin.dtype)
     kern(k, cache_seqlens.contiguous(), kmin, kmax)
     return kmin, kmax
 
@@ -275,7 +387,7 @@ def update_block_summaries_tilelang(kmin, kmax, k_cache, start, length: int, blo
         raise ValueError(f"length must be < 2**31 for the tilelang backend, got {length}")
     k = _aligned(k_cache)
     lo, hi = _aligned(kmin), _aligned(kmax)
-    kern = _kernel_for(k, start, block_size, "update", length)
+    kern = _kernel_for(k, start, block_size, "update", length, summary_dtype=kmin.dtype)
     kern(k, start.contiguous(), lo, hi, int(length))
     if lo is not kmin:
         kmin.copy_(lo)
