@@ -266,6 +266,9 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
             hi = T.alloc_local((U, SV), sdt)
             qm_s = T.alloc_shared((QE,), f32)
             qv = T.alloc_local((SV,), f32)
+            if fp8:                              # converted pairwise (cvt of 2 fp8 at once)
+                lof = T.alloc_local((U, SV), f32)
+                hif = T.alloc_local((U, SV), f32)
             nvalid = T.alloc_var("int32")
             acc = T.alloc_var(f32)
             nvalid = T.Cast("int32", (T.Cast("int64", Lens[b]) + (BS - 1)) // BS)
@@ -295,6 +298,12 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
                 if QFIXED:                       # every item of this thread has the same lanes
                     for v in T.vectorized(SV):
                         qv[v] = qm_s[(tx % RV) * SV + v]
+                if fp8:
+                    for u in T.unroll(U):
+                        for v in T.vectorized(SV):
+                            lof[u, v] = T.Cast(f32, lo[u, v])
+                        for v in T.vectorized(SV):
+                            hif[u, v] = T.Cast(f32, hi[u, v])
                 for u in T.unroll(U):
                     item = tx + u * TS
                     row = bx * RPC + item // RV
@@ -304,8 +313,13 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
                             qv[v] = qm_s[e0 + v]
                     acc = T.float32(0)
                     for v in T.unroll(SV):
-                        acc = acc + T.max(qv[v] * summary_value_tl(T, lo[u, v], sdt, False),
-                                          qv[v] * summary_value_tl(T, hi[u, v], sdt, True))
+                        if fp8:
+                            acc = acc + T.max(
+                                qv[v] * summary_value_tl(T, lof[u, v], sdt, False),
+                                qv[v] * summary_value_tl(T, hif[u, v], sdt, True))
+                        else:
+                            acc = acc + T.max(qv[v] * T.Cast(f32, lo[u, v]),
+                                              qv[v] * T.Cast(f32, hi[u, v]))
                     for o in T.unroll(DV.bit_length() - 1):
                         acc = acc + T.shfl_xor(acc, DV >> (o + 1))
                     if item < ITEMS and row < nvalid and item % DV == 0:

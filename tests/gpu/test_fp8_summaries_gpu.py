@@ -34,7 +34,8 @@ def _keys(B, S, Hkv, D, dt, seed, top=None):
     k = torch.randn(B, S, Hkv, D, device=_dev(), generator=g)
     top = top if top is not None else (4.7 if dt == F16 else 5.0)
     scale = 10 ** (torch.rand(1, 1, Hkv, D, device=_dev(), generator=g) * (top + 6) - 6)
-    return (k * scale).to(dt)
+    fin = torch.finfo(dt).max / 2                   # finite keys (no fp16 overflow to inf)
+    return (k * scale).clamp(-fin, fin).to(dt)
 
 
 def _bytes(t):
