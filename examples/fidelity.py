@@ -83,23 +83,26 @@ def load_austen(novel: str) -> str:
     return "\n".join(str(x) for x in lines)
 
 
-def configs(ratios, fs, pairs=None, selections=("upper_bound",), sink_blocks=0):
+def configs(ratios, fs, pairs=None, selections=("upper_bound",), sink_blocks=0,
+            summary_dtypes=(None,)):
     """sparse-only at each ratio, and ReSA at each (ratio, f): the full grid, or ``pairs``; ReSA
     once per selection rule (resa_tl.fidelity.SELECTIONS; names of the diagnostic ones end in
     " sel=<rule>"); ``sink_blocks`` > 0: every configuration keeps that many sink blocks
-    (ReSAConfig.sink_blocks; names end in " sink=<n>"). Returns (name -> ReSAConfig,
-    name -> rule)."""
+    (ReSAConfig.sink_blocks; names end in " sink=<n>"); each of ``summary_dtypes``
+    (ReSAConfig.summary_dtype; names of the non-default ones end in " summ=<dtype>"). Returns
+    (name -> ReSAConfig, name -> rule)."""
     pairs = pairs or [(r, f) for r in ratios for f in fs]
-    tag = f" sink={sink_blocks}" if sink_blocks else ""
     out, rules = {}, {}
-    for r in sorted({r for r, _ in pairs}):
-        out[f"sparse-only r={r}{tag}"] = ReSAConfig(sparse_ratio=r, rectify_every=0,
-                                                    sink_blocks=sink_blocks)
-    for rule in selections:
-        for r, f in pairs:
-            name = f"ReSA r={r} f={f}" + ("" if rule == "upper_bound" else f" sel={rule}") + tag
-            out[name] = ReSAConfig(sparse_ratio=r, rectify_every=f, sink_blocks=sink_blocks)
-            rules[name] = rule
+    for sdt in summary_dtypes:
+        tag = (f" sink={sink_blocks}" if sink_blocks else "") + (f" summ={sdt}" if sdt else "")
+        kw = dict(sink_blocks=sink_blocks, summary_dtype=sdt)
+        for r in sorted({r for r, _ in pairs}):
+            out[f"sparse-only r={r}{tag}"] = ReSAConfig(sparse_ratio=r, rectify_every=0, **kw)
+        for rule in selections:
+            for r, f in pairs:
+                name = f"ReSA r={r} f={f}" + ("" if rule == "upper_bound" else f" sel={rule}") + tag
+                out[name] = ReSAConfig(sparse_ratio=r, rectify_every=f, **kw)
+                rules[name] = rule
     return out, rules
 
 
@@ -182,6 +185,10 @@ def main():
     ap.add_argument("--sink-blocks", type=int, default=0,
                     help="ReSAConfig.sink_blocks for every sparse configuration (default 0: the "
                          "paper's rule); outputs get a _sink<n> suffix")
+    ap.add_argument("--summary-dtypes", default="none",
+                    help="comma-separated ReSAConfig.summary_dtype values for every sparse "
+                         "configuration: none (the cache dtype, the paper's), float8_e4m3fn, "
+                         "float8_e5m2; outputs get a _summaries suffix unless only none")
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--free-running", type=int, default=0, help="greedy tokens for part (b)")
     ap.add_argument("--free-prompt-len", type=int, default=2048)
@@ -211,7 +218,8 @@ def main():
     if args.pairs:
         pairs = [(float(a), int(b)) for a, b in (p.split(":") for p in args.pairs.split(","))]
     selections = args.selections.split(",")
-    cfgs, rules = configs(args.ratios, args.fs, pairs, selections, args.sink_blocks)
+    sdts = [None if x == "none" else x for x in args.summary_dtypes.split(",")]
+    cfgs, rules = configs(args.ratios, args.fs, pairs, selections, args.sink_blocks, sdts)
     if args.free_only:
         cfgs = {n: c for n, c in cfgs.items() if rules.get(n, "upper_bound") == "upper_bound"}
         return free_running_only(args, model, ids, cfgs, commit, os.path.basename(path))
@@ -240,6 +248,8 @@ def main():
         base += "_selections"
     if args.sink_blocks:
         base += f"_sink{args.sink_blocks}"
+    if sdts != [None]:
+        base += "_summaries"
     if args.kv_drift:
         base += "_kvdrift"
     pick = {n: s for n, s in stats.items() if n == "dense" or "r=0.1 " in n + " "}
