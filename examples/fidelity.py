@@ -179,7 +179,7 @@ def main():
                     help="ratio:f pairs instead of the full grid, e.g. 0.1:16,0.1:32,0.2:32")
     ap.add_argument("--selections", default="upper_bound",
                     help="comma-separated block-selection rules for the ReSA configurations: "
-                         "upper_bound (the paper's), sink, oracle (diagnostics, see "
+                         "upper_bound (the paper's), sink, oracle, int8_summaries (diagnostics, see "
                          "resa_tl.fidelity); outputs get a _selections suffix unless only "
                          "upper_bound")
     ap.add_argument("--sink-blocks", type=int, default=0,

@@ -22,8 +22,12 @@ part of ReSA's loss comes from its scoring rule rather than from its budget.
   "sink"         the same, with block 0 (the attention-sink tokens) always kept, inside the budget:
                  the kernels' rule with ReSAConfig(sink_blocks=1);
   "oracle"       blocks ranked by their exact attention mass: softmax over every valid key of the
-                 K that this step really sees, summed over the group's query heads.
-All three keep the same number of blocks, force the newest ``local_blocks`` and rectify alike.
+                 K that this step really sees, summed over the group's query heads;
+  "int8_summaries" the upper bound from summaries stored as int8 with one scale per (block, KV
+                 head), max|k| / 127, kmin rounded down and kmax up (a bound still): a storage
+                 format the kernels do not implement, to compare with the fp8 summaries they do
+                 (ReSAConfig.summary_dtype).
+All keep the same number of blocks, force the newest ``local_blocks`` and rectify alike.
 
 Supported: transformers decoder-only models whose attention calls the attention interface with
 ``module.layer_idx`` (Llama, Qwen2, Qwen3, Mistral, ...).
@@ -42,7 +46,7 @@ from .kernels.selection import (block_scores_reference, default_max_selected,
                                 select_from_scores_reference)
 
 _IMPL = "resa_tl_teacher_forced"
-SELECTIONS = ("upper_bound", "sink", "oracle")
+SELECTIONS = ("upper_bound", "sink", "oracle", "int8_summaries")
 
 
 class _State:
@@ -158,12 +162,28 @@ def exact_block_mass(q, k, cache_seqlens, block_size: int, scale: float):
     return p.view(R, Hkv, NB, block_size).sum(-1)
 
 
+def int8_summaries(kmin, kmax):
+    """Exact summaries -> what int8 storage with one scale per (block, KV head) would give back
+    (fp32): scale = max |k| / 127, kmin rounded down and kmax up, so the bound still holds."""
+    lo, hi = kmin.float(), kmax.float()
+    scale = torch.maximum(lo.abs(), hi.abs()).amax(-1, keepdim=True).clamp_min(1e-30) / 127
+    qlo = (lo / scale).floor().clamp(-128, 127) * scale
+    qhi = (hi / scale).ceil().clamp(-128, 127) * scale
+    inf = torch.tensor(float("inf"))
+    # fp32 rounding of the products may land one ulp inside: step outward where it did
+    qlo = torch.where(qlo > lo, torch.nextafter(qlo, -inf), qlo)
+    qhi = torch.where(qhi < hi, torch.nextafter(qhi, inf), qhi)
+    return qlo, qhi
+
+
 def diagnostic_select(rule: str, q, kmin, kmax, k, cache_seqlens, cfg: ReSAConfig, scale: float):
     """Block indices [R, Hkv, K] int32 (ascending, -1 padded, as ops.select_blocks returns them)
     chosen by one of the :data:`SELECTIONS`; budget, local blocks and K as in select_blocks."""
     if rule not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {rule!r}")
     sink = max(cfg.sink_blocks, 1) if rule == "sink" else cfg.sink_blocks   # = sink_blocks=1
+    if rule == "int8_summaries":
+        kmin, kmax = int8_summaries(kmin, kmax)
     s = block_scores_reference(q, kmin, kmax, cache_seqlens, cfg.block_size, cfg.local_blocks,
                                sink)
     if rule == "oracle":

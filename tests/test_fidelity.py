@@ -108,7 +108,7 @@ def test_exact_block_mass():
     assert mass.abs().max() < 1e-5                      # every head's mass, summed per group
 
 
-@pytest.mark.parametrize("rule", ["upper_bound", "sink", "oracle"])
+@pytest.mark.parametrize("rule", ["upper_bound", "sink", "oracle", "int8_summaries"])
 def test_diagnostic_select(rule):
     from resa_tl import ops
     from resa_tl.fidelity import diagnostic_select, exact_block_mass
@@ -142,6 +142,18 @@ def test_diagnostic_select(rule):
                                                   sink_blocks=1, backend="torch"))
     with pytest.raises(ValueError, match="selection"):
         diagnostic_select("best", q, kmin, kmax, k, lens, cfg, 0.25)
+
+
+def test_int8_summaries_bound():
+    from resa_tl.fidelity import int8_summaries
+    g = torch.Generator().manual_seed(7)
+    lo = torch.randn(3, 50, 2, 64, generator=g) * 10 ** torch.empty(1, 1, 2, 64).uniform_(
+        -4, 3, generator=g)
+    hi = lo + torch.rand(3, 50, 2, 64, generator=g) * lo.abs()
+    qlo, qhi = int8_summaries(lo, hi)
+    assert (qlo <= lo).all() and (qhi >= hi).all()
+    scale = torch.maximum(lo.abs(), hi.abs()).amax(-1, keepdim=True) / 127
+    assert ((lo - qlo) <= scale * 1.0001).all() and ((qhi - hi) <= scale * 1.0001).all()
 
 
 def test_diagnostic_selections_in_teacher_forcing():
