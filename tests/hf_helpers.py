@@ -29,6 +29,10 @@ def smollm2_gguf():
     return (d, f) if os.path.exists(os.path.join(d, f)) else None
 
 
+def _bits(t):
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
 class SummaryCheck(LogitsProcessor):
     """After every forward, every valid block's kmin/kmax must be those of the stored keys: a
     sparse step refreshes the newest block inside its selection instead of a separate update."""
@@ -41,10 +45,12 @@ class SummaryCheck(LogitsProcessor):
         for layer in range(st.num_layers):
             lens = st.seqlens[layer]
             kmin, kmax = resa_tl.ops.block_summaries(st.k[layer], lens, st.block_size,
+                                                     summary_dtype=st.kmin[layer].dtype,
                                                      backend="torch")
             for b, n in enumerate(lens.tolist()):
                 nv = -(-n // st.block_size)
-                assert torch.equal(st.kmin[layer][b, :nv], kmin[b, :nv]), (layer, b, n)
-                assert torch.equal(st.kmax[layer][b, :nv], kmax[b, :nv]), (layer, b, n)
+                # bytes: fp8 summaries compare bit for bit too
+                assert torch.equal(_bits(st.kmin[layer][b, :nv]), _bits(kmin[b, :nv])), (layer, b)
+                assert torch.equal(_bits(st.kmax[layer][b, :nv]), _bits(kmax[b, :nv])), (layer, b)
         self.checked += 1
         return scores

@@ -122,6 +122,36 @@ def test_rectified_kv_equal_teacher_forced_dense_pass(arch):
     assert drift > 1e-3
 
 
+@pytest.mark.parametrize("summary_dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_fp8_summaries_through_generate(summary_dtype):
+    """ReSAConfig(summary_dtype=fp8) through stock generate(): the cache stores fp8 summaries
+    equal (bit for bit) to a rebuild at every step, rectification still restores the dense K/V,
+    and at ratio 1 the tokens are those of the unattached model."""
+    model = make_model("llama")
+    reference = copy.deepcopy(model)
+    ids, mask = left_padded([300, 170], seed=5)
+    resa_tl.attach(model, sparse_ratio=0.1, min_blocks=2, rectify_every=8,
+                   summary_dtype=summary_dtype)
+    cache = new_cache(model, 2, 300 + 20)
+    assert cache.store.kmin[0].dtype == getattr(torch, summary_dtype)
+    snaps, summaries = Snapshots(cache), SummaryCheck(cache)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, max_new_tokens=20, past_key_values=cache,
+                       logits_processor=LogitsProcessorList([snaps, summaries]), **GEN)
+    assert summaries.checked == 20 and len(snaps.taken) == 2
+    fed, _, ks, _ = snaps.taken[-1]
+    row = fed[0]                                          # the unpadded row
+    for layer, (k_ref, _) in enumerate(dense_kv(reference, row)):
+        torch.testing.assert_close(ks[layer][0, :row.numel()], k_ref, atol=2e-5, rtol=1e-5)
+    single, _ = left_padded([150], seed=6)
+    with torch.no_grad():
+        want = reference.generate(single, max_new_tokens=20, **GEN)
+        resa_tl.attach(model, sparse_ratio=1.0, min_blocks=1, rectify_every=8,
+                       summary_dtype=summary_dtype)
+        got = model.generate(single, max_new_tokens=20, **GEN)
+    assert torch.equal(got, want)
+
+
 def test_ratio_one_sampling_streamer_and_several_sequences():
     model = make_model("llama")
     ids, _ = left_padded([120], seed=4)
