@@ -11,6 +11,8 @@ import torch
 
 from . import ops
 from .config import ReSAConfig, summary_torch_dtype
+from ._checks import value_checks_enabled
+from .kernels.summaries import warn_if_saturated
 
 
 class ReSACache:
@@ -113,6 +115,9 @@ class ReSACache:
                                          backend=self.backend)
         self.kmin[layer].copy_(kmin)
         self.kmax[layer].copy_(kmax)
+        if self.kmin[layer].element_size() == 1 and not value_checks_enabled(kmin):
+            # fp8: say if keys overflow its range (block_summaries did if it checks values)
+            warn_if_saturated(kmin, kmax, f"ReSACache.prefill (layer {layer})")
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write n new positions per row at each row's end (decode: n = 1; a rectification pass

@@ -183,6 +183,9 @@ def diagnostic_select(rule: str, q, kmin, kmax, k, cache_seqlens, cfg: ReSAConfi
         raise ValueError(f"selection must be one of {SELECTIONS}, got {rule!r}")
     sink = max(cfg.sink_blocks, 1) if rule == "sink" else cfg.sink_blocks   # = sink_blocks=1
     if rule == "int8_summaries":
+        if kmin.element_size() == 1:
+            raise ValueError("selection 'int8_summaries' re-quantises exact summaries; it cannot "
+                             "be combined with fp8 ones (ReSAConfig.summary_dtype)")
         kmin, kmax = int8_summaries(kmin, kmax)
     s = block_scores_reference(q, kmin, kmax, cache_seqlens, cfg.block_size, cfg.local_blocks,
                                sink)

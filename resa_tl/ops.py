@@ -13,7 +13,8 @@ import torch
 
 from . import _checks as chk
 from .kernels.selection import default_max_selected
-from .kernels.summaries import block_summaries_reference, update_block_summaries_reference
+from .kernels.summaries import (block_summaries_reference, update_block_summaries_reference,
+                                warn_if_saturated)
 from .kernels.selection import select_blocks_reference
 from .kernels.sparse_decode import sparse_decode_reference
 from .kernels.dense_decode import dense_decode_reference
@@ -56,7 +57,11 @@ def block_summaries(k_cache, cache_seqlens, block_size: int = 16, *, summary_dty
     summary_dtype : torch.dtype or str, optional — None (default): ``k_cache``'s dtype, exact.
         ``torch.float8_e4m3fn`` / ``torch.float8_e5m2``: half the bytes for selection to read;
         kmin is rounded toward -inf and kmax toward +inf, so the score stays an upper bound,
-        and the largest finite fp8 value means "unbounded" (keys beyond the fp8 range).
+        and the largest finite fp8 value means "unbounded" (keys beyond the fp8 range: 448 for
+        e4m3, 57,344 for e5m2). Blocks that share an unbounded channel score alike, so keys
+        past e4m3's range call for e5m2: a RuntimeWarning says so where values are checked
+        (CPU tensors, RESA_TL_CHECK_VALUES=1, ReSACache.prefill). NaN keys give unspecified
+        summaries.
 
     Returns
     -------
@@ -70,9 +75,13 @@ def block_summaries(k_cache, cache_seqlens, block_size: int = 16, *, summary_dty
     chk.seqlens(cache_seqlens, B, S)
     sdt = chk.summary_dtype(summary_dtype, k_cache.dtype)
     if resolve_backend(backend, k_cache.device, k_cache.dtype) == "torch":
-        return block_summaries_reference(k_cache, cache_seqlens, block_size, sdt)
-    return _tilelang("summaries", "block_summaries_tilelang")(k_cache, cache_seqlens, block_size,
-                                                              summary_dtype=sdt)
+        out = block_summaries_reference(k_cache, cache_seqlens, block_size, sdt)
+    else:
+        out = _tilelang("summaries", "block_summaries_tilelang")(
+            k_cache, cache_seqlens, block_size, summary_dtype=sdt)
+    if sdt != k_cache.dtype and chk.value_checks_enabled(k_cache):
+        warn_if_saturated(*out, "block_summaries")
+    return out
 
 
 def update_block_summaries(kmin, kmax, k_cache, start, length: int, block_size: int = 16, *,

@@ -1,6 +1,8 @@
 """fp8 block summaries (ReSAConfig.summary_dtype), CPU side: the outward rounding against a
 brute-force search over every fp8 value, the bound it keeps, the references' update/rebuild
 agreement, the API checks, and the plumbing through ReSAConfig / ReSACache."""
+import warnings
+
 import pytest
 import torch
 
@@ -28,7 +30,8 @@ def test_round_outward_is_the_nearest_fp8_value_on_the_right_side(dtype):
                    grid[:-1] + (grid[1:] - grid[:-1]) * torch.rand(len(grid) - 1, generator=g),
                    torch.randn(20000, generator=g) * 10 ** torch.empty(20000).uniform_(
                        -7, 5, generator=g)])
-    x = x[x.abs() <= fmax]
+    x = torch.cat([x, torch.tensor([0.0, -0.0, 1e-40, -1e-40, 1.4e-45, -1.4e-45, 1e-38])])
+    x = x[x.abs() <= fmax]                                          # + signed zeros, fp32 subnormals
     up = summ.round_outward_reference(x, dtype, True).float()
     down = summ.round_outward_reference(x, dtype, False).float()
     i_up = torch.searchsorted(grid, x, side="left")                 # smallest grid value >= x
@@ -51,6 +54,7 @@ def test_out_of_range_saturates_to_the_unbounded_sentinel(dtype):
     assert lo.tolist() == [fmax] * 2 + [-summ.SUMMARY_UNBOUNDED] * 2
 
 
+@pytest.mark.filterwarnings("ignore:resa_tl")                   # saturates on purpose
 @pytest.mark.parametrize("dtype", FP8, ids=str)
 @pytest.mark.parametrize("kdt", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_fp8_scores_bound_every_key_of_the_block(dtype, kdt):
@@ -93,6 +97,32 @@ def test_update_equals_rebuild(dtype):
         nv = -(-(int(lens[b]) + 33) // bs)
         assert torch.equal(mn[b, :nv].view(torch.uint8), rmn[b, :nv].view(torch.uint8))
         assert torch.equal(mx[b, :nv].view(torch.uint8), rmx[b, :nv].view(torch.uint8))
+
+
+def test_saturation_warns(monkeypatch):
+    k = torch.randn(1, 64, 2, 64, dtype=torch.bfloat16)
+    lens = torch.tensor([64])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                              # in range: silent
+        ops.block_summaries(k, lens, 16, summary_dtype=torch.float8_e4m3fn)
+    k[0, 3, 1, 5] = 500.0
+    with pytest.warns(RuntimeWarning, match="float8_e5m2"):
+        mn, mx = ops.block_summaries(k, lens, 16, summary_dtype=torch.float8_e4m3fn)
+    assert int(summ.saturation_count(mn, mx)) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                              # e5m2 holds 500
+        ops.block_summaries(k, lens, 16, summary_dtype=torch.float8_e5m2)
+    cache = ReSACache(1, 1, 64, 2, 64, config=ReSAConfig(summary_dtype="float8_e4m3fn"),
+                      dtype=torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="float8_e5m2"):       # once, from block_summaries
+        cache.prefill(0, k, k)
+    # CUDA tensors skip value checks (no host sync in ops): the prefill itself warns then
+    import resa_tl._checks
+    import resa_tl.cache
+    monkeypatch.setattr(resa_tl._checks, "value_checks_enabled", lambda t: False)
+    monkeypatch.setattr(resa_tl.cache, "value_checks_enabled", lambda t: False)
+    with pytest.warns(RuntimeWarning, match="ReSACache.prefill"):
+        cache.prefill(0, k, k)
 
 
 def test_api_checks():

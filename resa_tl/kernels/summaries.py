@@ -93,6 +93,31 @@ def round_outward_tl(T, x, sdt: str, up: bool):
     return T.max(T.min(y, T.float32(fmax)), T.float32(-fmax))
 
 
+def saturation_count(kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Elements stored as the "unbounded" sentinel (a 0-dim int64 tensor, no host sync; 0 for
+    fp16/bf16 summaries). Such a channel adds ~2^64 * |q_d| to every block it saturates, which
+    hides the rest of the score, so those blocks tie: selection by the bound stops telling them
+    apart. e4m3 saturates at |k| > 448, e5m2 only past 57,344."""
+    name = fp8_name(kmin.dtype)
+    if name is None:
+        return torch.zeros((), dtype=torch.int64, device=kmin.device)
+    fmax = FP8_FORMATS[name][3]
+    return (kmin.float() <= -fmax).sum() + (kmax.float() >= fmax).sum()
+
+
+def warn_if_saturated(kmin: torch.Tensor, kmax: torch.Tensor, where: str) -> None:
+    """Warn (once per call site) when fp8 summaries hold the "unbounded" sentinel. Reads a count
+    back to the host: for prefill and other eager paths, never the decode step."""
+    n = int(saturation_count(kmin, kmax))
+    if n:
+        import warnings
+        warnings.warn(f"resa_tl: {where}: {n} key summary element(s) exceed the range of "
+                      f"{fp8_name(kmin.dtype)} and are stored as 'unbounded'; blocks that share "
+                      f"such a channel score alike and selection cannot rank them. Use "
+                      f"summary_dtype='float8_e5m2' (range 57,344) or None (exact) for these "
+                      f"keys.", RuntimeWarning, stacklevel=3)
+
+
 def summary_value_tl(T, v, sdt: str, is_max: bool):
     """TileLang: a summary element of dtype ``sdt`` (or already converted to fp32) -> fp32
     bound, the fp8 sentinel decoded."""

@@ -159,7 +159,7 @@ def test_select_blocks_fp8(case):
     B, lens, S, Hkv, g, D, dt, sdt, bs, ratio, local = case
     nb = -(-S // bs)
     K = sel.default_max_selected(nb, ratio, 16)
-    k = _keys(B, S, Hkv, D, dt, seed=5, top=2)    # in range: no sentinel (tested below)
+    k = _keys(B, S, Hkv, D, dt, seed=5, top=1.5)  # |k| < ~210 < 448: no sentinel (see below)
     q = torch.randn(B, Hkv * g, D, device=_dev()).to(dt)
     sl = torch.tensor(lens, dtype=I32, device=_dev())
     before = (sl.long() - 1).clamp(min=0)
@@ -203,16 +203,23 @@ def test_select_blocks_fp8(case):
 
 
 def test_fp8_sentinel_keeps_the_block():
-    """A block whose keys exceed the fp8 range gets the "unbounded" kmax; with q > 0 on that
-    dimension its score is huge, so it is kept even though its other keys are tiny."""
+    """A block whose keys exceed the fp8 range gets the "unbounded" kmax. With q > 0 on that
+    dimension it must be kept, although 40 other blocks outscore it if its kmax were read as
+    the plain 448 (checked below, so the test needs the sentinel decode to pass)."""
     B, S, Hkv, g, D, bs = 1, 4096, 4, 7, 128, 16
     k = (torch.randn(B, S, Hkv, D, device=_dev()) * 0.01).to(BF16)
     k[0, 5 * bs + 3, :, 0] = 1000.0                                # block 5, dim 0, > 448
-    q = torch.randn(B, Hkv * g, D, device=_dev()).to(BF16)
-    q[..., 0] = 1.0
+    for j in range(100, 140):                                      # 40 strong in-range blocks
+        k[0, j * bs, :, 1:] = 30.0
+    q = torch.ones(B, Hkv * g, D, device=_dev(), dtype=BF16)
     sl = torch.tensor([S], dtype=I32, device=_dev())
     kmin, kmax = ops.block_summaries(k, sl, bs, summary_dtype=E4M3)
     assert (kmax[0, 5, :, 0].float() == 448).all()
-    idx = ops.select_blocks(q, kmin, kmax, sl, block_size=bs, sparse_ratio=0.1, min_blocks=16,
-                            local_blocks=1)
+    kw = dict(block_size=bs, sparse_ratio=0.1, min_blocks=16, local_blocks=1)
+    n = int(sel.blocks_to_keep(S // bs, 0.1, 16))
+    plain = sel.block_scores_reference(q, kmin.float(), kmax.float(), sl, bs, 1)   # 448 as is
+    assert (plain[0, :, 100:140] > plain[0, :, 5:6]).all() and n < 40, "test premise"
+    idx = ops.select_blocks(q, kmin, kmax, sl, **kw)
     assert (idx[0] == 5).any(dim=-1).all(), "the unbounded block must be kept by every head"
+    ref = sel.select_blocks_reference(q, kmin, kmax, sl, max_selected=idx.shape[-1], **kw)
+    assert (ref[0] == 5).any(dim=-1).all()
