@@ -8,7 +8,10 @@ import os
 
 import torch
 
+from .kernels.summaries import FP8_SUMMARY_DTYPES
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUMMARY_DTYPES = FLOAT_DTYPES + FP8_SUMMARY_DTYPES       # kmin/kmax: the keys' dtype or fp8
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -84,9 +87,6 @@ def block_size(bs) -> int:
     return bs
 
 
-SUMMARY_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
 def summary_dtype(dtype, base: torch.dtype, name: str = "summary_dtype") -> torch.dtype:
     """The dtype summaries are stored in: None -> ``base`` (that of the keys), else ``base`` or
     an fp8 type (rounded outward, see resa_tl.kernels.summaries)."""
@@ -94,7 +94,7 @@ def summary_dtype(dtype, base: torch.dtype, name: str = "summary_dtype") -> torc
         return base
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None) if dtype.startswith("float") else None
-    allowed = (base, *SUMMARY_FP8_DTYPES)
+    allowed = (base, *FP8_SUMMARY_DTYPES)
     if dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise TypeError(f"{name} must be None or one of {names} (keys are "
@@ -106,8 +106,8 @@ def summaries(kmin, kmax, batch: int, num_blocks: int, num_kv_heads: int, head_d
               key_dtype: torch.dtype | None = None):
     """Shape checks; with ``key_dtype``: kmin and kmax share one dtype, that of the keys
     (q / k_cache) or an fp8 one."""
-    tensor("kmin", kmin, 4, FLOAT_DTYPES + SUMMARY_FP8_DTYPES, "[B, NB, Hkv, D]")
-    tensor("kmax", kmax, 4, FLOAT_DTYPES + SUMMARY_FP8_DTYPES, "[B, NB, Hkv, D]")
+    tensor("kmin", kmin, 4, SUMMARY_DTYPES, "[B, NB, Hkv, D]")
+    tensor("kmax", kmax, 4, SUMMARY_DTYPES, "[B, NB, Hkv, D]")
     if key_dtype is not None:
         if kmin.dtype != kmax.dtype:
             raise TypeError(f"kmin and kmax must share one dtype; got "

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .config import ReSAConfig, summary_torch_dtype
-from ._checks import value_checks_enabled
-from .kernels.summaries import warn_if_saturated
+from . import _checks as chk
+from .config import ReSAConfig
+from .kernels.summaries import fp8_name, warn_if_saturated
 
 
 class ReSACache:
@@ -55,7 +55,7 @@ class ReSACache:
         self.k = [torch.zeros(*shape, head_dim, dtype=dtype, device=dev) for _ in range(num_layers)]
         self.v = [torch.zeros(*shape, self.v_head_dim, dtype=dtype, device=dev)
                   for _ in range(num_layers)]
-        sdt = summary_torch_dtype(self.config, dtype)
+        sdt = chk.summary_dtype(self.config.summary_dtype, dtype)
         self.kmin = [torch.zeros(sshape, dtype=sdt, device=dev) for _ in range(num_layers)]
         self.kmax = [torch.zeros(sshape, dtype=sdt, device=dev) for _ in range(num_layers)]
         self.seqlens = torch.zeros(num_layers, batch_size, dtype=torch.int32, device=dev)
@@ -115,7 +115,7 @@ class ReSACache:
                                          backend=self.backend)
         self.kmin[layer].copy_(kmin)
         self.kmax[layer].copy_(kmax)
-        if self.kmin[layer].element_size() == 1 and not value_checks_enabled(kmin):
+        if fp8_name(kmin.dtype) and not chk.value_checks_enabled(kmin):
             # fp8: say if keys overflow its range (block_summaries did if it checks values)
             warn_if_saturated(kmin, kmax, f"ReSACache.prefill (layer {layer})")
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-SUMMARY_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+from .kernels.summaries import FP8_FORMATS
+
+SUMMARY_DTYPES = tuple(FP8_FORMATS)          # names ReSAConfig.summary_dtype accepts
 
 
 @dataclass(frozen=True)
@@ -83,12 +85,6 @@ class ReSAConfig:
         if unknown:
             raise TypeError(f"unknown ReSAConfig field(s) {unknown}; valid fields: {sorted(names)}")
         return replace(self, **overrides)
-
-
-def summary_torch_dtype(config: "ReSAConfig", cache_dtype):
-    """The torch dtype kmin/kmax are stored in under ``config`` for a cache of ``cache_dtype``."""
-    import torch
-    return cache_dtype if config.summary_dtype is None else getattr(torch, config.summary_dtype)
 
 
 def _is_int(x) -> bool:

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .config import ReSAConfig
+from .kernels.summaries import fp8_name
 from .kernels.selection import (block_scores_reference, default_max_selected,
                                 select_from_scores_reference)
 
@@ -183,7 +184,7 @@ def diagnostic_select(rule: str, q, kmin, kmax, k, cache_seqlens, cfg: ReSAConfi
         raise ValueError(f"selection must be one of {SELECTIONS}, got {rule!r}")
     sink = max(cfg.sink_blocks, 1) if rule == "sink" else cfg.sink_blocks   # = sink_blocks=1
     if rule == "int8_summaries":
-        if kmin.element_size() == 1:
+        if fp8_name(kmin.dtype):
             raise ValueError("selection 'int8_summaries' re-quantises exact summaries; it cannot "
                              "be combined with fp8 ones (ReSAConfig.summary_dtype)")
         kmin, kmax = int8_summaries(kmin, kmax)

@@ -164,7 +164,7 @@ def select_blocks(q, kmin, kmax, cache_seqlens, *, block_size: int = 16, sparse_
                local_blocks=local_blocks, sink_blocks=sink_blocks)   # field checks, one style
     chk.tensor("q", q, 3, shape_doc="[B, H, D]")
     B, H, D = q.shape
-    chk.tensor("kmin", kmin, 4, chk.FLOAT_DTYPES + chk.SUMMARY_FP8_DTYPES, "[B, NB, Hkv, D]")
+    chk.tensor("kmin", kmin, 4, chk.SUMMARY_DTYPES, "[B, NB, Hkv, D]")
     NB, Hkv = kmin.shape[1], kmin.shape[2]
     if H % max(Hkv, 1):
         raise ValueError(f"query heads H={H} must be a multiple of KV heads Hkv={Hkv}")
