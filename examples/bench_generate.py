@@ -1,0 +1,257 @@
+"""Stock transformers generate(): decode speed with and without resa_tl.attach, on one GPU.
+
+The first thing a user measures: take a checkpoint, call ``resa_tl.attach(model)``, keep the
+same ``model.generate(...)`` call, and compare decode tokens/s with the model left alone.
+bench_e2e.py measures the kernels' ceiling in a hand-written CUDA-graph decoder; this script
+measures what transformers' own generate loop makes of them.
+
+Model: transformers' Qwen2ForCausalLM with Qwen2.5-7B's shape (28 layers, 28 q / 4 kv heads,
+head_dim 128, hidden 3584, intermediate 18944, vocab 152064), bf16, random weights built from the
+config (no download; the speed does not depend on the weights). Per (context, batch): a random
+prompt of ``context`` tokens in every row (no padding), then ``--new-tokens`` greedy tokens
+(``min_new_tokens`` = ``max_new_tokens``, so every row decodes all of them).
+
+Modes:
+  dense         attn_implementation="sdpa", the default (dynamic) cache, eager
+  dense-static  sdpa, cache_implementation="static": generate() torch.compiles the decode step
+                (mode "reduce-overhead": CUDA graphs)
+  resa          resa_tl.attach(model) (paper defaults), the default cache, eager
+  resa-static   resa_tl.attach, cache_implementation="static", compiled the same way
+
+Each mode runs generate() twice with the same arguments and times the second (the first
+compiles). A LogitsProcessor records a CUDA event after each step's logits (no host sync). The
+default 133 new tokens are a prefill and 132 decode steps = 4 cycles of f + 1 = 33 steps for
+f = 32 (a cycle ends with the rectification step); ms/token is the mean step over the last
+3 cycles (the first absorbs CUDA-graph recording, if generate() records again), which
+excludes the prefill and weighs ReSA's rectification steps in their real proportion.
+``ms_per_token_all`` is the mean over all 132 steps. Also reported: the median step (a sparse
+step for ReSA), the slowest step, the prefill (generate() call to the first logits) and, for
+ReSA, how many rectifications ran. Speedups are over the faster dense mode of the same shape.
+
+    python examples/bench_generate.py [--contexts 32768] [--batches 8] [--modes ...]
+    python examples/bench_generate.py --precompile ...   # CPU: fill TileLang's kernel cache
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+
+import resa_tl
+from resa_tl import ReSAConfig, ops
+
+from _measure import git_commit
+
+MODES = ("resa-static", "dense", "resa", "dense-static")
+QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                 num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                 head_dim=128, rope_theta=1e6, tie_word_embeddings=False)
+
+
+def model_config(layers: int, max_positions: int):
+    import transformers
+    return transformers.Qwen2Config(**{**QWEN25_7B, "num_hidden_layers": layers},
+                                    max_position_embeddings=max_positions,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+class StepTimer:
+    """LogitsProcessor that stamps each generate() step: a CUDA event (recorded on the stream,
+    no sync) on CUDA, the host clock elsewhere."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.marks = []
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append(e)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def __call__(self, input_ids, scores):
+        self.mark()
+        return scores
+
+    def ms_between(self):
+        """Milliseconds from each mark to the next."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+
+def run_mode(model, ids, mode, new_tokens, cfg):
+    """generate() twice in this mode; returns the timings of the second call."""
+    from transformers import LogitsProcessorList
+    resa = mode.startswith("resa")
+    if resa:
+        resa_tl.attach(model, cfg)
+    kw = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
+              return_dict_in_generate=True)                 # no EOS: every row decodes them all
+    if mode.endswith("static"):
+        kw["cache_implementation"] = "static"
+    try:
+        for attempt in range(2):
+            timer = StepTimer(ids.device)
+            timer.mark()                                       # before the prefill
+            out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                 logits_processor=LogitsProcessorList([timer]), **kw)
+            gaps = timer.ms_between()
+        cache = out.past_key_values
+        rect = getattr(cache, "num_rectifications", None)
+        generated = out.sequences.shape[1] - ids.shape[1]
+        del out, cache
+    finally:
+        if resa:
+            resa_tl.detach(model)
+    prefill, steps = gaps[0], gaps[1:]
+    B, cycle = ids.shape[0], cfg.rectify_every + 1
+    steady = steps[len(steps) % cycle:] if len(steps) >= cycle else steps
+    per_token = sum(steady) / len(steady)
+    return dict(mode=mode, generated=generated, prefill_ms=prefill, ms_per_token=per_token,
+                ms_per_token_all=sum(steps) / len(steps), steady_steps=len(steady),
+                median_step_ms=statistics.median(steps), max_step_ms=max(steps),
+                tokens_per_s=B * 1e3 / per_token, rectifications=rect)
+
+
+def free_memory(model):
+    """Between modes: drop generate()'s compiled forward (the next mode has another attention
+    implementation) and the CUDA-graph memory pools behind it."""
+    model.__dict__.pop("_compiled_call", None)
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def capacity_for(context: int, new_tokens: int) -> int:
+    """The ReSA cache capacity generate() will ask for (resa_tl.integration.hf)."""
+    from resa_tl.integration.hf import CAPACITY_QUANTUM
+    needed = context + new_tokens - 1
+    return -(-needed // CAPACITY_QUANTUM) * CAPACITY_QUANTUM
+
+
+def precompile(cfg: ReSAConfig, contexts, batches, new_tokens: int, layers: int):
+    """CPU: compile every TileLang kernel the ReSA modes launch (what the HF integration calls:
+    the prompt's summary update, the warm-up's sparse step and rectification, the decode loop's
+    sparse steps and rectifications), on meta tensors (see _precompile)."""
+    from _precompile import fake_hopper
+    c = model_config(layers, 1)
+    H, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    f = cfg.rectify_every
+    with fake_hopper():
+        for context in contexts:
+            for B in batches:
+                cap = capacity_for(context, new_tokens)
+                kv = dict(device="meta", dtype=torch.bfloat16)
+                k = torch.empty(B, cap, Hkv, D, **kv)
+                lens = torch.empty(B, device="meta", dtype=torch.int32)
+                nb = -(-cap // cfg.block_size)
+                kmin = torch.empty(B, nb, Hkv, D, **kv)
+                kmax = torch.empty_like(kmin)
+                for length in (context, f + 1):
+                    ops.update_block_summaries(kmin, kmax, k, lens, length, cfg.block_size)
+                q = torch.empty(B, H, D, **kv)
+                idx = ops.select_blocks(q, kmin, kmax, lens, block_size=cfg.block_size,
+                                        sparse_ratio=cfg.sparse_ratio, min_blocks=cfg.min_blocks,
+                                        local_blocks=cfg.local_blocks,
+                                        sink_blocks=cfg.sink_blocks, k_cache=k)
+                ops.sparse_decode(q, k, k, idx, lens, block_size=cfg.block_size)
+                ops.rectify_attention(torch.empty(B, f + 1, H, D, **kv), k, k, lens)
+                print(f"compiled the kernels of {context} x {B} (capacity {cap})", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[32768])
+    ap.add_argument("--batches", type=int, nargs="+", default=[8])
+    ap.add_argument("--new-tokens", type=int, default=133)
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", default=None, help="write all rows here")
+    ap.add_argument("--precompile", action="store_true",
+                    help="no GPU needed: compile the TileLang kernels of these shapes into "
+                         "TileLang's cache (copy $TILELANG_CACHE_DIR to the GPU machine)")
+    args = ap.parse_args()
+    cfg = ReSAConfig()
+    if args.new_tokens < 2:
+        ap.error("--new-tokens must be >= 2 (the decode time is measured between steps)")
+    if args.precompile:
+        return precompile(cfg, args.contexts, args.batches, args.new_tokens, args.layers)
+
+    import transformers
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    max_pos = 1 << max(15, math.ceil(math.log2(max(args.contexts) + args.new_tokens)))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.Qwen2ForCausalLM(model_config(args.layers, max_pos)).to(dtype)
+    model.eval()
+    model.set_attn_implementation("sdpa")
+    weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    header = dict(gpu=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                  date=datetime.date.today().isoformat(), commit=git_commit(),
+                  torch=torch.__version__, transformers=transformers.__version__,
+                  model="Qwen2ForCausalLM, Qwen2.5-7B shape, random weights", layers=args.layers,
+                  dtype=str(dtype).replace("torch.", ""), weights_gb=round(weights_gb, 2),
+                  config=cfg.__dict__, new_tokens=args.new_tokens,
+                  command=" ".join(["python3", *sys.argv]))
+    print(json.dumps(header), flush=True)
+    rows = []
+    with torch.no_grad():
+        for context in args.contexts:
+            for batch in args.batches:
+                g = torch.Generator().manual_seed(context + batch)
+                ids = torch.randint(3, model.config.vocab_size, (batch, context),
+                                    generator=g).to(device)
+                for mode in args.modes:
+                    t0 = time.perf_counter()
+                    try:
+                        row = run_mode(model, ids, mode, args.new_tokens, cfg)
+                    except Exception as e:                             # report, keep going
+                        row = dict(mode=mode, error=repr(e)[:300])
+                    row.update(context=context, batch=batch,
+                               wall_s=round(time.perf_counter() - t0, 1))
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    free_memory(model)
+                    if args.json:                     # after every row: a killed run keeps them
+                        with open(args.json, "w") as fh:
+                            json.dump(dict(header=header, rows=rows), fh, indent=1)
+    for r in rows:          # speedup over the faster dense mode of the same context x batch
+        dense = [d["ms_per_token"] for d in rows if d["mode"].startswith("dense")
+                 and "ms_per_token" in d and (d["context"], d["batch"]) ==
+                 (r["context"], r["batch"])]
+        if dense and "ms_per_token" in r:
+            r["speedup_vs_best_dense"] = min(dense) / r["ms_per_token"]
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(header=header, rows=rows), fh, indent=1)
+    print(f"\n{header['gpu']}, {header['date']}, commit {header['commit']}, transformers "
+          f"{header['transformers']}; {args.new_tokens} new tokens; ms")
+    print(f"{'ctx':>7} {'B':>2} {'mode':<13} {'ms/token':>9} {'median':>8} {'max':>8} "
+          f"{'tok/s':>8} {'prefill':>9} {'rect':>4} {'vs best dense':>13}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['context']:>7} {r['batch']:>2} {r['mode']:<13} error: {r['error']}")
+            continue
+        sp = r.get("speedup_vs_best_dense")
+        print(f"{r['context']:>7} {r['batch']:>2} {r['mode']:<13} {r['ms_per_token']:9.3f} "
+              f"{r['median_step_ms']:8.3f} {r['max_step_ms']:8.2f} {r['tokens_per_s']:8.1f} "
+              f"{r['prefill_ms']:9.1f} {str(r['rectifications']):>4} "
+              f"{(f'{sp:.2f}x' if sp else '-'):>13}")
+
+
+if __name__ == "__main__":
+    main()
