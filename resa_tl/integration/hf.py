@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..config import ReSAConfig
+from . import _torch_ops
 from ._torch_ops import dense
 from .cache_layer import ACTIVE, ReSAHFCache, head_dim_of, sliding_windows, text_config
 
@@ -135,7 +136,7 @@ def resa_attention(module, query, key, value, attention_mask, scaling=None, drop
         raise ValueError("resa_tl takes 2D padding masks ([batch, tokens]); got a "
                          f"{attention_mask.dim()}D attention mask")
     if T == 1:
-        out = torch.ops.resa_tl.hf_sparse_attention(
+        out = _torch_ops.sparse_attention(
             query[:, :, 0].contiguous(), store.k[i], store.v[i], store.kmin[i], store.kmax[i],
             store.seqlens[i], cfg.block_size, float(cfg.sparse_ratio), cfg.min_blocks,
             cfg.local_blocks, cfg.sink_blocks, scale, cache.backend, cache.refresh_in_select)
@@ -147,7 +148,7 @@ def resa_attention(module, query, key, value, attention_mask, scaling=None, drop
                                       "prefill of a padded batch eagerly")
         if not bool(valid.all()):
             return _padded_chunk(cache, i, query, valid, scale), None
-    out = torch.ops.resa_tl.hf_dense_attention(query.transpose(1, 2).contiguous(), store.k[i],
+    out = _torch_ops.dense_attention(query.transpose(1, 2).contiguous(), store.k[i],
                                                store.v[i], store.seqlens[i], scale,
                                                cache.backend, T == cfg.rectify_every + 1)
     return out, None
