@@ -116,12 +116,72 @@ def run_mode(model, ids, mode, new_tokens, cfg):
             resa_tl.detach(model)
     prefill, steps = gaps[0], gaps[1:]
     B, cycle = ids.shape[0], cfg.rectify_every + 1
-    steady = steps[len(steps) % cycle:] if len(steps) >= cycle else steps
+    start = cycle + len(steps) % cycle if len(steps) >= 2 * cycle else 0
+    steady = steps[start:]                   # whole cycles, the first one left out
     per_token = sum(steady) / len(steady)
     return dict(mode=mode, generated=generated, prefill_ms=prefill, ms_per_token=per_token,
                 ms_per_token_all=sum(steps) / len(steps), steady_steps=len(steady),
                 median_step_ms=statistics.median(steps), max_step_ms=max(steps),
                 tokens_per_s=B * 1e3 / per_token, rectifications=rect)
+
+
+class StepMarker:
+    """LogitsProcessor that leaves a zero-length profiler annotation at each step (for
+    profile_mode: the CPU and CUDA events of a torch.profiler trace share one clock)."""
+
+    def __call__(self, input_ids, scores):
+        with torch.profiler.record_function("bench_generate_step"):
+            pass
+        return scores
+
+
+def profile_mode(model, ids, mode, new_tokens, cfg):
+    """One more generate() in this mode under torch.profiler (after run_mode compiled it):
+    GPU busy time per decode step (the union of kernel intervals between the first and the last
+    step marks, divided by the steps between them) and kernel time per step by class. The
+    timed run's ms per step minus the busy time is what the GPU spends waiting for the host."""
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import LogitsProcessorList
+    from bench_e2e import kernel_group
+    resa = mode.startswith("resa")
+    if resa:
+        resa_tl.attach(model, cfg)
+    kw = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    if mode.endswith("static"):
+        kw["cache_implementation"] = "static"
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model.generate(ids, attention_mask=torch.ones_like(ids),
+                           logits_processor=LogitsProcessorList([StepMarker()]), **kw)
+            if ids.is_cuda:
+                torch.cuda.synchronize()
+    finally:
+        if resa:
+            resa_tl.detach(model)
+    with tempfile.NamedTemporaryFile(suffix=".json") as fh:
+        prof.export_chrome_trace(fh.name)
+        events = json.load(open(fh.name))["traceEvents"]
+    marks = sorted(e["ts"] for e in events if e.get("name") == "bench_generate_step")
+    t0, t1 = marks[0], marks[-1]
+    kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                     if e.get("cat") == "kernel" and t0 <= e["ts"] < t1)
+    busy, end = 0.0, t0
+    for a, b, _ in kernels:                          # union of the intervals
+        a, b = max(a, end), min(b, t1)
+        if b > a:
+            busy += b - a
+            end = b
+    steps = len(marks) - 1
+    classes: dict = {}
+    for a, b, name in kernels:
+        g = kernel_group(name)
+        classes[g] = classes.get(g, 0.0) + (b - a) / steps / 1e3
+    return dict(steps=steps, window_ms_per_step=(t1 - t0) / steps / 1e3,
+                gpu_busy_ms_per_step=busy / steps / 1e3,
+                launches_per_step=len(kernels) / steps,
+                kernel_ms_per_step={k: round(v, 4) for k, v in
+                                    sorted(classes.items(), key=lambda kv: -kv[1])})
 
 
 def free_memory(model):
@@ -177,6 +237,8 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[8])
     ap.add_argument("--new-tokens", type=int, default=133)
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--profile", nargs="*", choices=MODES, default=[],
+                    help="also profile these modes (one more generate() each under torch.profiler): GPU busy time per step, kernel time by class")
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="write all rows here")
@@ -219,6 +281,9 @@ def main():
                     t0 = time.perf_counter()
                     try:
                         row = run_mode(model, ids, mode, args.new_tokens, cfg)
+                        if mode in args.profile:
+                            row["profile"] = profile_mode(model, ids, mode, args.new_tokens,
+                                                          cfg)
                     except Exception as e:                             # report, keep going
                         row = dict(mode=mode, error=repr(e)[:300])
                     row.update(context=context, batch=batch,
@@ -251,6 +316,14 @@ def main():
               f"{r['median_step_ms']:8.3f} {r['max_step_ms']:8.2f} {r['tokens_per_s']:8.1f} "
               f"{r['prefill_ms']:9.1f} {str(r['rectifications']):>4} "
               f"{(f'{sp:.2f}x' if sp else '-'):>13}")
+    for r in rows:
+        p = r.get("profile")
+        if p:
+            print(f"\n{r['context']} x {r['batch']} {r['mode']} (profiled, {p['steps']} steps): "
+                  f"GPU busy {p['gpu_busy_ms_per_step']:.3f} of {p['window_ms_per_step']:.3f} "
+                  f"ms per step, {p['launches_per_step']:.0f} kernels per step")
+            for g, ms in p["kernel_ms_per_step"].items():
+                print(f"  {g:<32} {ms:8.3f} ms/step")
 
 
 if __name__ == "__main__":
