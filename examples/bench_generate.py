@@ -17,6 +17,9 @@ Modes:
                 (mode "reduce-overhead": CUDA graphs)
   resa          resa_tl.attach(model) (paper defaults), the default cache, eager
   resa-static   resa_tl.attach, cache_implementation="static", compiled the same way
+  full-static   resa_tl.attach(sparse_ratio=1.0, rectify_every=0), static: every block kept,
+                no rectification, i.e. dense attention through resa_tl's cache and kernels in the
+                same generate() loop (the selection still runs: an upper bound on dense)
 
 Each mode runs generate() twice with the same arguments and times the second (the first
 compiles). A LogitsProcessor records a CUDA event after each step's logits (no host sync). The
@@ -26,7 +29,8 @@ f = 32 (a cycle ends with the rectification step); ms/token is the mean step ove
 excludes the prefill and weighs ReSA's rectification steps in their real proportion.
 ``ms_per_token_all`` is the mean over all 132 steps. Also reported: the median step (a sparse
 step for ReSA), the slowest step, the prefill (generate() call to the first logits) and, for
-ReSA, how many rectifications ran. Speedups are over the faster dense mode of the same shape.
+ReSA, how many rectifications ran. Speedups: over the faster stock dense mode (dense,
+dense-static) of the same shape, and over full-static.
 
     python examples/bench_generate.py [--contexts 32768] [--batches 8] [--modes ...]
     python examples/bench_generate.py --precompile ...   # CPU: fill TileLang's kernel cache
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import itertools
 import json
 import math
 import statistics
@@ -49,7 +54,7 @@ from resa_tl import ReSAConfig, ops
 
 from _measure import git_commit
 
-MODES = ("resa-static", "dense", "resa", "dense-static")
+MODES = ("resa-static", "full-static", "dense", "resa", "dense-static")
 QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                  num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                  head_dim=128, rope_theta=1e6, tie_word_embeddings=False)
@@ -90,10 +95,18 @@ class StepTimer:
         return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
+def mode_config(mode: str, cfg: ReSAConfig) -> ReSAConfig | None:
+    """The ReSAConfig a mode attaches with (None: the model is left alone)."""
+    if mode.startswith("full"):
+        return cfg.replace(sparse_ratio=1.0, rectify_every=0)
+    return cfg if mode.startswith("resa") else None
+
+
 def run_mode(model, ids, mode, new_tokens, cfg):
     """generate() twice in this mode; returns the timings of the second call."""
     from transformers import LogitsProcessorList
-    resa = mode.startswith("resa")
+    cfg = mode_config(mode, cfg)
+    resa = cfg is not None
     if resa:
         resa_tl.attach(model, cfg)
     kw = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
@@ -144,7 +157,8 @@ def profile_mode(model, ids, mode, new_tokens, cfg):
     from torch.profiler import ProfilerActivity, profile
     from transformers import LogitsProcessorList
     from bench_e2e import kernel_group
-    resa = mode.startswith("resa")
+    cfg = mode_config(mode, cfg)
+    resa = cfg is not None
     if resa:
         resa_tl.attach(model, cfg)
     kw = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -208,27 +222,29 @@ def precompile(cfg: ReSAConfig, contexts, batches, new_tokens: int, layers: int)
     from _precompile import fake_hopper
     c = model_config(layers, 1)
     H, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    f = cfg.rectify_every
     with fake_hopper():
-        for context in contexts:
-            for B in batches:
-                cap = capacity_for(context, new_tokens)
-                kv = dict(device="meta", dtype=torch.bfloat16)
-                k = torch.empty(B, cap, Hkv, D, **kv)
-                lens = torch.empty(B, device="meta", dtype=torch.int32)
-                nb = -(-cap // cfg.block_size)
-                kmin = torch.empty(B, nb, Hkv, D, **kv)
-                kmax = torch.empty_like(kmin)
-                for length in (context, f + 1):
-                    ops.update_block_summaries(kmin, kmax, k, lens, length, cfg.block_size)
-                q = torch.empty(B, H, D, **kv)
-                idx = ops.select_blocks(q, kmin, kmax, lens, block_size=cfg.block_size,
-                                        sparse_ratio=cfg.sparse_ratio, min_blocks=cfg.min_blocks,
-                                        local_blocks=cfg.local_blocks,
-                                        sink_blocks=cfg.sink_blocks, k_cache=k)
-                ops.sparse_decode(q, k, k, idx, lens, block_size=cfg.block_size)
+        for context, B, cfg in itertools.product(contexts, batches,
+                                                 (cfg, mode_config("full-static", cfg))):
+            cap = capacity_for(context, new_tokens)
+            f = cfg.rectify_every
+            kv = dict(device="meta", dtype=torch.bfloat16)
+            k = torch.empty(B, cap, Hkv, D, **kv)
+            lens = torch.empty(B, device="meta", dtype=torch.int32)
+            nb = -(-cap // cfg.block_size)
+            kmin = torch.empty(B, nb, Hkv, D, **kv)
+            kmax = torch.empty_like(kmin)
+            for length in (context, f + 1) if f else (context,):
+                ops.update_block_summaries(kmin, kmax, k, lens, length, cfg.block_size)
+            q = torch.empty(B, H, D, **kv)
+            idx = ops.select_blocks(q, kmin, kmax, lens, block_size=cfg.block_size,
+                                    sparse_ratio=cfg.sparse_ratio, min_blocks=cfg.min_blocks,
+                                    local_blocks=cfg.local_blocks,
+                                    sink_blocks=cfg.sink_blocks, k_cache=k)
+            ops.sparse_decode(q, k, k, idx, lens, block_size=cfg.block_size)
+            if f:
                 ops.rectify_attention(torch.empty(B, f + 1, H, D, **kv), k, k, lens)
-                print(f"compiled the kernels of {context} x {B} (capacity {cap})", flush=True)
+            print(f"compiled the kernels of {context} x {B} (capacity {cap}, ratio "
+                  f"{cfg.sparse_ratio}, f = {f})", flush=True)
 
 
 def main():
@@ -300,22 +316,26 @@ def main():
                  (r["context"], r["batch"])]
         if dense and "ms_per_token" in r:
             r["speedup_vs_best_dense"] = min(dense) / r["ms_per_token"]
+        full = [d["ms_per_token"] for d in rows if d["mode"] == "full-static" and "ms_per_token"
+                in d and (d["context"], d["batch"]) == (r["context"], r["batch"])]
+        if full and "ms_per_token" in r:
+            r["speedup_vs_full_static"] = full[0] / r["ms_per_token"]
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(header=header, rows=rows), fh, indent=1)
     print(f"\n{header['gpu']}, {header['date']}, commit {header['commit']}, transformers "
           f"{header['transformers']}; {args.new_tokens} new tokens; ms")
     print(f"{'ctx':>7} {'B':>2} {'mode':<13} {'ms/token':>9} {'median':>8} {'max':>8} "
-          f"{'tok/s':>8} {'prefill':>9} {'rect':>4} {'vs best dense':>13}")
+          f"{'tok/s':>8} {'prefill':>9} {'rect':>4} {'vs best dense':>13} {'vs full-static':>14}")
     for r in rows:
         if "error" in r:
             print(f"{r['context']:>7} {r['batch']:>2} {r['mode']:<13} error: {r['error']}")
             continue
-        sp = r.get("speedup_vs_best_dense")
+        sp, sf = r.get("speedup_vs_best_dense"), r.get("speedup_vs_full_static")
         print(f"{r['context']:>7} {r['batch']:>2} {r['mode']:<13} {r['ms_per_token']:9.3f} "
               f"{r['median_step_ms']:8.3f} {r['max_step_ms']:8.2f} {r['tokens_per_s']:8.1f} "
               f"{r['prefill_ms']:9.1f} {str(r['rectifications']):>4} "
-              f"{(f'{sp:.2f}x' if sp else '-'):>13}")
+              f"{(f'{sp:.2f}x' if sp else '-'):>13} {(f'{sf:.2f}x' if sf else '-'):>14}")
     for r in rows:
         p = r.get("profile")
         if p:
