@@ -17,9 +17,11 @@ Modes:
                 (mode "reduce-overhead": CUDA graphs)
   resa          resa_tl.attach(model) (paper defaults), the default cache, eager
   resa-static   resa_tl.attach, cache_implementation="static", compiled the same way
-  full-static   resa_tl.attach(sparse_ratio=1.0, rectify_every=0), static: every block kept,
-                no rectification, i.e. dense attention through resa_tl's cache and kernels in the
-                same generate() loop (the selection still runs: an upper bound on dense)
+  full-static   resa_tl.attach(sparse_ratio=1.0, rectify_every=0), static: every block kept and
+                no rectification, which the integration runs as dense attention (resa_tl's
+                dense_decode kernel) over the same cache in the same compiled generate() loop:
+                the same-harness dense baseline (it also keeps the block summaries up to date,
+                one small kernel per layer and step)
 
 Each mode runs generate() twice with the same arguments and times the second (the first
 compiles). A LogitsProcessor records a CUDA event after each step's logits (no host sync). The
@@ -105,10 +107,10 @@ def mode_config(mode: str, cfg: ReSAConfig) -> ReSAConfig | None:
 def run_mode(model, ids, mode, new_tokens, cfg):
     """generate() twice in this mode; returns the timings of the second call."""
     from transformers import LogitsProcessorList
-    cfg = mode_config(mode, cfg)
-    resa = cfg is not None
+    attach_cfg = mode_config(mode, cfg)
+    resa = attach_cfg is not None
     if resa:
-        resa_tl.attach(model, cfg)
+        resa_tl.attach(model, attach_cfg)
     kw = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
               return_dict_in_generate=True)                 # no EOS: every row decodes them all
     if mode.endswith("static"):
@@ -157,10 +159,10 @@ def profile_mode(model, ids, mode, new_tokens, cfg):
     from torch.profiler import ProfilerActivity, profile
     from transformers import LogitsProcessorList
     from bench_e2e import kernel_group
-    cfg = mode_config(mode, cfg)
-    resa = cfg is not None
+    attach_cfg = mode_config(mode, cfg)
+    resa = attach_cfg is not None
     if resa:
-        resa_tl.attach(model, cfg)
+        resa_tl.attach(model, attach_cfg)
     kw = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     if mode.endswith("static"):
         kw["cache_implementation"] = "static"
@@ -233,14 +235,18 @@ def precompile(cfg: ReSAConfig, contexts, batches, new_tokens: int, layers: int)
             nb = -(-cap // cfg.block_size)
             kmin = torch.empty(B, nb, Hkv, D, **kv)
             kmax = torch.empty_like(kmin)
-            for length in (context, f + 1) if f else (context,):
+            full = cfg.sparse_ratio >= 1            # dense_decode; the write updates summaries
+            for length in (context, *((f + 1,) if f else ()), *((1,) if full else ())):
                 ops.update_block_summaries(kmin, kmax, k, lens, length, cfg.block_size)
             q = torch.empty(B, H, D, **kv)
-            idx = ops.select_blocks(q, kmin, kmax, lens, block_size=cfg.block_size,
-                                    sparse_ratio=cfg.sparse_ratio, min_blocks=cfg.min_blocks,
-                                    local_blocks=cfg.local_blocks,
-                                    sink_blocks=cfg.sink_blocks, k_cache=k)
-            ops.sparse_decode(q, k, k, idx, lens, block_size=cfg.block_size)
+            if full:
+                ops.dense_decode(q, k, k, lens)
+            else:
+                idx = ops.select_blocks(q, kmin, kmax, lens, block_size=cfg.block_size,
+                                        sparse_ratio=cfg.sparse_ratio,
+                                        min_blocks=cfg.min_blocks, local_blocks=cfg.local_blocks,
+                                        sink_blocks=cfg.sink_blocks, k_cache=k)
+                ops.sparse_decode(q, k, k, idx, lens, block_size=cfg.block_size)
             if f:
                 ops.rectify_attention(torch.empty(B, f + 1, H, D, **kv), k, k, lens)
             print(f"compiled the kernels of {context} x {B} (capacity {cap}, ratio "

@@ -152,6 +152,34 @@ def test_fp8_summaries_through_generate(summary_dtype):
     assert torch.equal(got, want)
 
 
+def test_ratio_one_decodes_with_dense_decode(monkeypatch):
+    """At sparse_ratio 1 every block is kept, which is dense attention: a decode step runs
+    dense_decode and no selection (a full-density config is then an honest dense baseline),
+    the write keeps the summaries equal to a rebuild, and the tokens are the unattached
+    model's."""
+    from resa_tl import ops
+    calls = []
+    select, dense_decode = ops.select_blocks, ops.dense_decode
+    monkeypatch.setattr(ops, "select_blocks",
+                        lambda *a, **k: (calls.append("select"), select(*a, **k))[1])
+    monkeypatch.setattr(ops, "dense_decode",
+                        lambda *a, **k: (calls.append("dense"), dense_decode(*a, **k))[1])
+    model = make_model("llama")
+    reference = copy.deepcopy(model)
+    ids, mask = left_padded([90, 57], seed=8)
+    resa_tl.attach(model, sparse_ratio=1.0, min_blocks=1, rectify_every=8)
+    cache = new_cache(model, 2, 120)
+    summaries = SummaryCheck(cache)
+    with torch.no_grad():
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=12, past_key_values=cache,
+                             logits_processor=LogitsProcessorList([summaries]), **GEN)
+        want = reference.generate(ids, attention_mask=mask, max_new_tokens=12, **GEN)
+    assert torch.equal(got, want)
+    assert summaries.checked == 12 and cache.num_rectifications == 1
+    layers = model.config.num_hidden_layers
+    assert calls == ["dense"] * (10 * layers)   # 11 decode steps, one of them a rectification
+
+
 def test_ratio_one_sampling_streamer_and_several_sequences():
     model = make_model("llama")
     ids, _ = left_padded([120], seed=4)

@@ -29,7 +29,18 @@ def _sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                      refresh: bool) -> torch.Tensor:
     """One decode step: select blocks from the summaries, attend to them. q [B, H, D] ->
     [B, H, Dv]. ``refresh``: the selection also rewrites the newest block's kmin/kmax from
-    k_cache (the step's one appended token; see :func:`resa_tl.ops.select_blocks`)."""
+    k_cache (the step's one appended token; see :func:`resa_tl.ops.select_blocks`).
+
+    ``sparse_ratio >= 1`` keeps every block, which is dense attention: then dense_decode runs
+    instead (no selection to pay, and the dense kernel rather than the gather of all blocks),
+    so a full-density configuration is an honest dense baseline. The caller must not ask for
+    the refresh then (ReSAHFCache does not: it updates the summaries at the write)."""
+    if sparse_ratio >= 1.0:
+        if refresh:
+            raise ValueError("sparse_ratio >= 1 runs dense_decode, which does not refresh the "
+                             "summaries; update them at the write instead")
+        return ops.dense_decode(q, k_cache, v_cache, cache_seqlens, softmax_scale=softmax_scale,
+                                backend=backend).contiguous()
     idx = ops.select_blocks(q, kmin, kmax, cache_seqlens, block_size=block_size,
                             sparse_ratio=sparse_ratio, min_blocks=min_blocks,
                             local_blocks=local_blocks, sink_blocks=sink_blocks,

@@ -151,8 +151,9 @@ class ReSAHFCache(Cache):
         self.backend = backend
         # A one-token step skips its summary-update launch: the sparse attention that follows
         # refreshes the newest block inside select_blocks. That block is then always kept, which
-        # takes local_blocks >= 1 (ReSAConfig allows 0).
-        self.refresh_in_select = self.config.local_blocks >= 1
+        # takes local_blocks >= 1 (ReSAConfig allows 0). At sparse_ratio >= 1 no selection runs
+        # (dense_decode does the step, see _torch_ops), so the write updates the summaries.
+        self.refresh_in_select = self.config.local_blocks >= 1 and self.config.sparse_ratio < 1
         self.store = ReSACache(cfg.num_hidden_layers, batch_size, max_cache_len,
                                cfg.num_key_value_heads, head_dim_of(cfg), config=self.config,
                                dtype=dtype, device=device, backend=backend)
