@@ -9,7 +9,7 @@ Model: transformers' Qwen2ForCausalLM with Qwen2.5-7B's shape (28 layers, 28 q /
 head_dim 128, hidden 3584, intermediate 18944, vocab 152064), bf16, random weights built from the
 config (no download; the speed does not depend on the weights). Per (context, batch): a random
 prompt of ``context`` tokens in every row (no padding), then ``--new-tokens`` greedy tokens
-(``min_new_tokens`` = ``max_new_tokens``, so every row decodes all of them).
+(``eos_token_id=None``, so every row decodes all of them).
 
 Modes:
   dense         attn_implementation="sdpa", the default (dynamic) cache, eager
@@ -104,6 +104,15 @@ def mode_config(mode: str, cfg: ReSAConfig) -> ReSAConfig | None:
     return cfg if mode.startswith("resa") else None
 
 
+def steady_steps(steps: list, cycle: int) -> list:
+    """The decode steps to average: the last whole cycles of ``cycle`` steps (a ReSA cycle is f
+    sparse steps and the rectification that closes it), the first cycle left out (CUDA-graph
+    recording). Cycles start at the first decode step (its rectification is step f + 1), so
+    the window is steps[cycle : cycle * whole cycles]; fewer than two cycles: all steps."""
+    n = len(steps) // cycle
+    return steps[cycle:n * cycle] if n >= 2 else steps
+
+
 def run_mode(model, ids, mode, new_tokens, cfg):
     """generate() twice in this mode; returns the timings of the second call."""
     from transformers import LogitsProcessorList
@@ -130,9 +139,8 @@ def run_mode(model, ids, mode, new_tokens, cfg):
         if resa:
             resa_tl.detach(model)
     prefill, steps = gaps[0], gaps[1:]
-    B, cycle = ids.shape[0], cfg.rectify_every + 1
-    start = cycle + len(steps) % cycle if len(steps) >= 2 * cycle else 0
-    steady = steps[start:]                   # whole cycles, the first one left out
+    B = ids.shape[0]
+    steady = steady_steps(steps, cfg.rectify_every + 1)
     per_token = sum(steady) / len(steady)
     return dict(mode=mode, generated=generated, prefill_ms=prefill, ms_per_token=per_token,
                 ms_per_token_all=sum(steps) / len(steps), steady_steps=len(steady),
@@ -152,9 +160,13 @@ class StepMarker:
 
 def profile_mode(model, ids, mode, new_tokens, cfg):
     """One more generate() in this mode under torch.profiler (after run_mode compiled it):
-    GPU busy time per decode step (the union of kernel intervals between the first and the last
-    step marks, divided by the steps between them) and kernel time per step by class. The
-    timed run's ms per step minus the busy time is what the GPU spends waiting for the host."""
+    GPU busy time per decode step and kernel time per step by class, over the same steady
+    window as the timing (whole cycles, the first left out). The window opens at the step mark
+    that starts it, a cycle after the prefill: a mark is taken when the host has queued a step,
+    so the first marks come while the prefill's last kernels still run. Busy time is the union
+    of the kernel intervals inside the window; each kernel counts only its part inside it. The
+    timed run's ms per step minus the busy time is roughly what the GPU spends waiting for the
+    host (roughly: these are two generate() calls)."""
     import tempfile
     from torch.profiler import ProfilerActivity, profile
     from transformers import LogitsProcessorList
@@ -179,16 +191,18 @@ def profile_mode(model, ids, mode, new_tokens, cfg):
         prof.export_chrome_trace(fh.name)
         events = json.load(open(fh.name))["traceEvents"]
     marks = sorted(e["ts"] for e in events if e.get("name") == "bench_generate_step")
-    t0, t1 = marks[0], marks[-1]
-    kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
-                     if e.get("cat") == "kernel" and t0 <= e["ts"] < t1)
+    # marks[i] follows step i (0: the prefill); steady_steps picks gaps, i.e. marks[j]..marks[j+1]
+    window = steady_steps(list(range(len(marks) - 1)), cfg.rectify_every + 1)
+    t0, t1 = marks[window[0]], marks[window[-1] + 1]
+    steps = len(window)
+    kernels = sorted((max(e["ts"], t0), min(e["ts"] + e["dur"], t1), e["name"]) for e in events
+                     if e.get("cat") == "kernel" and e["ts"] < t1 and e["ts"] + e["dur"] > t0)
     busy, end = 0.0, t0
-    for a, b, _ in kernels:                          # union of the intervals
-        a, b = max(a, end), min(b, t1)
+    for a, b, _ in kernels:                          # union of the (clipped) intervals
+        a = max(a, end)
         if b > a:
             busy += b - a
             end = b
-    steps = len(marks) - 1
     classes: dict = {}
     for a, b, name in kernels:
         g = kernel_group(name)

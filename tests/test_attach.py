@@ -287,6 +287,13 @@ def test_eager_steps_skip_the_custom_op_dispatcher():
                              backend=backend)(*args)
     assert any("resa_tl.hf_sparse_attention" in t for t in targets)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    # where autograd could record, the op runs (and refuses backward) instead of a silent cut
+    q.requires_grad_(True)
+    with Dispatched() as seen:
+        out = _torch_ops.sparse_attention(*args)
+    assert any("resa_tl.hf_sparse_attention" in n for n in seen.names)
+    with pytest.raises(RuntimeError, match="autograd"):
+        out.sum().backward()
 
 
 # ----------------------------------------------------------------------------------- detach

@@ -7,8 +7,8 @@ implementations they stay single opaque nodes in a compiled graph: no graph brea
 attention, and a CUDA graph captures the TileLang launches they make.
 
 Callers use :func:`sparse_attention`, :func:`dense_attention` and :func:`update_summaries`, which
-go through the registered op only while torch.compile traces. Eagerly they call the plain
-function: the custom-op dispatcher (default filling, autograd and version-counter layers) costs
+go through the registered op only while torch.compile traces (or where autograd could record).
+Otherwise they call the plain function: the custom-op dispatcher (default filling, autograd and version-counter layers) costs
 ~0.1 ms of host time per call, which an eager decode step would pay in every layer.
 """
 from __future__ import annotations
@@ -141,10 +141,17 @@ def _(kmin, kmax, k_cache, start, length, block_size, backend):
 
 
 def _dispatch(op, plain):
-    """``op`` (the registered custom op) while torch.compile traces, else ``plain``."""
+    """``op`` (the registered custom op) while torch.compile traces, and where autograd could
+    record (grad enabled and a tensor argument requires grad: the op then fails loudly at
+    backward, having no autograd formula, where the plain function would silently cut the
+    graph); else ``plain``."""
     @functools.wraps(plain)
-    def call(*args):
-        return op(*args) if torch.compiler.is_compiling() else plain(*args)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and a.requires_grad
+                for a in (*args, *kwargs.values()))):
+            return op(*args, **kwargs)
+        return plain(*args, **kwargs)
     return call
 
 

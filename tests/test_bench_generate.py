@@ -1,0 +1,44 @@
+"""CPU checks of examples/bench_generate.py's bookkeeping: the averaging window covers whole
+rectification cycles, and the cache capacity it precompiles for is the one generate() asks for."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "examples"))
+transformers = pytest.importorskip("transformers")
+import bench_generate  # noqa: E402
+
+import resa_tl  # noqa: E402
+
+
+def test_steady_window_is_whole_cycles_after_the_first():
+    cycle = 5
+    steps = list(range(23))                       # 4 whole cycles of 5, then 3 steps
+    window = bench_generate.steady_steps(steps, cycle)
+    assert window == list(range(5, 20))           # cycles 2-4; neither the first nor the tail
+    assert len(window) % cycle == 0
+    assert all((i + 1) % cycle == 0 for i in window[cycle - 1::cycle])   # each ends a cycle
+    assert bench_generate.steady_steps(list(range(9)), cycle) == list(range(9))
+
+
+def test_precompiled_capacity_is_what_generate_asks_for():
+    """capacity_for(context, new_tokens) names the ReSA cache generate() creates: that is the
+    shape the TileLang kernels are compiled for (the selection kernel per number of blocks)."""
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, head_dim=16,
+                                   max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    resa_tl.attach(model, rectify_every=4)
+    for context, new in ((1020, 6), (1020, 5), (300, 3)):
+        ids = torch.randint(3, 64, (1, context))
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0, return_dict_in_generate=True)
+        assert out.past_key_values.max_cache_len == bench_generate.capacity_for(context, new)
+    assert bench_generate.capacity_for(1020, 6) == 2048
+    assert bench_generate.capacity_for(1020, 5) == 1024
