@@ -33,8 +33,10 @@ def _sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
     ``sparse_ratio >= 1`` keeps every block, which is dense attention: then dense_decode runs
     instead (no selection to pay, and the dense kernel rather than the gather of all blocks),
-    so a full-density configuration is an honest dense baseline. The caller must not ask for
-    the refresh then (ReSAHFCache does not: it updates the summaries at the write)."""
+    so a full-density configuration is a dense baseline (up to ReSAHFCache's summary update at
+    each write, one small kernel per layer and step, and the rectification unless
+    rectify_every=0). The caller must not ask for the refresh then (ReSAHFCache does not: it
+    updates the summaries at the write)."""
     if sparse_ratio >= 1.0:
         if refresh:
             raise ValueError("sparse_ratio >= 1 runs dense_decode, which does not refresh the "
