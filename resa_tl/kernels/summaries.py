@@ -21,7 +21,6 @@ FP8_SUMMARY_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_FORMATS = {"float8_e4m3fn": (3, 2.0 ** -6, 2.0 ** -9, 448.0),
                "float8_e5m2": (2, 2.0 ** -14, 2.0 ** -16, 57344.0)}
 SUMMARY_UNBOUNDED = 2.0 ** 64
-_DECODE_SENTINEL = True      # False only in timing experiments (wrong for saturated values)
 
 
 def fp8_name(dtype) -> str | None:
@@ -122,7 +121,7 @@ def summary_value_tl(T, v, sdt: str, is_max: bool):
     """TileLang: a summary element of dtype ``sdt`` (or already converted to fp32) -> fp32
     bound, the fp8 sentinel decoded."""
     f = T.Cast("float32", v)
-    if fp8_name(sdt) is None or not _DECODE_SENTINEL:
+    if fp8_name(sdt) is None:
         return f
     fmax = FP8_FORMATS[sdt][3]
     if is_max:
