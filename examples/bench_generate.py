@@ -190,9 +190,18 @@ def profile_mode(model, ids, mode, new_tokens, cfg):
     with tempfile.NamedTemporaryFile(suffix=".json") as fh:
         prof.export_chrome_trace(fh.name)
         events = json.load(open(fh.name))["traceEvents"]
+    return trace_summary(events, cfg.rectify_every + 1, kernel_group)
+
+
+def trace_summary(events, cycle: int, group) -> dict:
+    """From a Chrome trace's events (µs): the step marks (CPU annotations "bench_generate_step",
+    marks[i] after step i, 0 = the prefill) and the CUDA kernels, the GPU busy time per decode
+    step over the steady window (steady_steps: steps marks[j] -> marks[j + 1]) and kernel time
+    per step by ``group(name)``. Kernels are clipped to the window; busy time is the union of the
+    clipped intervals (kernels that overlap, e.g. under PDL, count once there, but each in its
+    own class)."""
     marks = sorted(e["ts"] for e in events if e.get("name") == "bench_generate_step")
-    # marks[i] follows step i (0: the prefill); steady_steps picks gaps, i.e. marks[j]..marks[j+1]
-    window = steady_steps(list(range(len(marks) - 1)), cfg.rectify_every + 1)
+    window = steady_steps(list(range(len(marks) - 1)), cycle)
     t0, t1 = marks[window[0]], marks[window[-1] + 1]
     steps = len(window)
     kernels = sorted((max(e["ts"], t0), min(e["ts"] + e["dur"], t1), e["name"]) for e in events
@@ -205,7 +214,7 @@ def profile_mode(model, ids, mode, new_tokens, cfg):
             end = b
     classes: dict = {}
     for a, b, name in kernels:
-        g = kernel_group(name)
+        g = group(name)
         classes[g] = classes.get(g, 0.0) + (b - a) / steps / 1e3
     return dict(steps=steps, window_ms_per_step=(t1 - t0) / steps / 1e3,
                 gpu_busy_ms_per_step=busy / steps / 1e3,

@@ -42,3 +42,31 @@ def test_precompiled_capacity_is_what_generate_asks_for():
         assert out.past_key_values.max_cache_len == bench_generate.capacity_for(context, new)
     assert bench_generate.capacity_for(1020, 6) == 2048
     assert bench_generate.capacity_for(1020, 5) == 1024
+
+
+def test_trace_summary_counts_the_steady_window_only():
+    """The profile's busy time: kernels of the prefill that run past the first marks do not
+    count, kernels are clipped to the window, overlapping kernels count once in the busy time
+    (each in its class), and the window is the timing's (whole cycles, the first left out)."""
+    cycle = 2
+    marks = [1000.0 * i for i in range(7)]           # after the prefill, then 6 decode steps
+    ev = [dict(name="bench_generate_step", ts=t, cat="user_annotation") for t in marks]
+
+    def kernel(name, ts, dur):
+        ev.append(dict(name=name, ts=ts, dur=dur, cat="kernel"))
+
+    kernel("gemm prefill tail", 0.0, 1500.0)         # the prefill's last kernels: before it
+    kernel("gemm", 1200.0, 400.0)                    # the first cycle: left out
+    kernel("gemm", 1900.0, 300.0)                    # straddles the window's start: 200 in it
+    kernel("sparse_decode split", 3000.0, 500.0)
+    kernel("sparse_decode_kernel_1 combine", 3200.0, 500.0)   # overlaps the split by 300
+    kernel("gemm", 5800.0, 400.0)                    # straddles the window's end: 200 in it
+    out = bench_generate.trace_summary(ev, cycle, lambda n: n.split()[0])
+    assert out["steps"] == 4                          # steps 3-6: marks[2] .. marks[6]
+    assert out["window_ms_per_step"] == pytest.approx(1.0)
+    assert out["launches_per_step"] == pytest.approx(4 / 4)
+    # union inside [2000, 6000]: 2000-2200, 3000-3700, 5800-6000 = 200 + 700 + 200 us
+    assert out["gpu_busy_ms_per_step"] == pytest.approx(1.1 / 4)
+    k = out["kernel_ms_per_step"]
+    assert k == pytest.approx({"gemm": 0.4 / 4, "sparse_decode": 0.5 / 4,
+                               "sparse_decode_kernel_1": 0.5 / 4})
