@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from resa_tl import ReSAConfig, heuristics, ops
+from resa_tl.config import SUMMARY_DTYPES
 from resa_tl.kernels.selection import blocks_to_keep
 
 from _measure import copy_gbs, git_commit, graph_kernel_table, graph_ms
@@ -335,7 +336,7 @@ def main():
                     help="also profile one dense-tl, ReSA and rectification step per row "
                          "(torch.profiler over a graph replay): kernel time per class, idle time")
     ap.add_argument("--trace-dir", default=None, help="with --profile: keep Chrome traces here")
-    ap.add_argument("--summary-dtype", default=None, choices=["float8_e4m3fn", "float8_e5m2"],
+    ap.add_argument("--summary-dtype", default=None, choices=SUMMARY_DTYPES,
                     help="ReSAConfig.summary_dtype (default: the cache dtype, as in the paper)")
     args = ap.parse_args()
     cfg = ReSAConfig(summary_dtype=args.summary_dtype)

@@ -40,7 +40,9 @@ dense-static) of the same shape, and over full-static.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import types
 import gc
 import itertools
 import json
@@ -55,18 +57,20 @@ import resa_tl
 from resa_tl import ReSAConfig, ops
 
 from _measure import git_commit
+from bench_e2e import Qwen7BShape, kernel_group
 
 MODES = ("resa-static", "full-static", "dense", "resa", "dense-static")
-QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                 num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                 head_dim=128, rope_theta=1e6, tie_word_embeddings=False)
 
 
 def model_config(layers: int, max_positions: int):
+    """transformers' Qwen2Config of bench_e2e's Qwen2.5-7B shape (rope theta 1e6, untied)."""
     import transformers
-    return transformers.Qwen2Config(**{**QWEN25_7B, "num_hidden_layers": layers},
-                                    max_position_embeddings=max_positions,
-                                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    s = Qwen7BShape(layers=layers)
+    return transformers.Qwen2Config(
+        vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.inter,
+        num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+        head_dim=s.head_dim, rope_theta=1e6, tie_word_embeddings=False,
+        max_position_embeddings=max_positions, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 class StepTimer:
@@ -113,31 +117,40 @@ def steady_steps(steps: list, cycle: int) -> list:
     return steps[cycle:n * cycle] if n >= 2 else steps
 
 
-def run_mode(model, ids, mode, new_tokens, cfg):
-    """generate() twice in this mode; returns the timings of the second call."""
+@contextlib.contextmanager
+def generating_in(model, ids, mode, new_tokens, cfg):
+    """Inside: the model set up for ``mode`` (attached or not), and a function that runs
+    generate() greedily with a LogitsProcessor; detached again on exit."""
     from transformers import LogitsProcessorList
     attach_cfg = mode_config(mode, cfg)
-    resa = attach_cfg is not None
-    if resa:
+    if attach_cfg is not None:
         resa_tl.attach(model, attach_cfg)
     kw = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
               return_dict_in_generate=True)                 # no EOS: every row decodes them all
     if mode.endswith("static"):
         kw["cache_implementation"] = "static"
+
+    def generate(processor):
+        return model.generate(ids, attention_mask=torch.ones_like(ids),
+                              logits_processor=LogitsProcessorList([processor]), **kw)
     try:
+        yield generate
+    finally:
+        if attach_cfg is not None:
+            resa_tl.detach(model)
+
+
+def run_mode(model, ids, mode, new_tokens, cfg):
+    """generate() twice in this mode; returns the timings of the second call."""
+    with generating_in(model, ids, mode, new_tokens, cfg) as generate:
         for attempt in range(2):
             timer = StepTimer(ids.device)
             timer.mark()                                       # before the prefill
-            out = model.generate(ids, attention_mask=torch.ones_like(ids),
-                                 logits_processor=LogitsProcessorList([timer]), **kw)
+            out = generate(timer)
             gaps = timer.ms_between()
-        cache = out.past_key_values
-        rect = getattr(cache, "num_rectifications", None)
+        rect = getattr(out.past_key_values, "num_rectifications", None)
         generated = out.sequences.shape[1] - ids.shape[1]
-        del out, cache
-    finally:
-        if resa:
-            resa_tl.detach(model)
+        del out
     prefill, steps = gaps[0], gaps[1:]
     B = ids.shape[0]
     steady = steady_steps(steps, cfg.rectify_every + 1)
@@ -169,24 +182,11 @@ def profile_mode(model, ids, mode, new_tokens, cfg):
     host (roughly: these are two generate() calls)."""
     import tempfile
     from torch.profiler import ProfilerActivity, profile
-    from transformers import LogitsProcessorList
-    from bench_e2e import kernel_group
-    attach_cfg = mode_config(mode, cfg)
-    resa = attach_cfg is not None
-    if resa:
-        resa_tl.attach(model, attach_cfg)
-    kw = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    if mode.endswith("static"):
-        kw["cache_implementation"] = "static"
-    try:
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            model.generate(ids, attention_mask=torch.ones_like(ids),
-                           logits_processor=LogitsProcessorList([StepMarker()]), **kw)
-            if ids.is_cuda:
-                torch.cuda.synchronize()
-    finally:
-        if resa:
-            resa_tl.detach(model)
+    with generating_in(model, ids, mode, new_tokens, cfg) as generate, \
+            profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        generate(StepMarker())
+        if ids.is_cuda:
+            torch.cuda.synchronize()
     with tempfile.NamedTemporaryFile(suffix=".json") as fh:
         prof.export_chrome_trace(fh.name)
         events = json.load(open(fh.name))["traceEvents"]
@@ -233,11 +233,12 @@ def free_memory(model):
         torch.cuda.empty_cache()
 
 
-def capacity_for(context: int, new_tokens: int) -> int:
-    """The ReSA cache capacity generate() will ask for (resa_tl.integration.hf)."""
-    from resa_tl.integration.hf import CAPACITY_QUANTUM
-    needed = context + new_tokens - 1
-    return -(-needed // CAPACITY_QUANTUM) * CAPACITY_QUANTUM
+def capacity_for(context: int, new_tokens: int, layers: int = 28) -> int:
+    """The ReSA cache capacity generate() will ask for: the integration's own bucketing of
+    max_length - 1 tokens (transformers' cache size for prompt + new tokens)."""
+    from resa_tl.integration.hf import bucketed_capacity
+    model = types.SimpleNamespace(config=model_config(layers, context + new_tokens))
+    return bucketed_capacity(model, context + new_tokens - 1)
 
 
 def precompile(cfg: ReSAConfig, contexts, batches, new_tokens: int, layers: int):
@@ -250,7 +251,7 @@ def precompile(cfg: ReSAConfig, contexts, batches, new_tokens: int, layers: int)
     with fake_hopper():
         for context, B, cfg in itertools.product(contexts, batches,
                                                  (cfg, mode_config("full-static", cfg))):
-            cap = capacity_for(context, new_tokens)
+            cap = capacity_for(context, new_tokens, layers)
             f = cfg.rectify_every
             kv = dict(device="meta", dtype=torch.bfloat16)
             k = torch.empty(B, cap, Hkv, D, **kv)

@@ -8,8 +8,9 @@ attention, and a CUDA graph captures the TileLang launches they make.
 
 Callers use :func:`sparse_attention`, :func:`dense_attention` and :func:`update_summaries`, which
 go through the registered op only while torch.compile traces (or where autograd could record).
-Otherwise they call the plain function: the custom-op dispatcher (default filling, autograd and version-counter layers) costs
-~0.1 ms of host time per call, which an eager decode step would pay in every layer.
+Otherwise they call the plain function: the custom-op dispatcher (default filling, autograd and
+version-counter layers) costs ~0.1 ms of host time per call, which an eager decode step would
+pay in every layer.
 """
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ _NS = "resa_tl"
 
 
 def _sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     kmin: torch.Tensor, kmax: torch.Tensor, cache_seqlens: torch.Tensor,
-                     block_size: int, sparse_ratio: float, min_blocks: int, local_blocks: int,
-                     sink_blocks: int, softmax_scale: float, backend: str,
-                     refresh: bool) -> torch.Tensor:
+                      kmin: torch.Tensor, kmax: torch.Tensor, cache_seqlens: torch.Tensor,
+                      block_size: int, sparse_ratio: float, min_blocks: int, local_blocks: int,
+                      sink_blocks: int, softmax_scale: float, backend: str,
+                      refresh: bool) -> torch.Tensor:
     """One decode step: select blocks from the summaries, attend to them. q [B, H, D] ->
     [B, H, Dv]. ``refresh``: the selection also rewrites the newest block's kmin/kmax from
     k_cache (the step's one appended token; see :func:`resa_tl.ops.select_blocks`).
@@ -111,8 +112,8 @@ def sdpa_dense(q, k_cache, v_cache, cache_seqlens, softmax_scale: float, chunk: 
 
 
 def _dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    cache_seqlens: torch.Tensor, softmax_scale: float, backend: str,
-                    use_kernel: bool) -> torch.Tensor:
+                     cache_seqlens: torch.Tensor, softmax_scale: float, backend: str,
+                     use_kernel: bool) -> torch.Tensor:
     """:func:`dense` as one opaque op. q [B, T, H, D] -> [B, T, H, Dv]."""
     return dense(q, k_cache, v_cache, cache_seqlens, softmax_scale, backend,
                  use_kernel).contiguous()
@@ -128,7 +129,7 @@ def _(q, k_cache, v_cache, cache_seqlens, softmax_scale, backend, use_kernel):
 
 
 def _update_summaries(kmin: torch.Tensor, kmax: torch.Tensor, k_cache: torch.Tensor,
-                     start: torch.Tensor, length: int, block_size: int, backend: str) -> None:
+                      start: torch.Tensor, length: int, block_size: int, backend: str) -> None:
     """Refresh, in place, the block summaries touched by positions [start, start + length)."""
     ops.update_block_summaries(kmin, kmax, k_cache, start, length, block_size, backend=backend)
 

@@ -203,16 +203,14 @@ class ReSAHFCache(Cache):
         lens = torch.full((B,), min(store.max_seq_len, max(T, cfg.block_size)), dtype=torch.int32,
                           device=store.device)
         q = torch.zeros(B, self.num_heads, D, dtype=dtype, device=store.device)
-        _torch_ops.sparse_attention(q, store.k[0], store.v[0], store.kmin[0],
-                                              store.kmax[0], lens, cfg.block_size,
-                                              float(cfg.sparse_ratio), cfg.min_blocks,
-                                              cfg.local_blocks, cfg.sink_blocks, 1.0,
-                                              self.backend,
-                                              self.refresh_in_select)
+        _torch_ops.sparse_attention(q, store.k[0], store.v[0], store.kmin[0], store.kmax[0],
+                                    lens, cfg.block_size, float(cfg.sparse_ratio),
+                                    cfg.min_blocks, cfg.local_blocks, cfg.sink_blocks, 1.0,
+                                    self.backend, self.refresh_in_select)
         if cfg.rectify_every and T <= RECTIFY_MAX_T and T <= store.max_seq_len:
             q = torch.zeros(B, T, self.num_heads, D, dtype=dtype, device=store.device)
-            _torch_ops.dense_attention(q, store.k[0], store.v[0], lens, 1.0,
-                                                 self.backend, True)
+            _torch_ops.dense_attention(q, store.k[0], store.v[0], lens, 1.0, self.backend,
+                                       True)
 
     # ------------------------------------------------------------------ host side
     @property
@@ -284,8 +282,8 @@ class ReSAHFCache(Cache):
         store.k[i][self._rows, pos] = key_states.transpose(1, 2).to(store.k[i].dtype)
         store.v[i][self._rows, pos] = value_states.transpose(1, 2).to(store.v[i].dtype)
         if not (T == 1 and self.refresh_in_select):   # else the sparse attention refreshes
-            _torch_ops.update_summaries(store.kmin[i], store.kmax[i], store.k[i], lens,
-                                                  T, store.block_size, self.backend)
+            _torch_ops.update_summaries(store.kmin[i], store.kmax[i], store.k[i], lens, T,
+                                        store.block_size, self.backend)
         lens.add_(T)
         self.seen[i].add_(T)
         layer = self.layers[i]

@@ -149,8 +149,8 @@ def resa_attention(module, query, key, value, attention_mask, scaling=None, drop
         if not bool(valid.all()):
             return _padded_chunk(cache, i, query, valid, scale), None
     out = _torch_ops.dense_attention(query.transpose(1, 2).contiguous(), store.k[i],
-                                               store.v[i], store.seqlens[i], scale,
-                                               cache.backend, T == cfg.rectify_every + 1)
+                                     store.v[i], store.seqlens[i], scale, cache.backend,
+                                     T == cfg.rectify_every + 1)
     return out, None
 
 
