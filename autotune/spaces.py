@@ -1,34 +1,35 @@
 """Tuning adapters: per op, the search space of TileLang configs and how to compile, feed, run
 and validate one candidate.
 
-An adapter is a small class; everything op-specific lives in its methods:
+An adapter is a small class over one kernel module (resa_tl/kernels/<op>.py) and its contract:
+a Config dataclass, a Shape dataclass, compile_kernel(shape, config, arch, pdl) and the torch
+reference. Everything op-specific lives in its methods:
 
-    available()                  -> None, or why the op cannot be tuned (factory missing ...)
     default_config(key, target)  -> the heuristic's config (resa_tl.heuristics)
     space(key, target)           -> candidate configs (default included), deterministic order
+    kernel_shape(key)            -> the kernel module's Shape of the problem
     static_id(key)               -> what a compiled kernel depends on (dedupes compiles)
-    compile(key, cfg, target)    -> compiles (memoised, TileLang disk cache) — no GPU needed
+    compile(key, cfg, target)    -> compile_kernel(...) (memoised, TileLang disk cache), no GPU
     make_inputs(key, device, gen, ragged) -> dict of tensors (one input set)
-    call(inp, cfg)               -> runs the production host wrapper with ``cfg``
+    call(inp, cfg, out)          -> runs the op's plan (resa_tl.plan) built with ``cfg``
     check(out, inp)              -> None, or why the output is wrong (vs the torch reference)
     validation_key(key)          -> a small problem with the same static params (same kernel)
     bytes_moved(key)             -> compulsory DRAM bytes of one call (roofline %, rotation)
     alloc_bytes(key)             -> device memory of one input set
 
-Candidates run through the real wrapper (workspaces, split heuristics, combine kernel): the
-config reaches it through its ``config=`` argument when it has one, else through
-``resa_tl.schedules.forced`` (what ``schedules.config_for`` returns) plus a patch of the
-heuristic it calls; an op whose wrapper consults neither is reported as not wired.
+Candidates run through the production path (plan: workspaces, split heuristics, combine
+kernel) with the candidate given as the plan's config override: the same code the ops run,
+nothing patched.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib
-import inspect
 import itertools
 import math
-from resa_tl import schedules
+
+from resa_tl import heuristics, plan, schedules
+from resa_tl.kernels import block_summaries, dense_decode, rectify_attention, select_blocks
+from resa_tl.kernels import sparse_decode
 
 from .workloads import LOCAL_BLOCKS, MIN_BLOCKS, SPARSE_RATIO, blocks_kept
 
@@ -58,44 +59,28 @@ def is_hopper(target: str) -> bool:
 
 class Adapter:
     op: str = ""
-    module: str = ""             # resa_tl.kernels.<module>
-    wrapper: str = ""            # host wrapper in that module
-    config_class: str = ""       # config dataclass in that module
-    heuristic: str = ""          # resa_tl.heuristics function returning the default config
+    kernel = None                # the kernel module (resa_tl.kernels.<op>)
+    config_class = None          # its Config dataclass
     dynamic_fields: tuple = ("batch", "context")    # key fields the compiled kernel ignores
     tolerance_factor = 2.0
-    out_arg: str | None = None   # wrapper kwarg taking a preallocated output (NaN-poisoned)
     max_candidates = MAX_CANDIDATES
 
-    # -- plumbing --------------------------------------------------------------------------
-    def mod(self):
-        return importlib.import_module(f"resa_tl.kernels.{self.module}")
-
     def available(self) -> str | None:
-        try:
-            m = self.mod()
-        except Exception as err:                    # noqa: BLE001 - report any import error
-            return f"cannot import resa_tl.kernels.{self.module}: {err}"
-        from resa_tl import heuristics
-        missing = [n for n in (self.wrapper, self.config_class) if not hasattr(m, n)]
-        if not hasattr(heuristics, self.heuristic):
-            missing.append(f"heuristics.{self.heuristic}")
-        missing += self._missing_factories(m)
-        if missing:
-            return f"resa_tl.kernels.{self.module} lacks {', '.join(missing)}"
+        """None: the op can be tuned (kept for the tuner's report, which lists reasons)."""
         return None
 
-    def _missing_factories(self, m) -> list:
-        return []
-
     def config_cls(self):
-        return getattr(self.mod(), self.config_class)
+        return self.config_class
 
     def config_from_dict(self, d: dict):
-        return self.config_cls()(**d)
+        return self.config_class(**d)
 
     def static_id(self, key: dict) -> tuple:
         return tuple((k, v) for k, v in key.items() if k not in self.dynamic_fields)
+
+    def compile(self, key: dict, cfg, target: str):
+        return self.kernel.compile_kernel(self.kernel_shape(key), cfg, target,
+                                          heuristics.use_pdl(target))
 
     # -- search space ----------------------------------------------------------------------
     def axes(self, key: dict, target: str, default) -> dict[str, list]:
@@ -154,59 +139,18 @@ class Adapter:
     def _ident(cfg) -> tuple:
         return tuple(sorted((k, str(v)) for k, v in dataclasses.asdict(cfg).items()))
 
-    # -- running -----------------------------------------------------------------------------
-    def wrapper_fn(self):
-        return getattr(self.mod(), self.wrapper)
-
-    def accepts(self, name: str) -> bool:
-        try:
-            return name in inspect.signature(self.wrapper_fn()).parameters
-        except (TypeError, ValueError):
-            return False
-
-    @contextlib.contextmanager
-    def forcing(self, cfg):
-        """Make the wrapper run with ``cfg``; yields a counter dict {'hits': n} telling whether
-        it consulted the config (via config_for or the heuristic)."""
-        from resa_tl import heuristics
-        counter = {"hits": 0}
-        orig = getattr(heuristics, self.heuristic, None)
-
-        def patched(*a, **k):
-            counter["hits"] += 1
-            return cfg
-
-        before = schedules.forced_hits(self.op)
-        if orig is not None:
-            setattr(heuristics, self.heuristic, patched)
-        try:
-            with schedules.forced(self.op, cfg):
-                yield counter
-        finally:
-            if orig is not None:
-                setattr(heuristics, self.heuristic, orig)
-            counter["hits"] += schedules.forced_hits(self.op) - before
-
+    # -- running ---------------------------------------------------------------------------
     def call(self, inp: dict, cfg, out=None):
-        """One call of the production wrapper with ``cfg``; returns the output."""
-        fn = self.wrapper_fn()
-        args, kwargs = self.wrapper_args(inp)
-        if out is not None and self.out_arg and self.accepts(self.out_arg):
-            kwargs[self.out_arg] = out
-        if self.accepts("config"):
-            return fn(*args, config=cfg, **kwargs)
-        with self.forcing(cfg) as counter:
-            res = fn(*args, **kwargs)
-        if counter["hits"] == 0:
-            raise NotWired(f"{self.module}.{self.wrapper} takes no config= argument and consults "
-                           f"neither schedules.config_for nor heuristics.{self.heuristic}")
-        return res
+        """One call of the op's plan built with ``cfg`` (None: the schedule or heuristic, as
+        the ops resolve it), into ``out`` when given."""
+        raise NotImplementedError
 
-    def wrapper_args(self, inp: dict) -> tuple[tuple, dict]:
+    def reference(self, inp: dict, compute_dtype=None):
+        """The torch reference's output for one input set (what :meth:`call` must match)."""
         raise NotImplementedError
 
     def poisoned_out(self, inp: dict):
-        """A NaN-filled output buffer for ``out_arg`` (None: the wrapper allocates)."""
+        """A NaN-filled output buffer (None: the plan allocates)."""
         return None
 
     # -- problem sizes -----------------------------------------------------------------------
@@ -224,10 +168,6 @@ class Adapter:
 
     def bytes_moved(self, key: dict) -> int:
         raise NotImplementedError
-
-
-class NotWired(RuntimeError):
-    """The wrapper ignores the config the tuner wants to run."""
 
 
 def _seqlens(B: int, S: int, ragged: bool, gen, device, lo: int = 1):
@@ -268,18 +208,11 @@ def _attention_check(out, ref32, reflow, factor: float) -> str | None:
 
 class RectifyAdapter(Adapter):
     op = "rectify_attention"
-    module = "rectify"
-    wrapper = "rectify_attention_tilelang"
-    config_class = "RectifyConfig"
-    heuristic = "rectify_config"
-    out_arg = "out"
+    kernel = rectify_attention
+    config_class = rectify_attention.RectifyConfig
     max_candidates = 10
 
-    def _missing_factories(self, m):
-        return [] if hasattr(m, "compile_rectify_kernel") else ["compile_rectify_kernel"]
-
     def default_config(self, key, target):
-        from resa_tl import heuristics
         D = key["head_dim"]
         return heuristics.rectify_config(key["T"], key["g"], D, D, target)
 
@@ -310,10 +243,10 @@ class RectifyAdapter(Adapter):
     def static_id(self, key):
         return tuple((k, v) for k, v in key.items() if k not in ("batch", "context"))
 
-    def compile(self, key, cfg, target):
+    def kernel_shape(self, key):
         D = key["head_dim"]
-        self.mod().compile_rectify_kernel(key["T"], key["g"], key["hkv"], D, D, key["dtype"],
-                                          float(D ** -0.5), cfg, target)
+        return rectify_attention.RectifyShape(key["T"], key["g"], key["hkv"], D, D, key["dtype"],
+                                              float(D ** -0.5))
 
     def make_inputs(self, key, device, gen, ragged=False):
         B, T, D = key["batch"], key["T"], key["head_dim"]
@@ -324,22 +257,25 @@ class RectifyAdapter(Adapter):
                     v=_randn((B, S, Hkv, D), dt, gen, device),
                     lens=_seqlens(B, S, ragged, gen, device, lo=T))
 
-    def wrapper_args(self, inp):
-        D = inp["q"].shape[-1]
-        return (inp["q"], inp["k"], inp["v"], inp["lens"]), {"softmax_scale": D ** -0.5}
+    def call(self, inp, cfg, out=None):
+        q, k, v, lens = inp["q"], inp["k"], inp["v"], inp["lens"]
+        p = plan.rectify_attention_like(q, k, v, q.shape[-1] ** -0.5, config=cfg)
+        return p.run(q, k, v, lens, out)
 
     def poisoned_out(self, inp):
         import torch
         return torch.full_like(inp["q"], float("nan"))
 
+    def reference(self, inp, compute_dtype=None):
+        import torch
+        return rectify_attention.rectify_attention_reference(
+            inp["q"], inp["k"], inp["v"], inp["lens"], softmax_scale=inp["q"].shape[-1] ** -0.5,
+            compute_dtype=compute_dtype or torch.float32)
+
     def check(self, out, inp):
         import torch
-        ref = self.mod().rectify_attention_reference
-        D = inp["q"].shape[-1]
-        args = (inp["q"], inp["k"], inp["v"], inp["lens"])
-        r32 = ref(*args, softmax_scale=D ** -0.5)
-        rlo = ref(*args, softmax_scale=D ** -0.5, compute_dtype=inp["q"].dtype)
-        return _attention_check(out, r32.to(torch.float32), rlo, self.tolerance_factor)
+        return _attention_check(out, self.reference(inp).to(torch.float32),
+                                self.reference(inp, inp["q"].dtype), self.tolerance_factor)
 
     def validation_key(self, key):
         k = super().validation_key(key)
@@ -358,18 +294,12 @@ class RectifyAdapter(Adapter):
 
 class SummariesAdapter(Adapter):
     op = "block_summaries"
-    module = "summaries"
-    wrapper = "block_summaries_tilelang"
-    config_class = "SummariesConfig"
-    heuristic = "summaries_config"
+    kernel = block_summaries
+    config_class = block_summaries.SummariesConfig
     mode = "build"
     max_candidates = 8
 
-    def _missing_factories(self, m):
-        return [] if hasattr(m, "build_summaries_kernel") else ["build_summaries_kernel"]
-
     def default_config(self, key, target):
-        from resa_tl import heuristics
         return heuristics.summaries_config(key["hkv"], key["head_dim"], key["block_size"])
 
     def axes(self, key, target, default):
@@ -386,9 +316,9 @@ class SummariesAdapter(Adapter):
         return (("mode", self.mode),) + tuple(
             (k, v) for k, v in key.items() if k not in ("batch", "context", "length"))
 
-    def compile(self, key, cfg, target):
-        self.mod().build_summaries_kernel(key["hkv"], key["head_dim"], key["block_size"],
-                                          key["dtype"], "int32", self.mode, cfg, target)
+    def kernel_shape(self, key):
+        return block_summaries.SummariesShape(key["hkv"], key["head_dim"], key["block_size"],
+                                              key["dtype"], "int32", self.mode)
 
     def make_inputs(self, key, device, gen, ragged=False):
         B, S = key["batch"], key["context"]
@@ -396,12 +326,20 @@ class SummariesAdapter(Adapter):
         return dict(k=_randn((B, S, key["hkv"], key["head_dim"]), dt, gen, device),
                     lens=_seqlens(B, S, ragged, gen, device), bs=key["block_size"])
 
-    def wrapper_args(self, inp):
-        return (inp["k"], inp["lens"], inp["bs"]), {}
+    def call(self, inp, cfg, out=None):
+        import torch
+        k, lens, bs = inp["k"], inp["lens"], inp["bs"]
+        B, S, Hkv, D = k.shape
+        kmin, kmax = (torch.empty((B, -(-S // bs), Hkv, D), dtype=k.dtype, device=k.device)
+                      for _ in range(2))
+        return plan.summaries_like(k, lens, bs, k.dtype, config=cfg).run(k, lens, kmin, kmax)
+
+    def reference(self, inp, compute_dtype=None):
+        return block_summaries.block_summaries_reference(inp["k"], inp["lens"], inp["bs"])
 
     def check(self, out, inp):
         import torch
-        rmin, rmax = self.mod().block_summaries_reference(inp["k"], inp["lens"], inp["bs"])
+        rmin, rmax = self.reference(inp)
         kmin, kmax = out
         if not (torch.equal(kmin, rmin) and torch.equal(kmax, rmax)):
             bad = int((kmin != rmin).sum().item() + (kmax != rmax).sum().item())
@@ -416,7 +354,6 @@ class SummariesAdapter(Adapter):
 
 class UpdateSummariesAdapter(SummariesAdapter):
     op = "update_block_summaries"
-    wrapper = "update_block_summaries_tilelang"
     mode = "update"
     CONTEXT = 1024             # cache capacity of the problem (the op's cost does not depend on it)
 
@@ -435,8 +372,15 @@ class UpdateSummariesAdapter(SummariesAdapter):
             inp["kmin0"], inp["kmax0"] = inp["kmin"].clone(), inp["kmax"].clone()
         return inp
 
-    def wrapper_args(self, inp):
-        return (inp["kmin"], inp["kmax"], inp["k"], inp["start"], inp["n"], inp["bs"]), {}
+    def call(self, inp, cfg, out=None):
+        k, start, n = inp["k"], inp["start"], inp["n"]
+        p = plan.summaries_like(k, start, inp["bs"], inp["kmin"].dtype, "update", n, config=cfg)
+        return p.run(k, start, inp["kmin"], inp["kmax"], n)
+
+    def reference(self, inp, compute_dtype=None):
+        """In place, like the kernel: inp's kmin / kmax updated and returned."""
+        return block_summaries.update_block_summaries_reference(
+            inp["kmin"], inp["kmax"], inp["k"], inp["start"], inp["n"], inp["bs"])
 
     def check(self, out, inp):
         import torch
@@ -444,7 +388,7 @@ class UpdateSummariesAdapter(SummariesAdapter):
         # before the call (the update recomputes whole blocks, so repeated calls agree)
         kmin, kmax = out
         rmin, rmax = inp["kmin0"].clone(), inp["kmax0"].clone()
-        self.mod().update_block_summaries_reference(rmin, rmax, inp["k"], inp["start"],
+        block_summaries.update_block_summaries_reference(rmin, rmax, inp["k"], inp["start"],
                                                     inp["n"], inp["bs"])
         if not (torch.equal(kmin, rmin) and torch.equal(kmax, rmax)):
             return "updated summaries differ from the reference (must be exact)"
@@ -474,19 +418,12 @@ class UpdateSummariesAdapter(SummariesAdapter):
 
 class SelectAdapter(Adapter):
     op = "select_blocks"
-    module = "selection"
-    wrapper = "select_blocks_tilelang"
-    config_class = "SelectionConfig"
-    heuristic = "selection_config"
+    kernel = select_blocks
+    config_class = select_blocks.SelectionConfig
     dynamic_fields = ("batch",)
     max_candidates = 8             # one kernel per NB: keep the compile count down
-    out_arg = "out"
-
-    def _missing_factories(self, m):
-        return [] if hasattr(m, "build_select_blocks_kernel") else ["build_select_blocks_kernel"]
 
     def default_config(self, key, target):
-        from resa_tl import heuristics
         return heuristics.selection_config(key["num_blocks"], key["hkv"], key["head_dim"])
 
     def axes(self, key, target, default):
@@ -512,11 +449,10 @@ class SelectAdapter(Adapter):
     def K(self, key):
         return blocks_kept(key["num_blocks"])
 
-    def compile(self, key, cfg, target):
-        self.mod().build_select_blocks_kernel(
+    def kernel_shape(self, key):
+        return select_blocks.SelectShape(
             key["num_blocks"], key["hkv"], key["g"], key["head_dim"], key["block_size"],
-            float(SPARSE_RATIO), MIN_BLOCKS, LOCAL_BLOCKS, self.K(key), key["dtype"], "int32",
-            cfg, target)
+            float(SPARSE_RATIO), MIN_BLOCKS, LOCAL_BLOCKS, self.K(key), key["dtype"], "int32")
 
     def make_inputs(self, key, device, gen, ragged=False):
         B, NB, bs = key["batch"], key["num_blocks"], key["block_size"]
@@ -529,18 +465,26 @@ class SelectAdapter(Adapter):
         return dict(q=_randn((B, H, key["head_dim"]), dt, gen, device), kmin=kmin, kmax=kmax,
                     lens=_seqlens(B, NB * bs, ragged, gen, device), bs=bs, K=self.K(key))
 
-    def wrapper_args(self, inp):
-        return (inp["q"], inp["kmin"], inp["kmax"], inp["lens"]), dict(
-            block_size=inp["bs"], sparse_ratio=SPARSE_RATIO, min_blocks=MIN_BLOCKS,
-            local_blocks=LOCAL_BLOCKS, max_selected=inp["K"])
+    @staticmethod
+    def selection_args(inp):
+        return dict(block_size=inp["bs"], sparse_ratio=SPARSE_RATIO, min_blocks=MIN_BLOCKS,
+                    local_blocks=LOCAL_BLOCKS, max_selected=inp["K"])
+
+    def call(self, inp, cfg, out=None):
+        q, kmin, kmax, lens = inp["q"], inp["kmin"], inp["kmax"], inp["lens"]
+        p = plan.select_blocks_like(q, kmin, lens, config=cfg, **self.selection_args(inp))
+        return p.run(q, kmin, kmax, lens, None, out)
+
+    def reference(self, inp, compute_dtype=None):
+        return select_blocks.select_blocks_reference(inp["q"], inp["kmin"], inp["kmax"],
+                                                     inp["lens"], **self.selection_args(inp))
 
     def check(self, out, inp):
         """Same count and order as the reference; every kept block scores at least the n-th
         best reference score (fp32 ties near the threshold may pick different blocks)."""
         import torch
-        m = self.mod()
-        ref = m.select_blocks_reference(inp["q"], inp["kmin"], inp["kmax"], inp["lens"],
-                                        **self.wrapper_args(inp)[1])
+        m = select_blocks
+        ref = self.reference(inp)
         if tuple(out.shape) != tuple(ref.shape):
             return f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
         out = out.long()
@@ -572,92 +516,10 @@ class SelectAdapter(Adapter):
 
 # ------------------------------------------------------------------------------------------
 # dense_decode / sparse_decode (split-KV decode)
-#
-# The decode modules are being written; these adapters bind the module's compile factory by
-# parameter names (see _bind) so that they need no change when the factory lands, as long as
-# it follows the convention of the other kernels: a memoised ``compile_<op>_kernel`` (or
-# ``build_<op>_kernel`` returning compiled kernels or PrimFuncs) taking the static shape, the
-# dtype name, the config dataclass and the target arch string.
 # ------------------------------------------------------------------------------------------
 
-_ALIASES = {
-    "num_kv_heads": "hkv", "heads_kv": "hkv", "hkv": "hkv", "kv_heads": "hkv",
-    "group": "g", "g": "g", "group_size": "g",
-    "num_heads": "H", "heads": "H", "num_q_heads": "H", "heads_q": "H",
-    "head_dim": "D", "dim": "D", "head_dim_v": "D", "dim_v": "D", "head_dim_qk": "D",
-    "dtype": "dtype", "index_dtype": "index_dtype",
-    "block_size": "block_size", "softmax_scale": "scale", "scale": "scale", "sm_scale": "scale",
-    "config": "config", "cfg": "config", "target": "target", "arch": "target",
-    "num_q": "T", "T": "T", "num_blocks": "num_blocks", "max_selected": "k_blocks",
-    "k_blocks": "k_blocks", "topk": "k_blocks", "num_selected": "k_blocks",
-    "num_sms": "num_sms", "sm_count": "num_sms",
-}
-
-
-def _bind(fn, values: dict) -> tuple[list, dict]:
-    """Positional/keyword arguments for ``fn`` from ``values`` by parameter name; raises
-    TypeError naming a required parameter the tuner cannot supply."""
-    args, kwargs = [], {}
-    for p in inspect.signature(fn).parameters.values():
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        alias = _ALIASES.get(p.name)
-        if alias is not None and alias in values and values[alias] is not None:
-            v = values[alias]
-        elif p.default is not p.empty:
-            continue
-        else:
-            raise TypeError(f"{fn.__name__}() needs parameter {p.name!r}, which the tuner "
-                            f"cannot bind (known names: {sorted(_ALIASES)})")
-        if p.kind == p.KEYWORD_ONLY:
-            kwargs[p.name] = v
-        else:
-            if kwargs:
-                kwargs[p.name] = v
-            else:
-                args.append(v)
-    return args, kwargs
-
-
-def _compile_result(res, target):
-    """Compile PrimFuncs a factory returned (compiled kernels pass through)."""
-    items = res if isinstance(res, (tuple, list)) else [res]
-    if any(type(x).__name__ == "PrimFunc" for x in items):
-        import tilelang
-        for x in items:
-            if type(x).__name__ == "PrimFunc":
-                tilelang.compile(x, target={"kind": "cuda", "arch": target})
-
-
 class _DecodeAdapter(Adapter):
-    out_arg = "out"
     max_candidates = 10
-
-    def factory(self):
-        m = self.mod()
-        for name in (f"compile_{self.op}_kernel", f"build_{self.op}_kernel",
-                     f"compile_{self.module}_kernel", f"build_{self.module}_kernel"):
-            if hasattr(m, name):
-                return getattr(m, name)
-        return None
-
-    def _missing_factories(self, m):
-        return [] if self.factory() is not None else [
-            f"compile_{self.op}_kernel / build_{self.op}_kernel"]
-
-    def values(self, key, target, cfg=None) -> dict:
-        D = key["head_dim"]
-        v = dict(hkv=key["hkv"], g=key["g"], H=key["hkv"] * key["g"], D=D, dtype=key["dtype"],
-                 index_dtype="int32", scale=float(D ** -0.5), config=cfg, target=target,
-                 num_sms=NOMINAL_SMS.get(schedules.arch_key(target)))
-        v.update({k: key[k] for k in ("block_size", "k_blocks", "context", "batch") if k in key})
-        return v
-
-    def default_config(self, key, target):
-        from resa_tl import heuristics
-        fn = getattr(heuristics, self.heuristic)
-        args, kwargs = _bind(fn, self.values(key, target))
-        return fn(*args, **kwargs)
 
     def axes(self, key, target, default):
         """Keys per pipeline stage, padded query rows per CTA (GQA rows per tile: wgmma wants
@@ -668,9 +530,7 @@ class _DecodeAdapter(Adapter):
                 "num_stages": [1, 2, 3] if is_hopper(target) else [1],
                 # hand-written warp-specialised schedule (sm_90a), two CTAs per SM
                 "schedule": ["auto", "ws"] if is_hopper(target) else ["auto"],
-                "ctas_per_sm": [1, 2],
-                # split policy, if the config class carries one (ignored otherwise)
-                "split_overhead": [0.5, 1.0, 2.0, 4.0]}
+                "ctas_per_sm": [1, 2]}
 
     def derive(self, f, key, target):
         if "threads" in f and "block_H" in f:
@@ -684,13 +544,10 @@ class _DecodeAdapter(Adapter):
         st = max(getattr(cfg, "num_stages", 1), 1)
         if bh < key["g"]:
             return False
-        check = getattr(self.mod(), "_check_config", None)
-        if check is not None:                    # the kernel module's own rules
-            try:
-                args, kwargs = _bind(check, dict(self.values(key, target, cfg), cfg=cfg))
-                check(*args, **kwargs)
-            except (TypeError, ValueError):
-                return False
+        try:                                     # the kernel module's own rules
+            self.kernel.check_config(self.kernel_shape(key), cfg)
+        except ValueError:
+            return False
         if getattr(cfg, "schedule", "auto") != "auto" and not is_hopper(target):
             return False
         smem = (bh * D + st * bn * 2 * D) * 2
@@ -699,19 +556,9 @@ class _DecodeAdapter(Adapter):
         return smem <= SMEM_LIMIT.get(a, 99 * 1024) and \
             smem * ctas <= SM_SMEM.get(a, 100 * 1024)
 
-    def compile(self, key, cfg, target):
-        fn = self.factory()
-        args, kwargs = _bind(fn, self.values(key, target, cfg))
-        _compile_result(fn(*args, **kwargs), target)
-
     def static_id(self, key):
-        fn = self.factory()
-        names = set()
-        if fn is not None:
-            names = {_ALIASES.get(p) for p in inspect.signature(fn).parameters}
         keep = ("dtype", "head_dim", "g", "hkv", "block_size")
-        extra = tuple(k for k in ("k_blocks",) if k in key and k in names)
-        return tuple((k, key[k]) for k in keep + extra if k in key)
+        return tuple((k, key[k]) for k in keep if k in key)
 
     def poisoned_out(self, inp):
         import torch
@@ -724,10 +571,16 @@ class _DecodeAdapter(Adapter):
 
 class DenseDecodeAdapter(_DecodeAdapter):
     op = "dense_decode"
-    module = "dense_decode"
-    wrapper = "dense_decode_tilelang"
-    config_class = "DenseDecodeConfig"
-    heuristic = "dense_decode_config"
+    kernel = dense_decode
+    config_class = dense_decode.DenseDecodeConfig
+
+    def default_config(self, key, target):
+        return heuristics.dense_decode_config(key["hkv"], key["g"], key["head_dim"],
+                                              key["dtype"], target)
+
+    def kernel_shape(self, key):
+        D, H = key["head_dim"], key["hkv"] * key["g"]
+        return dense_decode.DenseDecodeShape(H, key["hkv"], D, D, key["dtype"])
 
     def make_inputs(self, key, device, gen, ragged=False):
         B, S, D = key["batch"], key["context"], key["head_dim"]
@@ -738,15 +591,19 @@ class DenseDecodeAdapter(_DecodeAdapter):
                     v=_randn((B, S, Hkv, D), dt, gen, device),
                     lens=_seqlens(B, S, ragged, gen, device))
 
-    def wrapper_args(self, inp):
-        D = inp["q"].shape[-1]
-        return (inp["q"], inp["k"], inp["v"], inp["lens"]), {"softmax_scale": D ** -0.5}
+    def call(self, inp, cfg, out=None):
+        q, k, v, lens = inp["q"], inp["k"], inp["v"], inp["lens"]
+        p = plan.dense_decode_like(q, k, v, lens, config=cfg)
+        return p.run(q, k, v, lens, q.shape[-1] ** -0.5, out)
+
+    def reference(self, inp, compute_dtype=None):
+        import torch
+        return dense_decode.dense_decode_reference(
+            inp["q"], inp["k"], inp["v"], inp["lens"], softmax_scale=inp["q"].shape[-1] ** -0.5,
+            compute_dtype=compute_dtype or torch.float32)
 
     def check(self, out, inp):
-        ref = self.mod().dense_decode_reference
-        args, kw = self.wrapper_args(inp)
-        return _attention_check(out, ref(*args, **kw),
-                                ref(*args, **kw, compute_dtype=inp["q"].dtype),
+        return _attention_check(out, self.reference(inp), self.reference(inp, inp["q"].dtype),
                                 self.tolerance_factor)
 
     def bytes_moved(self, key):
@@ -757,23 +614,24 @@ class DenseDecodeAdapter(_DecodeAdapter):
 
 class SparseDecodeAdapter(_DecodeAdapter):
     op = "sparse_decode"
-    module = "sparse_decode"
-    wrapper = "sparse_decode_tilelang"
-    config_class = "SparseDecodeConfig"
-    heuristic = "sparse_decode_config"
+    kernel = sparse_decode
+    config_class = sparse_decode.SparseDecodeConfig
     dynamic_fields = ("batch",)
+
+    def default_config(self, key, target):
+        return heuristics.sparse_decode_config(key["hkv"], key["g"], key["head_dim"],
+                                               key["dtype"], key["block_size"], target)
+
+    def kernel_shape(self, key):
+        D, H = key["head_dim"], key["hkv"] * key["g"]
+        return sparse_decode.SparseDecodeShape(H, key["hkv"], D, D, key["block_size"],
+                                               key["dtype"])
 
     @staticmethod
     def context_of(key) -> int:
         """Cache capacity of a sparse problem: K blocks are ~10% of it (paper ratio)."""
         K, bs = key["k_blocks"], key["block_size"]
         return max(K * bs, int(math.ceil(K / SPARSE_RATIO)) * bs)
-
-    def values(self, key, target, cfg=None):
-        v = super().values(key, target, cfg)
-        v["context"] = self.context_of(key)
-        v["num_blocks"] = -(-v["context"] // key["block_size"])
-        return v
 
     def make_inputs(self, key, device, gen, ragged=False):
         import torch
@@ -799,16 +657,20 @@ class SparseDecodeAdapter(_DecodeAdapter):
                     v=_randn((B, S, Hkv, D), dt, gen, device),
                     idx=idx.contiguous(), lens=lens, bs=bs)
 
-    def wrapper_args(self, inp):
-        D = inp["q"].shape[-1]
-        return (inp["q"], inp["k"], inp["v"], inp["idx"], inp["lens"]), {
-            "block_size": inp["bs"], "softmax_scale": D ** -0.5}
+    def call(self, inp, cfg, out=None):
+        q, k, v, idx, lens = inp["q"], inp["k"], inp["v"], inp["idx"], inp["lens"]
+        p = plan.sparse_decode_like(q, k, v, idx, lens, inp["bs"], config=cfg)
+        return p.run(q, k, v, idx, lens, q.shape[-1] ** -0.5, out)
+
+    def reference(self, inp, compute_dtype=None):
+        import torch
+        return sparse_decode.sparse_decode_reference(
+            inp["q"], inp["k"], inp["v"], inp["idx"], inp["lens"], block_size=inp["bs"],
+            softmax_scale=inp["q"].shape[-1] ** -0.5,
+            compute_dtype=compute_dtype or torch.float32)
 
     def check(self, out, inp):
-        ref = self.mod().sparse_decode_reference
-        args, kw = self.wrapper_args(inp)
-        return _attention_check(out, ref(*args, **kw),
-                                ref(*args, **kw, compute_dtype=inp["q"].dtype),
+        return _attention_check(out, self.reference(inp), self.reference(inp, inp["q"].dtype),
                                 self.tolerance_factor)
 
     def validation_key(self, key):
@@ -852,5 +714,5 @@ def config_label(cfg) -> str:
     return " ".join(parts)
 
 
-__all__ = ["Adapter", "ADAPTERS", "OPS", "adapter", "NotWired", "config_label", "SMEM_LIMIT",
+__all__ = ["Adapter", "ADAPTERS", "OPS", "adapter", "config_label", "SMEM_LIMIT",
            "NOMINAL_SMS", "MAX_CANDIDATES"]

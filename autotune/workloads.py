@@ -130,7 +130,7 @@ def resolve_model(spec: str) -> HeadShape:
 
 def blocks_kept(num_blocks: int) -> int:
     """Selected blocks per KV head at the paper defaults for a full cache of NB blocks."""
-    from resa_tl.kernels.selection import default_max_selected
+    from resa_tl.kernels.select_blocks import default_max_selected
     return default_max_selected(num_blocks, SPARSE_RATIO, MIN_BLOCKS)
 
 

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .kernels.summaries import FP8_SUMMARY_DTYPES
+from .kernels.block_summaries import FP8_SUMMARY_DTYPES
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUMMARY_DTYPES = FLOAT_DTYPES + FP8_SUMMARY_DTYPES       # kmin/kmax: the keys' dtype or fp8
@@ -35,6 +35,9 @@ def tensor(name: str, t, ndim: int, dtypes=FLOAT_DTYPES, shape_doc: str = "") ->
 
 
 def same_device(**tensors) -> torch.device:
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     devs = {name: t.device for name, t in tensors.items()}
     first = next(iter(devs.values()))
     if any(d != first for d in devs.values()):
@@ -65,7 +68,13 @@ def kv_caches(k_cache, v_cache, batch: int, num_heads: int, head_dim: int):
     if S < 1 or Hkv < 1:
         raise ValueError(f"k_cache must have S_max >= 1 and Hkv >= 1, got {tuple(k_cache.shape)}")
     if num_heads % Hkv:
-        raise ValueError(f"query heads H={num_heads} must be a multiple of KV heads Hkv={Hkv}")
+        hint = ""
+        if num_heads % S == 0:
+            hint = (f"; caches are NHD [B, S_max, Hkv, D]: an HND cache [B, Hkv, S, D] "
+                    f"(shape {tuple(k_cache.shape)} looks like one) must be passed as "
+                    f"cache.transpose(1, 2).contiguous()")
+        raise ValueError(f"query heads H={num_heads} must be a multiple of KV heads Hkv={Hkv} "
+                         f"(dim 2 of k_cache){hint}")
     return S, Hkv, v_cache.shape[3]
 
 
@@ -76,8 +85,10 @@ def seqlens(cache_seqlens, batch: int, capacity: int, min_len: int = 0) -> torch
     if value_checks_enabled(cache_seqlens):
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
         if lo < min_len or hi > capacity:
+            why = (f"; each row must hold at least the T={min_len} queried positions, which "
+                   f"are its last T" if min_len > 0 else "")
             raise ValueError(f"cache_seqlens must lie in [{min_len}, {capacity}] (cache capacity "
-                             f"S_max={capacity}); got values in [{lo}, {hi}]")
+                             f"S_max={capacity}{why}); got values in [{lo}, {hi}]")
     return cache_seqlens
 
 
@@ -89,7 +100,7 @@ def block_size(bs) -> int:
 
 def summary_dtype(dtype, base: torch.dtype, name: str = "summary_dtype") -> torch.dtype:
     """The dtype summaries are stored in: None -> ``base`` (that of the keys), else ``base`` or
-    an fp8 type (rounded outward, see resa_tl.kernels.summaries)."""
+    an fp8 type (rounded outward, see resa_tl.kernels.block_summaries)."""
     if dtype is None:
         return base
     if isinstance(dtype, str):

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import ops, plan
 from . import _checks as chk
 from .config import ReSAConfig
-from .kernels.summaries import fp8_name, warn_if_saturated
+from .kernels.block_summaries import fp8_name, warn_if_saturated
 
 
 class ReSACache:
@@ -48,6 +48,7 @@ class ReSACache:
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.v_head_dim = v_head_dim or head_dim
         self.backend = backend
+        self._tilelang = ops.resolve_backend(backend, torch.device(device), dtype) == "tilelang"
         self.num_blocks = -(-max_seq_len // self.block_size)
         dev = torch.device(device)
         shape = (batch_size, max_seq_len, num_kv_heads)
@@ -110,33 +111,94 @@ class ReSACache:
         self.v[layer][:, :n].copy_(v)
         self.seqlens[layer].copy_(lens)
         self._max_len[layer], self._min_len[layer] = max(host), min(host)
-        kmin, kmax = ops.block_summaries(self.k[layer], self.seqlens[layer], self.block_size,
-                                         summary_dtype=self.kmin[layer].dtype,
-                                         backend=self.backend)
-        self.kmin[layer].copy_(kmin)
-        self.kmax[layer].copy_(kmax)
+        self.rebuild_summaries(layer)
+        kmin, kmax = self.kmin[layer], self.kmax[layer]
         if fp8_name(kmin.dtype) and not chk.value_checks_enabled(kmin):
             # fp8: say if keys overflow its range (block_summaries did if it checks values)
             warn_if_saturated(kmin, kmax, f"ReSACache.prefill (layer {layer})")
 
+    def reserve(self, n: int) -> None:
+        """Host bookkeeping before ``n`` positions per row are written to every layer (by
+        :meth:`write`, e.g. inside a compiled forward): checks the capacity and advances the
+        host mirrors of the row lengths. No device work."""
+        if self._max_len[0] + n > self.max_seq_len:
+            raise ValueError(f"{n} more token(s) would exceed the cache capacity max_seq_len="
+                             f"{self.max_seq_len} (longest row holds {self._max_len[0]})")
+        for layer in range(self.num_layers):
+            self._max_len[layer] += n
+            self._min_len[layer] += n
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, *,
+              update_summaries: bool = True) -> None:
+        """Device side of an append: write n positions per row at each row's end (k, v
+        [B, n, Hkv, D] / [B, n, Hkv, Dv]), refresh the O(n / block_size) touched summaries and
+        advance the layer's lengths. No host sync and no host state, so a compiled or captured
+        forward can run it; the host mirrors are :meth:`reserve`'s job.
+
+        ``update_summaries=False`` leaves the summary of the block the new positions went into
+        stale: only for one-token decode steps whose select_blocks(k_cache=...) refreshes it
+        (it is a local block, kept whatever its summary says)."""
+        n = k.shape[1]
+        lens = self.seqlens[layer]
+        pos = lens.long()[:, None] + self._steps[:n]                        # [B, n]
+        self.k[layer][self._rows[:, None], pos] = k.to(self.k[layer].dtype)
+        self.v[layer][self._rows[:, None], pos] = v.to(self.v[layer].dtype)
+        if update_summaries:
+            self._update_summaries(layer, lens, n)
+        lens.add_(n)
+
+    def _update_summaries(self, layer: int, start: torch.Tensor, n: int) -> None:
+        kmin, kmax, k = self.kmin[layer], self.kmax[layer], self.k[layer]
+        if torch.compiler.is_compiling():      # an opaque custom op inside a compiled graph
+            from .integration._torch_ops import update_summaries
+            update_summaries(kmin, kmax, k, start, n, self.block_size, self.backend)
+        elif self._tilelang:                   # storage is ours: contiguous, aligned, checked
+            plan.summaries_like(k, start, self.block_size, kmin.dtype, "update", n).run(
+                k, start, kmin, kmax, n)
+        else:
+            ops.update_block_summaries(kmin, kmax, k, start, n, self.block_size,
+                                       backend=self.backend)
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write n new positions per row at each row's end (decode: n = 1; a rectification pass
-        re-appends the rewound tokens) and refresh the O(n / block_size) touched summaries."""
+        re-appends the rewound tokens) and refresh the O(n / block_size) touched summaries.
+        Eager: :meth:`write` plus this layer's host bookkeeping."""
         self._check_kv(k, v, "append")
         n = k.shape[1]
         if self._max_len[layer] + n > self.max_seq_len:
             raise ValueError(f"append: {n} more token(s) would exceed the cache capacity "
                              f"max_seq_len={self.max_seq_len} (longest row holds "
                              f"{self._max_len[layer]})")
-        start = self.seqlens[layer]
-        pos = start.long()[:, None] + self._steps[:n]                       # [B, n]
-        self.k[layer][self._rows[:, None], pos] = k.to(self.k[layer].dtype)
-        self.v[layer][self._rows[:, None], pos] = v.to(self.v[layer].dtype)
-        ops.update_block_summaries(self.kmin[layer], self.kmax[layer], self.k[layer], start, n,
-                                   self.block_size, backend=self.backend)
-        start.add_(n)
+        self.write(layer, k, v)
         self._max_len[layer] += n
         self._min_len[layer] += n
+
+    def compact(self, layer: int, valid: torch.Tensor) -> None:
+        """Drop padding from the last T positions written to ``layer``: valid bool [B, T]
+        (True = real token) says which of them to keep; kept positions move to the front,
+        in order, and the layer's lengths and summaries follow. Eager only (reads the lengths
+        on the host); for padded prompts."""
+        T = valid.shape[1]
+        lens = self.seqlens[layer]
+        base = lens.long() - T
+        pos = base[:, None] + self._steps[:T]                              # raw positions
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # real tokens first
+        src = pos.gather(1, order)
+        rows = self._rows[:, None]
+        for buf in (self.k[layer], self.v[layer]):
+            buf[rows, pos] = buf[rows, src]
+        lens.copy_(base + valid.sum(-1))
+        self.rebuild_summaries(layer)
+        host = lens.tolist()
+        self._max_len[layer], self._min_len[layer] = max(host), min(host)
+
+    def rebuild_summaries(self, layer: int) -> None:
+        """Recompute the layer's summaries from its K over the current lengths."""
+        kmin, kmax = ops.block_summaries(self.k[layer], self.seqlens[layer], self.block_size,
+                                         summary_dtype=self.kmin[layer].dtype,
+                                         backend=self.backend)
+        self.kmin[layer].copy_(kmin)
+        self.kmax[layer].copy_(kmax)
 
     def rewind(self, n: int, layers=None):
         """Drop the last n positions of every row (rectification rewrites them) and refresh the
@@ -158,11 +220,7 @@ class ReSACache:
                 ops.update_block_summaries(self.kmin[layer], self.kmax[layer], self.k[layer],
                                            lens - 1, 1, self.block_size, backend=self.backend)
             else:
-                kmin, kmax = ops.block_summaries(self.k[layer], lens, self.block_size,
-                                                 summary_dtype=self.kmin[layer].dtype,
-                                                 backend=self.backend)
-                self.kmin[layer].copy_(kmin)
-                self.kmax[layer].copy_(kmax)
+                self.rebuild_summaries(layer)
 
     def reset(self):
         self.seqlens.zero_()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from .kernels.summaries import FP8_FORMATS
+from .kernels.block_summaries import FP8_FORMATS
 
 SUMMARY_DTYPES = tuple(FP8_FORMATS)          # names ReSAConfig.summary_dtype accepts
 

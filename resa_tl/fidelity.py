@@ -42,8 +42,9 @@ import torch.nn.functional as F
 
 from . import ops
 from .config import ReSAConfig
-from .kernels.summaries import fp8_name
-from .kernels.selection import (block_scores_reference, default_max_selected,
+from .cycle import cycle_spans
+from .kernels.block_summaries import fp8_name
+from .kernels.select_blocks import (block_scores_reference, default_max_selected,
                                 select_from_scores_reference)
 
 _IMPL = "resa_tl_teacher_forced"
@@ -100,10 +101,7 @@ def _simulate_layer(layer, q, k_sim, v_sim, scale):
     f = cfg.rectify_every
     kd, vd = _state.dense_k[layer], _state.dense_v[layer]          # [1, Hkv, L + N (+1), D]
     out = torch.empty(1, N, q.shape[1], v_sim.shape[-1], dtype=q.dtype, device=q.device)
-    cycle = f + 1 if f else N
-    for c0 in range(0, N, cycle):
-        c1 = min(c0 + cycle, N)
-        n_sparse = c1 - c0 if not f else min(f, c1 - c0)
+    for c0, c1, n_sparse in cycle_spans(N, f):
         # NHD cache for this cycle: dense below its start, the sparse path's K/V inside it.
         S = L + c1
         kc = kd[0, :, :S].transpose(0, 1).clone()                   # [S, Hkv, D]

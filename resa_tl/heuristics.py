@@ -1,11 +1,12 @@
 """Launch heuristics, in one place, each with its reason. Device properties are read from the
 device (never hard-coded): SM count and L2 size differ between H100 SXM/PCIe, H200, A100, ...
 
-Kernel modules add their own heuristic functions here (one per decision, with the reason).
+One function per decision, with its reason; resa_tl.plan calls them (a tuned schedule entry,
+resa_tl.schedules, takes precedence where one fits the shape). The kernels never do.
 
-Measurements quoted in the reasons below: NVIDIA H100 80GB HBM3 (driver 580.159.04, torch 2.11),
-2026-11-27, with the script named beside each figure, on the kernel sources of commit 334582d
-(rectify), 78ea60f (selection, summaries) and 6f2bfe0 (sparse/dense decode)."""
+Measurements quoted in the reasons below were taken on an NVIDIA H100 80GB HBM3 with the
+benchmark script named beside each figure; docs/performance.md and docs/history.md give the
+date, commit and command of each."""
 from __future__ import annotations
 
 import functools
@@ -13,6 +14,12 @@ import os
 import re
 
 import torch
+
+from .kernels.block_summaries import SummariesConfig
+from .kernels.dense_decode import DenseDecodeConfig
+from .kernels.rectify_attention import RectifyConfig
+from .kernels.select_blocks import SelectionConfig
+from .kernels.sparse_decode import SparseDecodeConfig
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,21 +46,19 @@ def arch_of(device: torch.device | None = None) -> str:
 
 def use_pdl(arch: str) -> bool:
     """Whether kernels are built for programmatic dependent launch (see
-    resa_tl/kernels/_splitkv.grid_dependency).
+    resa_tl/kernels/common.grid_dependency).
 
     Reason: a sparse decode step chains five of our kernels per layer (summary update, block
     scoring, top-k, split attention, combine), each a few microseconds long at batch 1-8, so
     the gap between one grid draining and the next starting is a visible share of the step.
     With PDL each kernel lets its successor launch at once and waits for its predecessor
     only before its first global access. The griddepcontrol instructions exist from sm_90 on.
-    Measured on the H100 (examples/bench_e2e.py, Qwen2.5-7B shape, PDL off vs on in one call,
-    commit ee9488a, 2026-11-28): 0.3-0.9% less time per ReSA token below 128K context and at
+    Measured on the H100 (benchmarks/bench_e2e.py, Qwen2.5-7B shape, PDL off vs on in one call,
+    2026-11-28): 0.3-0.9% less time per ReSA token below 128K context and at
     128K x 1, within +-0.2% at 128K x 4/8 and 256K; outputs bit-identical
     (tests/gpu/test_pdl_gpu.py).
-    RESA_TL_PDL=0 builds kernels without it (A/B measurements; an escape hatch). The op wrappers
-    ask at every dispatch (host side, outside CUDA graphs) and pass the answer to the compile
-    cache, which keys on it; a compile function called without ``pdl`` asks once per argument
-    set."""
+    RESA_TL_PDL=0 builds kernels without it (A/B measurements; an escape hatch). Planning
+    (resa_tl.plan) asks once per plan and keys the plan on the answer."""
     return _has_griddepcontrol(arch) and os.environ.get("RESA_TL_PDL", "1") != "0"
 
 
@@ -86,7 +91,6 @@ def rectify_config(num_q: int, group: int, head_dim: int, head_dim_v: int, arch:
     step vs 1.43-1.67x for auto, T=64 2.6-2.9x vs 2.7-3.1x; T=32 better at 9 of 12 shapes);
     head_dim 64 keeps "auto" (pingpong was not measured or GPU-tested there).
     """
-    from .kernels.rectify import RectifyConfig
     rows = num_q * group
     block_M = 64 if rows <= 64 else 128
     hopper = arch.startswith("sm_9")
@@ -140,7 +144,6 @@ def summaries_config(num_kv_heads: int, head_dim: int, block_size: int):
     D=128), i.e. thousands of CTAs at long contexts. For the update, those few blocks per row
     also make the grid tiny (one CTA per row at length 1), which is what an O(length) op wants.
     """
-    from .kernels.summaries import SummariesConfig
     threads = 256
     row_vectors = max(1, num_kv_heads * head_dim // 8)
     return SummariesConfig(threads=threads, blocks_per_cta=max(1, threads // row_vectors))
@@ -158,14 +161,13 @@ def selection_config(num_blocks: int, num_kv_heads: int, head_dim: int):
     scores, up to 4 passes, then an ordered compaction) and only B*Hkv CTAs exist, so each CTA
     uses as many threads as help: a thread keeps a contiguous chunk of C = NB / threads keys
     (contiguous chunks make the block-order compaction a plain prefix sum over threads).
-    Measured on the H100 (2026-11-27, examples/bench_selection_kernels.py): at NB=1024, 256
+    Measured on the H100 (2026-11-27, benchmarks/bench_selection_kernels.py): at NB=1024, 256
     threads (C=4) beat 128 (C=8) and 1024; at NB=8192, 1024 threads (C=8) beat 512 and 256.
     So: C <= 4, 256..1024 threads (C = 16 at NB = 16384, i.e. 256K tokens at block 16); 128
     threads for tiny rows. Histogram: "hybrid" (match_any aggregation in the first radix pass
     only) was fastest at every size: select kernel 8.5 us vs 14.8 ("match" in every pass) and
     11.0 ("priv", 8 lane-private copies) at NB=8192; 17.1 / 28.4 / 17.2 us at NB=16384.
     """
-    from .kernels.selection import SelectionConfig
     row_vectors = max(1, num_kv_heads * head_dim // 8)
     score_threads = 256
     rows = max(1, (4 * score_threads) // row_vectors)
@@ -216,12 +218,11 @@ def sparse_decode_config(num_kv_heads: int, group: int, head_dim: int, dtype: st
     copy (4 blocks x 2 column pieces x K/V per stage at block 16) its own mbarrier pair, i.e.
     16 consumer arrivals per thread per stage; the hand-written producer needs 2. Measured on
     the H100 (Qwen2.5-7B shapes, keep 10% of 16-token blocks, CUDA-graph replays,
-    examples/bench_decode_kernels.py, 2026-11-27): "ws" vs "auto" 9.6 vs 11.8 us (16K, batch
+    benchmarks/bench_decode_kernels.py, 2026-11-27): "ws" vs "auto" 9.6 vs 11.8 us (16K, batch
     1), 13.8 vs 25.3 us (64K, 1), 47.8 vs 121.8 us (64K, 8), 159.2 vs 454.4 us (256K, 8).
     3 stages and block_N 128 were within +-5% of this default, block_N 32 with 4 stages up to
     19% slower, 2 CTAs per SM -2% at 256K batch 8 but +9% at 64K batch 1.
     "auto" elsewhere (sm_80: cp.async)."""
-    from .kernels.sparse_decode import SparseDecodeConfig
     bn, st = _decode_tile(arch, block_size, head_dim)
     return SparseDecodeConfig(block_N=bn, block_H=64, threads=128, num_stages=st,
                               schedule="ws" if arch.startswith("sm_9") else "auto")
@@ -229,7 +230,6 @@ def sparse_decode_config(num_kv_heads: int, group: int, head_dim: int, dtype: st
 
 def dense_decode_config(num_kv_heads: int, group: int, head_dim: int, dtype: str, arch: str):
     """Default DenseDecodeConfig: the same tile as sparse decode (see _decode_tile)."""
-    from .kernels.dense_decode import DenseDecodeConfig
     bn, st = _decode_tile(arch, 64, head_dim)
     return DenseDecodeConfig(block_N=bn, block_H=64, threads=128, num_stages=st)
 

@@ -7,18 +7,17 @@ against. No op synchronises the host on CUDA (see ``resa_tl._checks`` for the va
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from . import _checks as chk
-from .kernels.selection import default_max_selected
-from .kernels.summaries import (block_summaries_reference, update_block_summaries_reference,
-                                warn_if_saturated)
-from .kernels.selection import select_blocks_reference
-from .kernels.sparse_decode import sparse_decode_reference
+from . import plan
+from .kernels.block_summaries import (block_summaries_reference,
+                                      update_block_summaries_reference, warn_if_saturated)
+from .kernels.common import aligned16
 from .kernels.dense_decode import dense_decode_reference
-from .kernels.rectify import rectify_attention_reference
+from .kernels.rectify_attention import rectify_attention_reference
+from .kernels.select_blocks import default_max_selected, select_blocks_reference
+from .kernels.sparse_decode import sparse_decode_reference
 
 BACKENDS = ("auto", "tilelang", "torch")
 TILELANG_DTYPES = (torch.float16, torch.bfloat16)
@@ -40,9 +39,11 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     return backend
 
 
-def _tilelang(module: str, name: str):
-    mod = importlib.import_module(f"resa_tl.kernels.{module}")
-    return getattr(mod, name)
+def _contiguous_caches(k_cache, v_cache, op: str) -> None:
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError(f"k_cache and v_cache must be contiguous [B, S_max, Hkv, D] tensors for "
+                         f"the TileLang {op} (copying a cache per step would cost more than the "
+                         f"attention)")
 
 
 def block_summaries(k_cache, cache_seqlens, block_size: int = 16, *, summary_dtype=None,
@@ -77,8 +78,14 @@ def block_summaries(k_cache, cache_seqlens, block_size: int = 16, *, summary_dty
     if resolve_backend(backend, k_cache.device, k_cache.dtype) == "torch":
         out = block_summaries_reference(k_cache, cache_seqlens, block_size, sdt)
     else:
-        out = _tilelang("summaries", "block_summaries_tilelang")(
-            k_cache, cache_seqlens, block_size, summary_dtype=sdt)
+        B, S, Hkv, D = k_cache.shape
+        nb = -(-S // block_size)
+        out = (torch.empty((B, nb, Hkv, D), dtype=sdt, device=k_cache.device),
+               torch.empty((B, nb, Hkv, D), dtype=sdt, device=k_cache.device))
+        if B and nb:
+            k = aligned16(k_cache)
+            plan.summaries_like(k, cache_seqlens, block_size, sdt).run(
+                k, cache_seqlens.contiguous(), *out)
     if sdt != k_cache.dtype and chk.value_checks_enabled(k_cache):
         warn_if_saturated(*out, "block_summaries")
     return out
@@ -122,8 +129,18 @@ def update_block_summaries(kmin, kmax, k_cache, start, length: int, block_size: 
         return kmin, kmax
     if resolve_backend(backend, k_cache.device, k_cache.dtype) == "torch":
         return update_block_summaries_reference(kmin, kmax, k_cache, start, length, block_size)
-    return _tilelang("summaries", "update_block_summaries_tilelang")(
-        kmin, kmax, k_cache, start, length, block_size)
+    if B == 0:
+        return kmin, kmax
+    if length >= 2 ** 31 - 2 * block_size:
+        raise ValueError(f"length must be < 2**31 for the tilelang backend, got {length}")
+    k, lo, hi = aligned16(k_cache), aligned16(kmin), aligned16(kmax)
+    plan.summaries_like(k, start, block_size, kmin.dtype, "update", length).run(
+        k, start.contiguous(), lo, hi, length)
+    if lo is not kmin:                       # refreshed a copy: write it back
+        kmin.copy_(lo)
+    if hi is not kmax:
+        kmax.copy_(hi)
+    return kmin, kmax
 
 
 def select_blocks(q, kmin, kmax, cache_seqlens, *, block_size: int = 16, sparse_ratio: float = 0.1,
@@ -198,7 +215,18 @@ def select_blocks(q, kmin, kmax, cache_seqlens, *, block_size: int = 16, sparse_
         kw["k_cache"] = k_cache
     if resolve_backend(backend, q.device, q.dtype) == "torch":
         return select_blocks_reference(q, kmin, kmax, cache_seqlens, **kw)
-    return _tilelang("selection", "select_blocks_tilelang")(q, kmin, kmax, cache_seqlens, **kw)
+    kw.pop("k_cache", None)
+    if B == 0:
+        return torch.empty((0, Hkv, max_selected), dtype=torch.int32, device=q.device)
+    p = plan.select_blocks_like(q, kmin, cache_seqlens, refresh=k_cache is not None, **kw)
+    lo, hi = aligned16(kmin), aligned16(kmax)
+    out = p.run(aligned16(q), lo, hi, cache_seqlens.contiguous(),
+                None if k_cache is None else aligned16(k_cache))
+    if lo is not kmin:                       # refreshed a copy: write it back
+        kmin.copy_(lo)
+    if hi is not kmax:
+        kmax.copy_(hi)
+    return out
 
 
 def _decode_checks(q, k_cache, v_cache, cache_seqlens):
@@ -247,9 +275,14 @@ def sparse_decode(q, k_cache, v_cache, block_indices, cache_seqlens, *, block_si
     if resolve_backend(backend, q.device, q.dtype) == "torch":
         return sparse_decode_reference(q, k_cache, v_cache, block_indices, cache_seqlens,
                                        block_size=block_size, softmax_scale=scale)
-    return _tilelang("sparse_decode", "sparse_decode_tilelang")(
-        q, k_cache, v_cache, block_indices, cache_seqlens, block_size=block_size,
-        softmax_scale=scale)
+    _contiguous_caches(k_cache, v_cache, "sparse_decode")
+    B, H = q.shape[:2]
+    if B == 0 or block_indices.shape[-1] == 0:      # no block selected anywhere: zeros
+        return torch.zeros((B, H, v_cache.shape[3]), dtype=q.dtype, device=q.device)
+    return plan.sparse_decode_like(q, k_cache, v_cache, block_indices, cache_seqlens,
+                                   block_size).run(q.contiguous(), k_cache, v_cache,
+                                                   block_indices.contiguous(), cache_seqlens,
+                                                   scale)
 
 
 def dense_decode(q, k_cache, v_cache, cache_seqlens, *, softmax_scale: float | None = None,
@@ -271,8 +304,12 @@ def dense_decode(q, k_cache, v_cache, cache_seqlens, *, softmax_scale: float | N
     scale = chk.softmax_scale(softmax_scale, q.shape[-1])
     if resolve_backend(backend, q.device, q.dtype) == "torch":
         return dense_decode_reference(q, k_cache, v_cache, cache_seqlens, softmax_scale=scale)
-    return _tilelang("dense_decode", "dense_decode_tilelang")(
-        q, k_cache, v_cache, cache_seqlens, softmax_scale=scale)
+    _contiguous_caches(k_cache, v_cache, "dense_decode")
+    B, H = q.shape[:2]
+    if B == 0:
+        return torch.empty((0, H, v_cache.shape[3]), dtype=q.dtype, device=q.device)
+    return plan.dense_decode_like(q, k_cache, v_cache, cache_seqlens).run(
+        q.contiguous(), k_cache, v_cache, cache_seqlens, scale)
 
 
 def rectify_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale: float | None = None,
@@ -304,5 +341,6 @@ def rectify_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale: floa
     scale = chk.softmax_scale(softmax_scale, D)
     if resolve_backend(backend, q.device, q.dtype) == "torch":
         return rectify_attention_reference(q, k_cache, v_cache, cache_seqlens, softmax_scale=scale)
-    return _tilelang("rectify", "rectify_attention_tilelang")(
-        q, k_cache, v_cache, cache_seqlens, softmax_scale=scale)
+    lens = cache_seqlens if cache_seqlens.dtype == torch.int32 else cache_seqlens.to(torch.int32)
+    return plan.rectify_attention_like(q, k_cache, v_cache, scale).run(
+        q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), lens)

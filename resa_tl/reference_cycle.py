@@ -15,6 +15,7 @@ import torch
 from . import ops
 from .cache import ReSACache
 from .config import ReSAConfig
+from .cycle import DecodeCycle, StepAttention
 
 
 class ToyAttentionModel:
@@ -74,40 +75,30 @@ def _prefill(model, cache, prompt, lengths, backend):
 
     def attend(kv, q):
         layer, k, v = kv
-        cache.prefill(layer, k, v, [T] * B)          # causal: padded tail only reaches padding
-        o = ops.rectify_attention(q, cache.k[layer], cache.v[layer], full, backend=backend)
-        cache.seqlens[layer].copy_(lengths)
-        cache._max_len[layer], cache._min_len[layer] = int(lengths.max()), int(lengths.min())
-        return o
+        # every position is written; lengths and summaries cover the real tokens only, and
+        # the attention runs over all T (causal: a padded tail only reaches padding)
+        cache.prefill(layer, k, v, lengths)
+        return ops.rectify_attention(q, cache.k[layer], cache.v[layer], full, backend=backend)
 
     logits = model.forward(prompt, positions, cache, attend)
-    for layer in range(cache.num_layers):              # summaries over the real lengths only
-        kmin, kmax = ops.block_summaries(cache.k[layer], cache.seqlens[layer], cache.block_size,
-                                         summary_dtype=cache.kmin[layer].dtype, backend=backend)
-        cache.kmin[layer].copy_(kmin)
-        cache.kmax[layer].copy_(kmax)
     return logits[torch.arange(B), lengths.long() - 1]
 
 
-def _step(model, cache, tokens, positions, sparse: bool, config: ReSAConfig, backend):
+def _step(model, cache, tokens, positions, sparse: bool, attention: StepAttention, backend):
     """Feed tokens [B, n] at positions [B, n]: append K/V, attend (sparse only for n == 1)."""
     n = tokens.shape[1]
+    scale = model.head_dim ** -0.5
 
     def attend(kv, q):
         layer, k, v = kv
         cache.append(layer, k, v)
-        lens = cache.seqlens[layer]
-        kc, vc = cache.k[layer], cache.v[layer]
         if n > 1:
-            return ops.rectify_attention(q, kc, vc, lens, backend=backend)
+            return attention.dense(layer, q.contiguous(), scale)
         if not sparse:
-            return ops.dense_decode(q[:, 0], kc, vc, lens, backend=backend)[:, None]
-        idx = ops.select_blocks(q[:, 0], cache.kmin[layer], cache.kmax[layer], lens,
-                                block_size=config.block_size, sparse_ratio=config.sparse_ratio,
-                                min_blocks=config.min_blocks, local_blocks=config.local_blocks,
-                                sink_blocks=config.sink_blocks, backend=backend)
-        return ops.sparse_decode(q[:, 0], kc, vc, idx, lens, block_size=config.block_size,
-                                 backend=backend)[:, None]
+            lens = cache.seqlens[layer]
+            return ops.dense_decode(q[:, 0], cache.k[layer], cache.v[layer], lens,
+                                    backend=backend)[:, None]
+        return attention.sparse(layer, q[:, 0].contiguous(), scale)[:, None]
 
     logits = model.forward(tokens, positions, cache, attend)
     return logits[:, -1]
@@ -130,8 +121,8 @@ def run_decode_cycle(model: ToyAttentionModel, prompt, lengths, steps: int, conf
     cache = model.new_cache(B, max_seq_len or T + steps + 1, config, backend)
     logits = _prefill(model, cache, prompt, lengths, backend)
     fed = [list(prompt[b, : int(lengths[b])].tolist()) for b in range(B)]
-    f = config.rectify_every
-    pending = 0                                        # tokens decoded sparsely since the last dense pass
+    cycle = DecodeCycle(config.rectify_every)
+    attention = StepAttention(cache, model.num_heads, refresh=False)
     out, all_logits, result = [], [], CycleResult(tokens=None, cache=cache)
     for step in range(steps):
         all_logits.append(logits)
@@ -139,18 +130,20 @@ def run_decode_cycle(model: ToyAttentionModel, prompt, lengths, steps: int, conf
         out.append(nxt)
         for b in range(B):
             fed[b].append(int(nxt[b]))
-        if mode == "resa" and f and pending == f:      # fused rectification: rewind f, feed f+1
+        f = cycle.rewind_before(1) if mode == "resa" else 0
+        if f:                                          # fused rectification: rewind f, feed f+1
             cache.rewind(f)
             toks = torch.tensor([row[-(f + 1):] for row in fed], device=prompt.device)
             pos = cache.seqlens[0].long()[:, None] + torch.arange(f + 1, device=prompt.device)
-            logits = _step(model, cache, toks, pos, False, config, backend)
-            pending = 0
+            logits = _step(model, cache, toks, pos, False, attention, backend)
+            cycle.advance(f + 1)
             result.dense_steps.append(step)
             result.snapshots.append((step, [list(r) for r in fed]))
         else:
             pos = cache.seqlens[0].long()[:, None]
-            logits = _step(model, cache, nxt[:, None], pos, mode == "resa", config, backend)
-            pending += mode == "resa"
+            logits = _step(model, cache, nxt[:, None], pos, mode == "resa", attention, backend)
+            if mode == "resa":
+                cycle.advance(1)
     result.tokens = torch.stack(out, dim=1)
     result.logits = torch.stack(all_logits, dim=1)
     return result

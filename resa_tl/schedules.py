@@ -34,13 +34,12 @@ with one warning naming the file and the reason, and the heuristics are used. A 
 the entry of the nearest shape class (``shape_distance``); when no entry fits, the heuristic
 default is used, with one warning per op.
 
-Kernel wrappers call :func:`config_for` with their heuristic default. Lookups are host-side and
-memoised per (op, arch, shape, default): after the first call for a static shape the cost is one
-dict lookup, and the answer never changes within a process, so decoding never recompiles.
+The planning layer (resa_tl.plan) calls :func:`config_for` with the heuristic default, once per
+problem. Lookups are host-side and memoised per (op, arch, shape, default), and the answer never
+changes within a process, so decoding never recompiles.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -51,7 +50,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 FORMAT = "resa_tl.schedule/1"
 
@@ -461,8 +460,6 @@ def schedule_sources(arch: str) -> list[tuple[str, Path | None]]:
 
 _lock = threading.Lock()
 _warned: set = set()
-_FORCED: dict[str, Any] = {}
-_FORCED_HITS: dict[str, int] = {}
 
 
 def _warn_once(tag, msg: str) -> None:
@@ -557,14 +554,8 @@ def config_for(op: str, default, *, arch: str, **shape):
     ``arch``: TileLang arch ("sm_90a") or schedule key ("sm90"); ``shape``: the op's
     KEY_SPECS fields, host-known values only (dtype may be a torch dtype). Memoised per
     (op, arch, default, shape): a repeated call costs one dict lookup, and the answer never
-    changes within a process (call :func:`reset` to reload). Inside :func:`forced`
-    (autotuning) the forced config is returned instead.
+    changes within a process (call :func:`reset` to reload).
     """
-    if _FORCED:
-        forced_cfg = _FORCED.get(op)
-        if forced_cfg is not None:
-            _FORCED_HITS[op] = _FORCED_HITS.get(op, 0) + 1
-            return forced_cfg
     memo = (op, arch, default, tuple(shape.items()))
     try:
         return _MEMO[memo]
@@ -578,34 +569,17 @@ def config_for(op: str, default, *, arch: str, **shape):
     return res
 
 
-@contextlib.contextmanager
-def forced(op: str, config):
-    """Within the block, :func:`config_for` returns ``config`` for ``op`` (autotuning).
-    ``forced_hits(op)`` counts how often it was consulted."""
-    prev = _FORCED.get(op)
-    _FORCED[op] = config
-    try:
-        yield
-    finally:
-        if prev is None:
-            _FORCED.pop(op, None)
-        else:
-            _FORCED[op] = prev
-
-
-def forced_hits(op: str) -> int:
-    return _FORCED_HITS.get(op, 0)
-
-
 def reset() -> None:
     """Forget loaded schedules, memoised lookups and issued warnings (tests, or after changing
-    RESA_TL_SCHEDULE at run time). Kernels already compiled keep their configs."""
+    RESA_TL_SCHEDULE at run time), and the plans resolved with them (resa_tl.plan), so the next
+    op re-plans. Kernels already compiled stay in TileLang's caches."""
+    from . import plan
+    plan.clear()
     active_schedule.cache_clear()
     _MEMO.clear()
     tilelang_version.cache_clear()
     with _lock:
         _warned.clear()
-    _FORCED_HITS.clear()
 
 
 def describe(arch: str) -> str:
@@ -616,7 +590,3 @@ def describe(arch: str) -> str:
     return (f"{arch_key(arch)}: {s.path} ({'tuned' if s.tuned else 'untuned'}, "
             f"{len(s.entries)} entries, {s.provenance.get('gpu')}, "
             f"{s.provenance.get('date')})")
-
-
-def iter_ops() -> Iterable[str]:
-    return iter(KEY_SPECS)

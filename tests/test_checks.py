@@ -111,3 +111,32 @@ def test_mixed_devices_meta():
     q, k, v, L = base()
     with pytest.raises(ValueError, match="all tensors must be on one device; got q on meta"):
         ops.dense_decode(q.to("meta"), k, v, L)
+
+
+def test_lengths_as_a_python_list_name_the_parameter():
+    q, k, v, L = base()
+    with pytest.raises(TypeError, match="cache_seqlens must be a torch.Tensor, got list"):
+        ops.dense_decode(q, k, v, L.tolist())
+    kmin = torch.zeros(2, 4, 2, 64, dtype=torch.float16)
+    with pytest.raises(TypeError, match="cache_seqlens must be a torch.Tensor, got list"):
+        ops.select_blocks(q, kmin, kmin, [64, 5])
+
+
+def test_hnd_cache_is_named_as_such():
+    q, k, v, L = base(Hkv=2, g=3)                   # H = 6
+    with pytest.raises(ValueError, match=r"HND cache \[B, Hkv, S, D\].*transpose\(1, 2\)"):
+        ops.dense_decode(q, k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(), L)
+
+
+def test_rectify_lengths_say_why_they_must_cover_the_chunk():
+    q, k, v, _ = base()
+    qc = torch.randn(2, 8, 4, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="at least the T=8 queried positions"):
+        ops.rectify_attention(qc, k, v, torch.tensor([64, 5]))
+
+
+def test_package_exports_what_the_readme_names():
+    import resa_tl
+    assert resa_tl.ReSACache is __import__("resa_tl.cache").cache.ReSACache
+    assert callable(resa_tl.reference_cycle.run_decode_cycle)
+    assert callable(resa_tl.attach) and callable(resa_tl.detach)

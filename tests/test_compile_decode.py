@@ -8,12 +8,12 @@ import pytest
 import torch
 from source_checks import assert_pdl
 
-from resa_tl import heuristics
-from resa_tl.kernels import _splitkv as skv
-from resa_tl.kernels.dense_decode import (DenseDecodeConfig, compile_dense_decode_kernel,
-                                          dense_decode_tilelang)
-from resa_tl.kernels.sparse_decode import (SparseDecodeConfig, compile_sparse_decode_kernel,
-                                           sparse_decode_tilelang)
+from resa_tl import heuristics, plan
+from resa_tl.kernels import common
+from resa_tl.kernels import dense_decode as dd
+from resa_tl.kernels import sparse_decode as sd
+from resa_tl.kernels.dense_decode import DenseDecodeConfig
+from resa_tl.kernels.sparse_decode import SparseDecodeConfig
 
 # (op, arch, g, Hkv, D, dtype, block_size): few but representative — both dtypes, d 64/128,
 # g 2/6/7/8, gathers of 4 blocks (16), 2 blocks (32) and 1 block (64) per stage, both sm_90a
@@ -32,9 +32,11 @@ def _compile(op, arch, g, Hkv, D, dtype, bs):
         cfg = heuristics.sparse_decode_config(Hkv, g, D, dtype, bs, arch)
         if op in ("sparse-ws", "sparse-auto"):
             cfg = dataclasses.replace(cfg, schedule=op.split("-")[1])
-        return cfg, compile_sparse_decode_kernel(g * Hkv, Hkv, D, D, bs, dtype, cfg, arch)
+        shape = sd.SparseDecodeShape(g * Hkv, Hkv, D, D, bs, dtype)
+        return cfg, sd.compile_kernel(shape, cfg, arch, heuristics.use_pdl(arch))
     cfg = heuristics.dense_decode_config(Hkv, g, D, dtype, arch)
-    return cfg, compile_dense_decode_kernel(g * Hkv, Hkv, D, D, dtype, cfg, arch)
+    shape = dd.DenseDecodeShape(g * Hkv, Hkv, D, D, dtype)
+    return cfg, dd.compile_kernel(shape, cfg, arch, heuristics.use_pdl(arch))
 
 
 @pytest.mark.compile
@@ -55,7 +57,7 @@ def test_decode_compiles(case):
         if op.startswith("sparse"):
             # every gathered block is its own bulk copy, per 128-byte column piece, K and V
             bn = max(cfg.block_N, bs)
-            pieces = len(skv.column_chunks(D, dtype))
+            pieces = len(common.column_chunks(D, dtype))
             assert src.count("tma_load(") >= 2 * (bn // bs) * pieces, \
                 "expected one TMA load per gathered block and column piece"
             assert "warp_reduce_max" in src, "expected the per-warp -1 padding scan"
@@ -96,41 +98,49 @@ def test_default_configs():
         assert isinstance(d, DenseDecodeConfig) and d.block_N % 16 == 0
 
 
-def test_wrapper_rejects_unsupported_shapes():
-    q = torch.zeros(1, 8, 96)
-    k = torch.zeros(1, 32, 2, 96)
+def test_planning_rejects_unsupported_shapes():
+    # CPU tensors: the shape checks fire before any device query, compile or launch
+    q = torch.zeros(1, 8, 96, dtype=torch.bfloat16)
+    k = torch.zeros(1, 32, 2, 96, dtype=torch.bfloat16)
     L = torch.ones(1, dtype=torch.int32)
     idx = torch.zeros(1, 2, 1, dtype=torch.int32)
     with pytest.raises(ValueError, match="head_dim"):
-        dense_decode_tilelang(q, k, k, L, softmax_scale=0.1)
+        plan.dense_decode_like(q, k, k, L)
     with pytest.raises(ValueError, match="head_dim"):
-        sparse_decode_tilelang(q, k, k, idx, L, block_size=16, softmax_scale=0.1)
-    q, k = torch.zeros(1, 8, 64), torch.zeros(1, 32, 2, 64)
+        plan.sparse_decode_like(q, k, k, idx, L, 16)
+    q, k = q[..., :64], k[..., :64]
     with pytest.raises(ValueError, match="block_size"):
-        sparse_decode_tilelang(q, k, k, idx, L, block_size=256, softmax_scale=0.1)
+        plan.sparse_decode_like(q, k, k, idx, L, 256)
+
+
+def test_ops_reject_non_contiguous_caches(monkeypatch):
+    from resa_tl import ops
+    monkeypatch.setattr(ops, "resolve_backend", lambda *a, **k: "tilelang")
+    q = torch.zeros(1, 8, 64, dtype=torch.bfloat16)
+    k = torch.zeros(1, 32, 2, 64, dtype=torch.bfloat16)
+    L = torch.ones(1, dtype=torch.int32)
     with pytest.raises(ValueError, match="contiguous"):
-        dense_decode_tilelang(q, k.transpose(1, 2).contiguous().transpose(1, 2), k, L,
-                              softmax_scale=0.1)
+        ops.dense_decode(q, k.transpose(1, 2).contiguous().transpose(1, 2), k, L)
 
 
 def test_config_checks():
-    from resa_tl.kernels.sparse_decode import build_sparse_decode_kernel
+    def shape(heads=8, bs=16):
+        return sd.SparseDecodeShape(heads, 1, 128, 128, bs, "bfloat16")
     with pytest.raises(ValueError, match="block_H"):
-        build_sparse_decode_kernel(72, 1, 128, 128, 16, config=SparseDecodeConfig())
+        sd.program(shape(72), SparseDecodeConfig())
     with pytest.raises(ValueError, match="threads"):
-        build_sparse_decode_kernel(8, 1, 128, 128, 16,
-                                   config=SparseDecodeConfig(block_H=32, threads=128))
+        sd.program(shape(), SparseDecodeConfig(block_H=32, threads=128))
     with pytest.raises(ValueError, match="block_N"):
-        build_sparse_decode_kernel(8, 1, 128, 128, 32, config=SparseDecodeConfig(block_N=48))
+        sd.program(shape(bs=32), SparseDecodeConfig(block_N=48))
     with pytest.raises(ValueError, match="schedule"):
-        SparseDecodeConfig(schedule="pingpong") and build_sparse_decode_kernel(
-            8, 1, 128, 128, 16, config=SparseDecodeConfig(schedule="pingpong"))
+        sd.program(shape(), SparseDecodeConfig(schedule="pingpong"))
     with pytest.raises(ValueError, match="ctas_per_sm"):
-        build_sparse_decode_kernel(8, 1, 128, 128, 16,
-                                   config=SparseDecodeConfig(ctas_per_sm=2, schedule="auto"))
+        sd.program(shape(), SparseDecodeConfig(ctas_per_sm=2, schedule="auto"))
     with pytest.raises(ValueError, match="Hopper"):
-        compile_sparse_decode_kernel(8, 1, 128, 128, 16, "float16",
-                                     SparseDecodeConfig(num_stages=1, schedule="ws"), "sm_80")
+        sd.compile_kernel(shape(), SparseDecodeConfig(num_stages=1, schedule="ws"), "sm_80",
+                          False)
+    with pytest.raises(ValueError, match="block_H"):
+        dd.program(dd.DenseDecodeShape(72, 1, 128, 128), DenseDecodeConfig())
 
 
 def test_use_pdl(monkeypatch):

@@ -6,9 +6,9 @@ import pytest
 import torch
 from source_checks import assert_pdl
 
-from resa_tl import heuristics
-from resa_tl.kernels.rectify import (RECTIFY_MAX_T, RectifyConfig, compile_rectify_kernel,
-                                     rectify_attention_tilelang)
+from resa_tl import heuristics, plan
+from resa_tl.kernels import rectify_attention as ra
+from resa_tl.kernels.rectify_attention import RECTIFY_MAX_T, RectifyConfig
 
 pytestmark = pytest.mark.compile
 
@@ -35,7 +35,8 @@ def _cfg(arch, T, g, D, Dv, schedule):
 def test_rectify_compiles(case):
     arch, T, g, Hkv, D, Dv, dtype, schedule = case
     cfg = _cfg(arch, T, g, D, Dv, schedule)
-    split_k, combine_k = compile_rectify_kernel(T, g, Hkv, D, Dv, dtype, D ** -0.5, cfg, arch)
+    shape = ra.RectifyShape(T, g, Hkv, D, Dv, dtype, D ** -0.5)
+    split_k, combine_k = ra.compile_kernel(shape, cfg, arch, heuristics.use_pdl(arch))
     src = split_k.get_kernel_source()
     assert "__global__" in src and "__global__" in combine_k.get_kernel_source()
     assert_pdl(src, arch)
@@ -77,16 +78,19 @@ def test_split_heuristic_fills_device():
     assert heuristics.rectify_num_splits(64, 8, 4, 262144, cfg, num_sms=132) == 1
 
 
-def test_wrapper_rejects_unsupported_shapes_before_launch():
+def test_planning_rejects_unsupported_shapes_before_launch():
     # runs on CPU tensors: the checks fire before any device query or launch
     k = torch.zeros(1, 100, 2, 128, dtype=torch.bfloat16)
     q = torch.zeros(1, RECTIFY_MAX_T + 1, 4, 128, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=f"T <= {RECTIFY_MAX_T}"):
-        rectify_attention_tilelang(q, k, k, torch.tensor([100]), softmax_scale=0.1)
+        plan.rectify_attention_like(q, k, k, 0.1)
     q = torch.zeros(1, 4, 4, 96, dtype=torch.bfloat16)
     k = torch.zeros(1, 100, 2, 96, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="head_dim"):
-        rectify_attention_tilelang(q, k, k, torch.tensor([100]), softmax_scale=0.1)
+        plan.rectify_attention_like(q, k, k, 0.1)
+    with pytest.raises(ValueError, match="Hopper"):
+        ra.compile_kernel(ra.RectifyShape(32, 7, 4, 128, 128, "bfloat16", 0.1),
+                          RectifyConfig(schedule="pingpong"), "sm_80", False)
 
 
 def test_config_validation():

@@ -6,8 +6,26 @@ import pytest
 from source_checks import assert_pdl
 
 from resa_tl import heuristics
-from resa_tl.kernels import selection as sel
-from resa_tl.kernels import summaries as summ
+from resa_tl.kernels import block_summaries as summ
+from resa_tl.kernels import select_blocks as sel
+
+
+def summaries_kernel(hkv, d, bs, dt, it, mode, cfg, arch, summary_dtype=None):
+    shape = summ.SummariesShape(hkv, d, bs, dt, it, mode, summary_dtype)
+    return summ.compile_kernel(shape, cfg, arch, heuristics.use_pdl(arch))
+
+
+def select_shape(nb, hkv, g, d, bs, ratio, minb, local, K, dt="bfloat16", it="int32",
+                 refresh=False, sink_blocks=0, summary_dtype=None):
+    return sel.SelectShape(nb, hkv, g, d, bs, ratio, minb, local, K, dt, it, refresh,
+                           sink_blocks, summary_dtype)
+
+
+def select_kernel(nb, hkv, g, d, bs, ratio, minb, local, K, dt, it, cfg, arch, refresh=False,
+                  sink_blocks=0, summary_dtype=None):
+    shape = select_shape(nb, hkv, g, d, bs, ratio, minb, local, K, dt, it, refresh, sink_blocks,
+                         summary_dtype)
+    return sel.compile_kernel(shape, cfg, arch, heuristics.use_pdl(arch))
 
 pytestmark = pytest.mark.compile
 
@@ -26,7 +44,7 @@ SUMMARY_SHAPES = [
 def test_compile_summaries(arch, shape, mode):
     hkv, d, bs, dt, it = shape
     cfg = heuristics.summaries_config(hkv, d, bs)
-    kern = summ.build_summaries_kernel(hkv, d, bs, dt, it, mode, cfg, arch)
+    kern = summaries_kernel(hkv, d, bs, dt, it, mode, cfg, arch)
     src = kern.get_kernel_source()
     assert "uint4" in src, "expected 16-byte vector loads of K"
     assert_pdl(src, arch)
@@ -35,7 +53,7 @@ def test_compile_summaries(arch, shape, mode):
     if mode == "update":
         assert "int length" in src, "length must be a runtime argument"
     # memoised: same static config -> the same compiled object
-    assert summ.build_summaries_kernel(hkv, d, bs, dt, it, mode, cfg, arch) is kern
+    assert summaries_kernel(hkv, d, bs, dt, it, mode, cfg, arch) is kern
 
 
 # (NB, Hkv, g, D, dtype, index dtype, block_size, ratio, min_blocks, local_blocks)
@@ -54,7 +72,7 @@ def test_compile_select_blocks(arch, shape):
         pytest.skip("one arch is enough for the shared-memory variant (CI time)")
     K = sel.default_max_selected(nb, ratio, minb)
     cfg = heuristics.selection_config(nb, hkv, d)
-    kern = sel.build_select_blocks_kernel(nb, hkv, g, d, bs, ratio, minb, local, K, dt, it, cfg,
+    kern = select_kernel(nb, hkv, g, d, bs, ratio, minb, local, K, dt, it, cfg,
                                           arch)
     src = kern.get_kernel_source()
     assert "__match_any_sync" in src, "warp-aggregated histogram expected"
@@ -63,7 +81,7 @@ def test_compile_select_blocks(arch, shape):
     assert_pdl(src, arch)
     # the exact-integer ratio: ceil(NB * num / 1e6) appears as int64 arithmetic on the lengths
     assert "int64_t" in src
-    assert sel.build_select_blocks_kernel(nb, hkv, g, d, bs, ratio, minb, local, K, dt, it, cfg,
+    assert select_kernel(nb, hkv, g, d, bs, ratio, minb, local, K, dt, it, cfg,
                                           arch) is kern
 
 
@@ -75,16 +93,16 @@ def test_compile_select_blocks_refresh(arch, shape):
     nb, hkv, g, d, dt, it, bs, ratio, minb, local = shape
     K = sel.default_max_selected(nb, ratio, minb)
     cfg = heuristics.selection_config(nb, hkv, d)
-    kern = sel.build_select_blocks_kernel(nb, hkv, g, d, bs, ratio, minb, local, K, dt, it, cfg,
-                                          arch, None, True)
+    kern = select_kernel(nb, hkv, g, d, bs, ratio, minb, local, K, dt, it, cfg,
+                                          arch, True)
     src = kern.get_kernel_source()
     assert src.count("__global__ void __launch_bounds__") == 2
     assert "int S" in src, "S_max of the K cache must stay symbolic"
     writable = re.compile(r"(?<!const )(half_t|bfloat16_t)\* (__restrict__ )?Km(in|ax)\b")
     assert len(writable.findall(src)) >= 2, "the select kernel must store kmin and kmax"
     assert_pdl(src, arch)
-    plain = sel.build_select_blocks_kernel(nb, hkv, g, d, bs, ratio, minb, local, K, dt, it, cfg,
-                                           arch, None, False)
+    plain = select_kernel(nb, hkv, g, d, bs, ratio, minb, local, K, dt, it, cfg,
+                                           arch, False)
     assert plain is not kern and "int S" not in plain.get_kernel_source()
     assert not writable.findall(plain.get_kernel_source()), "plain select writes no summaries"
 
@@ -97,35 +115,37 @@ def test_compile_select_blocks_sink(arch):
     K = sel.default_max_selected(nb, ratio, minb)
     cfg = heuristics.selection_config(nb, hkv, d)
     for refresh in (False, True):
-        kern = sel.build_select_blocks_kernel(nb, hkv, g, d, bs, ratio, minb, local, K, dt, it,
-                                              cfg, arch, None, refresh, 2)
+        kern = select_kernel(nb, hkv, g, d, bs, ratio, minb, local, K, dt, it,
+                                              cfg, arch, refresh, 2)
         assert kern.get_kernel_source().count("__global__ void __launch_bounds__") == 2
-    args = (nb, hkv, g, d, bs, ratio, minb, local, K, dt, it, cfg)
-    assert sel.select_blocks_program(*args, sink_blocks=0).script() == \
-        sel.select_blocks_program(*args).script()
-    assert sel.select_blocks_program(*args, sink_blocks=2).script() != \
-        sel.select_blocks_program(*args).script()
+    args = (nb, hkv, g, d, bs, ratio, minb, local, K, dt, it)
+    plain = sel.program(select_shape(*args), cfg).script()
+    assert sel.program(select_shape(*args, sink_blocks=0), cfg).script() == plain
+    assert sel.program(select_shape(*args, sink_blocks=2), cfg).script() != plain
 
 
 def test_compile_select_blocks_refresh_without_prefetch():
     """Fewer select threads than head_dim: the refresh loads and reduces up front (a column
     loop) instead of prefetching one column per thread."""
     cfg = sel.SelectionConfig(select_threads=128)
-    kern = sel.build_select_blocks_kernel(300, 2, 2, 256, 16, 0.1, 16, 1, 30, "float16", "int32",
-                                          cfg, "sm_90a", None, True)
+    kern = select_kernel(300, 2, 2, 256, 16, 0.1, 16, 1, 30, "float16", "int32",
+                                          cfg, "sm_90a", True)
     src = kern.get_kernel_source()
     assert src.count("__global__ void __launch_bounds__") == 2 and "int S" in src
 
 
 def test_select_program_rejects_unsupported_shapes():
+    cfg = sel.SelectionConfig()
     with pytest.raises(ValueError, match="head_dim"):
-        sel.select_blocks_program(64, 2, 2, 96, 16, 0.1, 16, 1, 16)
+        sel.program(select_shape(64, 2, 2, 96, 16, 0.1, 16, 1, 16), cfg)
+    with pytest.raises(ValueError, match="blocks"):
+        sel.program(select_shape(200000, 2, 2, 128, 16, 0.1, 16, 1, 16), cfg)
     with pytest.raises(ValueError, match="blocks per row"):
-        sel.select_blocks_program(200000, 2, 2, 128, 16, 0.1, 16, 1, 16)
+        sel.check_config(select_shape(200000, 2, 2, 128, 16, 0.1, 16, 1, 16), cfg)
     with pytest.raises(ValueError, match="head_dim"):
-        summ.summaries_program(2, 36, 16)
+        summ.program(summ.SummariesShape(2, 36, 16), summ.SummariesConfig())
     with pytest.raises(ValueError, match="local_blocks >= 1"):
-        sel.select_blocks_program(64, 2, 2, 64, 16, 0.1, 16, 0, 16, refresh=True)
+        sel.program(select_shape(64, 2, 2, 64, 16, 0.1, 16, 0, 16, refresh=True), cfg)
 
 
 def test_heuristics_are_sane():
@@ -153,8 +173,7 @@ def test_compile_fp8_summaries(arch, sdt):
     cfg = heuristics.summaries_config(hkv, d, bs)
     fp8_ptr = re.compile(r"(?<!const )fp8_e[45]_t\* (__restrict__ )?Km(in|ax)\b")
     for mode in ("build", "update"):
-        src = summ.build_summaries_kernel(hkv, d, bs, dt, it, mode, cfg, arch, None,
-                                          sdt).get_kernel_source()
+        src = summaries_kernel(hkv, d, bs, dt, it, mode, cfg, arch, sdt).get_kernel_source()
         assert len(fp8_ptr.findall(src)) >= 2, "kmin and kmax must be fp8 outputs"
         assert str(_ROUND_MASK[sdt]) in src, "outward rounding (fp32 mantissa mask) expected"
         assert "uint4" in src, "16-byte loads of K expected"
@@ -164,8 +183,8 @@ def test_compile_fp8_summaries(arch, sdt):
     scfg = heuristics.selection_config_for_summaries(heuristics.selection_config(nb, hkv, d),
                                                      getattr(__import__("torch"), sdt),
                                                      __import__("torch").bfloat16)
-    kern = sel.build_select_blocks_kernel(nb, hkv, g, d, bs, ratio, minb, local, K, dt, it,
-                                          scfg, arch, None, True, 0, sdt)
+    kern = select_kernel(nb, hkv, g, d, bs, ratio, minb, local, K, dt, it,
+                                          scfg, arch, True, 0, sdt)
     src = kern.get_kernel_source()
     assert src.count("__global__ void __launch_bounds__") == 2
     assert re.search(r"fp8_e[45]_16_t", src), "16 fp8 summaries per 16-byte load expected"
@@ -186,15 +205,19 @@ def test_default_summary_dtype_keeps_the_programs():
     h = lambda prog: hashlib.sha256(prog.script().encode()).hexdigest()[:16]   # noqa: E731
     hkv, d, bs, dt, it = SUMMARY_SHAPES[0]
     for mode in ("build", "update"):
-        assert h(summ.summaries_program(hkv, d, bs, dt, it, mode)) == _TIR_BEFORE_FP8[mode]
-        assert h(summ.summaries_program(hkv, d, bs, dt, it, mode, summary_dtype=dt)) == \
+        cfg = summ.SummariesConfig()
+        assert h(summ.program(summ.SummariesShape(hkv, d, bs, dt, it, mode), cfg)) == \
+            _TIR_BEFORE_FP8[mode]
+        assert h(summ.program(summ.SummariesShape(hkv, d, bs, dt, it, mode, dt), cfg)) == \
             _TIR_BEFORE_FP8[mode]
     nb, hkv, g, d, dt, it, bs, ratio, minb, local = SELECT_SHAPES[0]
     args = (nb, hkv, g, d, bs, ratio, minb, local, sel.default_max_selected(nb, ratio, minb), dt,
-            it, heuristics.selection_config(nb, hkv, d))
-    assert h(sel.select_blocks_program(*args)) == _TIR_BEFORE_FP8["select"]
-    assert h(sel.select_blocks_program(*args, refresh=True)) == _TIR_BEFORE_FP8["select+refresh"]
-    assert h(sel.select_blocks_program(*args, refresh=True, summary_dtype=dt)) == \
+            it)
+    cfg = heuristics.selection_config(nb, hkv, d)
+    assert h(sel.program(select_shape(*args), cfg)) == _TIR_BEFORE_FP8["select"]
+    assert h(sel.program(select_shape(*args, refresh=True), cfg)) == \
+        _TIR_BEFORE_FP8["select+refresh"]
+    assert h(sel.program(select_shape(*args, refresh=True, summary_dtype=dt), cfg)) == \
         _TIR_BEFORE_FP8["select+refresh"]
 
 

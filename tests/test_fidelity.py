@@ -81,7 +81,7 @@ def test_full_density_equals_dense_and_stats():
 # --- diagnostic selection rules -----------------------------------------------------------
 
 def _selection_inputs(R=5, Hkv=2, g=3, D=16, S=150, bs=16, seed=3):
-    from resa_tl.kernels.summaries import block_summaries_reference
+    from resa_tl.kernels.block_summaries import block_summaries_reference
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(R, Hkv * g, D, generator=gen) * 2
     k = torch.randn(1, S, Hkv, D, generator=gen)

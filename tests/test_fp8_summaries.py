@@ -8,8 +8,8 @@ import torch
 
 from resa_tl import ReSAConfig, ops
 from resa_tl.cache import ReSACache
-from resa_tl.kernels import selection as sel
-from resa_tl.kernels import summaries as summ
+from resa_tl.kernels import select_blocks as sel
+from resa_tl.kernels import block_summaries as summ
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 

@@ -333,14 +333,6 @@ def test_missing_schedule_warns_once(monkeypatch, tmp_path):
     assert len(ws) == 1 and "no kernel schedule for sm86" in str(ws[0].message)
 
 
-def test_forced_config_for_tuning(monkeypatch):
-    monkeypatch.setenv("RESA_TL_SCHEDULE", "off")
-    with schedules.forced("dense_decode", Cfg(block_N=16)):
-        assert lookup() == Cfg(block_N=16)
-        assert lookup(op="rectify_attention", T=33) == Cfg()      # other ops unaffected
-    assert schedules.forced_hits("dense_decode") == 1
-
-
 def test_shipped_schedules_parse_and_are_packaged():
     """Every schedule in schedules/ is valid for its arch; resa_tl/schedule_data points at it
     (the package data that wheels carry)."""
@@ -426,35 +418,25 @@ def test_validation_accepts_reference_and_rejects_garbage(op):
     """The checks a candidate must pass, exercised on the CPU with the torch reference standing
     in for the kernel: the reference passes, a corrupted output fails."""
     ad = spaces.adapter(op)
-    try:
-        ad.mod()
-    except Exception as err:
-        pytest.skip(str(err))
     key = ad.validation_key(next(p.key for p in workloads.tiny_workload([op])))
     gen = torch.Generator().manual_seed(0)
     inp = ad.make_inputs(key, "cpu", gen, ragged=True)
-    m = ad.mod()
     if op == "rectify_attention":
-        good = m.rectify_attention_reference(inp["q"], inp["k"], inp["v"], inp["lens"],
-                                             softmax_scale=inp["q"].shape[-1] ** -0.5)
+        good = ad.reference(inp)
         bad = good.clone()
         bad[0, -1, 0, 0] += 1.0
     elif op in ("dense_decode", "sparse_decode"):
-        args, kw = ad.wrapper_args(inp)
-        good = getattr(m, f"{op}_reference")(*args, **kw)
+        good = ad.reference(inp)
         bad = good.clone()
         bad[-1, -1, 0] = float("nan")
     elif op == "select_blocks":
-        good = m.select_blocks_reference(inp["q"], inp["kmin"], inp["kmax"], inp["lens"],
-                                         **ad.wrapper_args(inp)[1])
+        good = ad.reference(inp)
         bad = good.flip(-1)
     elif op == "block_summaries":
-        good = m.block_summaries_reference(inp["k"], inp["lens"], inp["bs"])
+        good = ad.reference(inp)
         bad = (good[0], good[1] + 1)
     else:
-        kmin, kmax = inp["kmin"], inp["kmax"]
-        m.update_block_summaries_reference(kmin, kmax, inp["k"], inp["start"], inp["n"],
-                                           inp["bs"])
+        kmin, kmax = ad.reference(inp)                 # in place, as the kernel
         good = (kmin, kmax)
         bad = (kmin, kmax.clone().fill_(0))
     assert ad.check(good, inp) is None
@@ -647,24 +629,10 @@ def test_measure_task_flow_on_cpu(op, monkeypatch):
     ad = spaces.adapter(op)
     if ad.available() is not None:
         pytest.skip(ad.available())
-    m = ad.mod()
     wrong = {"n": 0}
 
     def fake_call(self, inp, cfg, out=None):
-        if op == "rectify_attention":
-            r = m.rectify_attention_reference(inp["q"], inp["k"], inp["v"], inp["lens"],
-                                              softmax_scale=inp["q"].shape[-1] ** -0.5)
-        elif op == "select_blocks":
-            r = m.select_blocks_reference(inp["q"], inp["kmin"], inp["kmax"], inp["lens"],
-                                          **ad.wrapper_args(inp)[1])
-        elif op == "block_summaries":
-            r = m.block_summaries_reference(inp["k"], inp["lens"], inp["bs"])
-        elif op in ("dense_decode", "sparse_decode"):
-            args, kw = ad.wrapper_args(inp)
-            r = getattr(m, f"{op}_reference")(*args, **kw)
-        else:
-            r = m.update_block_summaries_reference(inp["kmin"], inp["kmax"], inp["k"],
-                                                   inp["start"], inp["n"], inp["bs"])
+        r = ad.reference(inp)
         if cfg == bad_cfg:                       # one candidate computes garbage
             wrong["n"] += 1
             r = tuple(t + 1 for t in r) if isinstance(r, tuple) else r.flip(-1) + 1
@@ -784,40 +752,28 @@ def test_from_results_merge_with_keeps_the_untuned_shapes(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------
-# dispatch wiring: every kernel wrapper takes its config from the schedule
+# dispatch wiring: every plan takes its config from the schedule
 # ------------------------------------------------------------------------------------------
-
-_COMPILE_FNS = {"rectify_attention": "compile_rectify_kernel",
-                "select_blocks": "build_select_blocks_kernel",
-                "block_summaries": "build_summaries_kernel",
-                "update_block_summaries": "build_summaries_kernel",
-                "dense_decode": "compile_dense_decode_kernel",
-                "sparse_decode": "compile_sparse_decode_kernel"}
-
 
 class _Captured(Exception):
     pass
 
 
 @pytest.mark.parametrize("op", spaces.OPS)
-def test_wrappers_take_their_config_from_the_schedule(op, tmp_path, monkeypatch):
-    """Run each host wrapper on CPU tensors up to its compile call (stubbed): with a tuned
-    schedule entry for the shape, the wrapper compiles the entry's config; for a shape no entry
-    fits (another head_dim), the heuristic default. Catches key-name drift between the wrappers
-    and schedules.KEY_SPECS."""
-    import inspect
-    from resa_tl import heuristics
+def test_plans_take_their_config_from_the_schedule(op, tmp_path, monkeypatch):
+    """Plan each op for CPU tensors (an sm_90a device faked, the compile stubbed): with a tuned
+    schedule entry for the shape, the plan compiles the entry's config; for a shape no entry
+    fits (another head_dim), the heuristic default. Catches key-name drift between the planning
+    layer and schedules.KEY_SPECS."""
+    from resa_tl import heuristics, plan
     ad = spaces.adapter(op)
-    if ad.available() is not None:
-        pytest.skip(ad.available())
-    m = ad.mod()
-    real = getattr(m, _COMPILE_FNS[op])
 
-    def stub(*a, **k):
-        raise _Captured(inspect.signature(real).bind(*a, **k).arguments["config"])
+    def stub(shape, config, arch, pdl):
+        raise _Captured(config)
 
-    monkeypatch.setattr(m, _COMPILE_FNS[op], stub)
-    monkeypatch.setattr(heuristics, "arch_of", lambda device=None: "sm_90a")
+    monkeypatch.setattr(ad.kernel, "compile_kernel", stub)
+    monkeypatch.setattr(heuristics, "device_props",
+                        lambda device_index=None: (132, 50 << 20, (9, 0)))
     key = ad.validation_key(next(p.key for p in workloads.tiny_workload([op])))
     default = ad.default_config(key, "sm_90a")
     tuned = next(c for c in ad.space(key, "sm_90a") if c != default)
@@ -825,18 +781,21 @@ def test_wrappers_take_their_config_from_the_schedule(op, tmp_path, monkeypatch)
          "latency_us": 10.0}
     monkeypatch.setenv("RESA_TL_SCHEDULE", str(write(tmp_path, sched_obj([e]))))
 
-    def run_wrapper(k):
+    def planned_config(k):
+        schedules.reset()                            # also forgets earlier plans
         inp = ad.make_inputs(k, "cpu", torch.Generator().manual_seed(0))
-        args, kwargs = ad.wrapper_args(inp)
         with pytest.raises(_Captured) as ei:
-            ad.wrapper_fn()(*args, **kwargs)
+            ad.call(inp, None)
         return ei.value.args[0]
 
-    assert run_wrapper(key) == tuned
-    other = dict(key, head_dim=128 if key["head_dim"] == 64 else 64)
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
-        assert run_wrapper(other) == ad.default_config(other, "sm_90a")
+    try:
+        assert planned_config(key) == tuned
+        other = dict(key, head_dim=128 if key["head_dim"] == 64 else 64)
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            assert planned_config(other) == ad.default_config(other, "sm_90a")
+    finally:
+        plan.clear()
 
 
 def test_compile_pool_survives_a_dying_worker():

@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .. import ops
 from ..cache import ReSACache
 from ..config import ReSAConfig
+from ..cycle import DecodeCycle, StepAttention
 from . import _torch_ops  # noqa: F401  (registers torch.ops.resa_tl.hf_*)
 
 # The ReSA layer whose ``update`` ran last. In every supported model the attention call of a
@@ -135,7 +136,8 @@ class ReSAHFCache(Cache):
 
     def __init__(self, model_config, batch_size: int, max_cache_len: int, *,
                  config: ReSAConfig | None = None, dtype=torch.float32, device="cpu",
-                 backend: str = "auto", compileable: bool = False):
+                 backend: str = "auto", compileable: bool = False,
+                 softmax_scale: float | None = None):
         cfg = text_config(model_config)
         windows = sliding_windows(cfg)
         if windows:
@@ -152,7 +154,7 @@ class ReSAHFCache(Cache):
         # A one-token step skips its summary-update launch: the sparse attention that follows
         # refreshes the newest block inside select_blocks. That block is then always kept, which
         # takes local_blocks >= 1 (ReSAConfig allows 0). At sparse_ratio >= 1 no selection runs
-        # (dense_decode does the step, see _torch_ops), so the write updates the summaries.
+        # (dense_decode does the step, see resa_tl.cycle), so the write updates the summaries.
         self.refresh_in_select = self.config.local_blocks >= 1 and self.config.sparse_ratio < 1
         self.store = ReSACache(cfg.num_hidden_layers, batch_size, max_cache_len,
                                cfg.num_key_value_heads, head_dim_of(cfg), config=self.config,
@@ -161,15 +163,18 @@ class ReSAHFCache(Cache):
         self.seen = torch.zeros(cfg.num_hidden_layers, dtype=torch.int64, device=device)
         super().__init__(layers=[ReSACacheLayer(self, i, compileable)
                                  for i in range(cfg.num_hidden_layers)])
-        self._rows = self.store._rows[:, None]
-        self._steps = self.store._steps
         # host-side state
         self._seen_host = 0          # logical length (tokens fed, padding included)
-        self.pending = 0             # tokens decoded sparsely since the last dense pass
+        self.cycle = DecodeCycle(self.config.rectify_every)
         self._planned = False
         self.num_rectifications = 0
         self.last_step_rectified = False
         self.num_heads = cfg.num_attention_heads
+        self.softmax_scale = float(softmax_scale or head_dim_of(cfg) ** -0.5)
+        # Eager steps run through this (plans resolved once per cache); a compiled step goes
+        # through the custom ops of _torch_ops, which resolve the same plans.
+        self.attention = StepAttention(self.store, self.num_heads,
+                                       refresh=self.refresh_in_select, reuse_outputs=True)
         if not torch.compiler.is_compiling():
             # fixed addresses: the CUDA graphs of a compiled decode step keep pointing at them
             for t in (*self.store.k, *self.store.v, *self.store.kmin, *self.store.kmax,
@@ -178,8 +183,12 @@ class ReSAHFCache(Cache):
             self.warm_up()
 
     def _uses_tilelang(self) -> bool:
-        return ops.resolve_backend(self.backend, self.store.device, self.store.k[0].dtype) == \
-            "tilelang"
+        return self.attention.tilelang
+
+    @property
+    def pending(self) -> int:
+        """Tokens decoded sparsely since the last dense pass."""
+        return self.cycle.pending
 
     def warm_up(self):
         """Run the decode loop's kernels once on this cache's shapes (a sparse step, and the
@@ -197,19 +206,20 @@ class ReSAHFCache(Cache):
         dtype = store.k[0].dtype
         if not self._uses_tilelang():
             return
-        from ..kernels.rectify import RECTIFY_MAX_T
+        from ..kernels.rectify_attention import RECTIFY_MAX_T
         B, D = store.batch_size, store.head_dim
         T = cfg.rectify_every + 1
         lens = torch.full((B,), min(store.max_seq_len, max(T, cfg.block_size)), dtype=torch.int32,
                           device=store.device)
         q = torch.zeros(B, self.num_heads, D, dtype=dtype, device=store.device)
+        scale = self.softmax_scale
         _torch_ops.sparse_attention(q, store.k[0], store.v[0], store.kmin[0], store.kmax[0],
                                     lens, cfg.block_size, float(cfg.sparse_ratio),
-                                    cfg.min_blocks, cfg.local_blocks, cfg.sink_blocks, 1.0,
+                                    cfg.min_blocks, cfg.local_blocks, cfg.sink_blocks, scale,
                                     self.backend, self.refresh_in_select)
         if cfg.rectify_every and T <= RECTIFY_MAX_T and T <= store.max_seq_len:
             q = torch.zeros(B, T, self.num_heads, D, dtype=dtype, device=store.device)
-            _torch_ops.dense_attention(q, store.k[0], store.v[0], lens, 1.0, self.backend,
+            _torch_ops.dense_attention(q, store.k[0], store.v[0], lens, scale, self.backend,
                                        True)
 
     # ------------------------------------------------------------------ host side
@@ -241,11 +251,8 @@ class ReSAHFCache(Cache):
             self.rewind(rewind)
         n = num_tokens + rewind
         self._seen_host += n
-        store = self.store
-        for layer in range(store.num_layers):
-            store._max_len[layer] += n
-            store._min_len[layer] += n        # padded chunks lower it after compaction
-        self.pending = self.pending + 1 if n == 1 else 0
+        self.store.reserve(n)                 # padded chunks lower the mirrors at compaction
+        self.cycle.advance(n)
         self.last_step_rectified = rewind > 0
         self.num_rectifications += rewind > 0
         self._planned = True
@@ -260,7 +267,7 @@ class ReSAHFCache(Cache):
         self.store.reset()
         self.seen.zero_()
         self._seen_host = 0
-        self.pending = 0
+        self.cycle.reset()
         self._planned = False
         self.num_rectifications = 0
         self.last_step_rectified = False
@@ -275,16 +282,10 @@ class ReSAHFCache(Cache):
             if not self._planned and not torch.compiler.is_compiling():
                 self.begin_step(key_states.shape[-2])         # a forward nobody planned
             self._planned = False
-        store = self.store
         T = key_states.shape[-2]
-        lens = store.seqlens[i]
-        pos = lens.long()[:, None] + self._steps[:T]                       # [B, T]
-        store.k[i][self._rows, pos] = key_states.transpose(1, 2).to(store.k[i].dtype)
-        store.v[i][self._rows, pos] = value_states.transpose(1, 2).to(store.v[i].dtype)
-        if not (T == 1 and self.refresh_in_select):   # else the sparse attention refreshes
-            _torch_ops.update_summaries(store.kmin[i], store.kmax[i], store.k[i], lens, T,
-                                        store.block_size, self.backend)
-        lens.add_(T)
+        # one token with refresh_in_select: the sparse attention that follows refreshes
+        self.store.write(i, key_states.transpose(1, 2), value_states.transpose(1, 2),
+                         update_summaries=not (T == 1 and self.refresh_in_select))
         self.seen[i].add_(T)
         layer = self.layers[i]
         ACTIVE["layer"] = layer
@@ -293,19 +294,4 @@ class ReSAHFCache(Cache):
     def compact_chunk(self, i: int, valid: torch.Tensor):
         """Drop the padding of the chunk just written to layer i. valid: bool [B, T] (True =
         real token). Eager only (reads lengths on the host); used for padded prompts."""
-        store = self.store
-        T = valid.shape[1]
-        lens = store.seqlens[i]
-        base = lens.long() - T
-        pos = base[:, None] + self._steps[:T]                              # raw positions
-        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # real tokens first
-        src = pos.gather(1, order)
-        for buf in (store.k[i], store.v[i]):
-            buf[self._rows, pos] = buf[self._rows, src]
-        lens.copy_(base + valid.sum(-1))
-        kmin, kmax = ops.block_summaries(store.k[i], lens, store.block_size,
-                                         summary_dtype=store.kmin[i].dtype, backend=self.backend)
-        store.kmin[i].copy_(kmin)
-        store.kmax[i].copy_(kmax)
-        host = lens.tolist()
-        store._max_len[i], store._min_len[i] = max(host), min(host)
+        self.store.compact(i, valid)

@@ -112,7 +112,16 @@ def new_cache(model, batch_size: int, max_cache_len: int, *, compileable: bool =
     check_model(model, state.backend)
     return ReSAHFCache(model.config, batch_size, max_cache_len, config=config or state.config,
                        dtype=model.dtype, device=model.device, backend=state.backend,
-                       compileable=compileable)
+                       compileable=compileable, softmax_scale=_attention_scale(model))
+
+
+def _attention_scale(model) -> float | None:
+    """The softmax scale of the model's attention modules (``scaling``), if they say."""
+    for module in model.modules():
+        scale = getattr(module, "scaling", None)
+        if isinstance(scale, (int, float)) and getattr(module, "layer_idx", None) is not None:
+            return float(scale)
+    return None
 
 
 # ------------------------------------------------------------------ attention / mask functions
@@ -136,10 +145,14 @@ def resa_attention(module, query, key, value, attention_mask, scaling=None, drop
         raise ValueError("resa_tl takes 2D padding masks ([batch, tokens]); got a "
                          f"{attention_mask.dim()}D attention mask")
     if T == 1:
-        out = _torch_ops.sparse_attention(
-            query[:, :, 0].contiguous(), store.k[i], store.v[i], store.kmin[i], store.kmax[i],
-            store.seqlens[i], cfg.block_size, float(cfg.sparse_ratio), cfg.min_blocks,
-            cfg.local_blocks, cfg.sink_blocks, scale, cache.backend, cache.refresh_in_select)
+        q = query[:, :, 0].contiguous()
+        if _torch_ops.use_registered_op(q):
+            out = _torch_ops.hf_sparse_attention(
+                q, store.k[i], store.v[i], store.kmin[i], store.kmax[i], store.seqlens[i],
+                cfg.block_size, float(cfg.sparse_ratio), cfg.min_blocks, cfg.local_blocks,
+                cfg.sink_blocks, scale, cache.backend, cache.refresh_in_select)
+        else:                                 # eager: the cache's plans, launches only
+            out = cache.attention.sparse(i, q, scale)
         return out.unsqueeze(1), None
     if attention_mask is not None:
         valid = attention_mask[:, -T:].to(device=query.device, dtype=torch.bool)
@@ -148,9 +161,16 @@ def resa_attention(module, query, key, value, attention_mask, scaling=None, drop
                                       "prefill of a padded batch eagerly")
         if not bool(valid.all()):
             return _padded_chunk(cache, i, query, valid, scale), None
-    out = _torch_ops.dense_attention(query.transpose(1, 2).contiguous(), store.k[i],
-                                     store.v[i], store.seqlens[i], scale, cache.backend,
-                                     T == cfg.rectify_every + 1)
+    q = query.transpose(1, 2).contiguous()
+    rectification = T == cfg.rectify_every + 1       # the one chunk length inside decoding
+    if _torch_ops.use_registered_op(q):
+        out = _torch_ops.hf_dense_attention(q, store.k[i], store.v[i], store.seqlens[i], scale,
+                                            cache.backend, rectification)
+    elif rectification and cache.attention.has_chunk_kernel(T):
+        out = cache.attention.dense(i, q, scale)
+    else:
+        out = dense(q, store.k[i], store.v[i], store.seqlens[i], scale, cache.backend,
+                    use_kernel=rectification)
     return out, None
 
 
@@ -300,13 +320,11 @@ def _wrap_prepare_inputs(model):
             model.config.is_encoder_decoder
         available = inputs_embeds.shape[1] if embeds else input_ids.shape[1]
         T = available if next_sequence_length is None else int(next_sequence_length)
-        # Rectification, fused: re-feed the sparse tokens densely together with the new ones.
-        f = cache.config.rectify_every
-        fold = 0
-        if cache.pending and (T > 1 or (f and cache.pending >= f)):
-            if not embeds and next_sequence_length is not None and \
-                    input_ids.shape[1] >= T + cache.pending:
-                fold = cache.pending
+        # Rectification, fused: re-feed the sparse tokens densely together with the new ones
+        # (resa_tl.cycle), when generate's input_ids still hold them.
+        fold = cache.cycle.rewind_before(
+            T, can_refeed=not embeds and next_sequence_length is not None
+            and input_ids.shape[1] >= T + cache.pending)
         n = T + fold
         # Padding: only a chunk holding prompt tokens can contain any (generated ones never do).
         padded = False

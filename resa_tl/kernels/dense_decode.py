@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ._reference import group_queries, heads_major, masked_attention
-from . import _splitkv as skv
+from . import common as skv
 
 
 def dense_decode_reference(q, k_cache, v_cache, cache_seqlens, *, softmax_scale,
@@ -25,7 +25,7 @@ def dense_decode_reference(q, k_cache, v_cache, cache_seqlens, *, softmax_scale,
 # TileLang kernel
 # ------------------------------------------------------------------------------------------
 #
-# The machinery of sparse_decode (resa_tl/kernels/_splitkv.py) over contiguous keys: the g
+# The machinery of sparse_decode (resa_tl/kernels/common.py) over contiguous keys: the g
 # query heads of a KV group share one 64-row tile; the ceil(len / block_N) key tiles of a row
 # are cut into num_splits ranges from the row's run-time length (every split gets the same
 # number of tiles, whatever the length; the trip count is a run-time value, no recompile as
@@ -43,45 +43,46 @@ class DenseDecodeConfig:
     threads: int = 128
     num_stages: int = 2
     combine_chunk: int = 16
-    ctas_per_sm: int = 1
 
 
-def _check_config(cfg: DenseDecodeConfig, group: int):
+@dataclass(frozen=True)
+class DenseDecodeShape(skv.DecodeHeads):
+    """The compile-time problem: one kernel per shape and config. Batch, cache capacity S_max,
+    the lengths and the split count are run-time values."""
+    dtype: str = "bfloat16"
+    seqlen_dtype: str = "int32"
+
+
+def check_shape(shape: DenseDecodeShape) -> None:
+    shape.check_heads()
+
+
+def check_config(shape: DenseDecodeShape, cfg: DenseDecodeConfig) -> None:
+    group = shape.group
     if cfg.block_N % 16 or cfg.block_N < 16:
         raise ValueError(f"DenseDecodeConfig.block_N={cfg.block_N} must be a multiple of 16")
-    if cfg.block_H not in (16, 32, 64) or cfg.threads != 2 * cfg.block_H:
-        raise ValueError(f"DenseDecodeConfig needs block_H in (16, 32, 64) and threads = "
-                         f"2 * block_H; got block_H={cfg.block_H}, threads={cfg.threads}")
-    if group > cfg.block_H:
-        raise ValueError(f"q heads per KV head (g={group}) must be <= block_H={cfg.block_H}")
-    if cfg.num_stages < 1 or cfg.combine_chunk < 1:
-        raise ValueError(f"DenseDecodeConfig needs num_stages >= 1 and combine_chunk >= 1, "
-                         f"got {cfg}")
-    if cfg.ctas_per_sm != 1:
-        # TileLang's automatic warp specialisation inserts setmaxnreg(240) for the MMA
-        # warpgroup, which cannot be granted to two resident CTAs: with launch bounds for two
-        # CTAs per SM the kernel deadlocked on the H100
-        raise ValueError(f"DenseDecodeConfig.ctas_per_sm must be 1, got {cfg.ctas_per_sm}")
+    skv.check_decode_tile(cfg, group)
 
 
-def build_dense_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int,
-                              dtype: str = "bfloat16", config: DenseDecodeConfig = None,
-                              arch: str = "sm_90a", seqlen_dtype: str = "int32",
-                              pdl: bool = False):
+def num_tiles(s_max: int, cfg: DenseDecodeConfig) -> int:
+    """Pipeline tiles of a full row: what the split count is sized from (host-known)."""
+    return skv.ceil_div(max(s_max, 1), cfg.block_N)
+
+
+def program(shape: DenseDecodeShape, config: DenseDecodeConfig, pdl: bool = False):
     """The TileLang program (split kernel + combine kernel) for one static configuration.
 
     Arguments of the compiled kernel, in order: q [B, H, D], k_cache [B, S, Hkv, D],
     v_cache [B, S, Hkv, Dv], cache_seqlens [B] (seqlen_dtype), O_part [B, H, NS, Dv] f32,
     LSE_part [B, H, NS] f32, out [B, H, Dv], scale_log2 (softmax_scale * log2(e)).
-    B, S and NS are run-time dimensions. ``pdl``: see _splitkv.grid_dependency (sm_90+).
+    B, S and NS are run-time dimensions. ``pdl``: see common.grid_dependency (sm_90+).
     """
+    check_shape(shape)
+    check_config(shape, config)
+    heads, heads_kv, dim, dim_v = shape.heads, shape.heads_kv, shape.dim, shape.dim_v
+    dtype, seqlen_dtype, cfg = shape.dtype, shape.seqlen_dtype, config
     import tilelang.language as T
-    cfg = config or DenseDecodeConfig()
-    if heads % heads_kv:
-        raise ValueError(f"heads={heads} must be a multiple of heads_kv={heads_kv}")
     G = heads // heads_kv
-    skv.check_head_dims(dim, dim_v)
-    _check_config(cfg, G)
     BH, BN = cfg.block_H, cfg.block_N
     ACC = skv.ACC
     B, S, NS = T.dynamic("B S NS")
@@ -101,18 +102,8 @@ def build_dense_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int,
                      scale_log2: T.float32):
         with T.Kernel(NS, heads_kv, B, threads=cfg.threads) as (sid, hk, b):
             wait()
-            Q_s = T.alloc_shared((BH, dim), dtype)
-            K_s = T.alloc_shared((BN, dim), dtype)
-            V_s = T.alloc_shared((BN, dim_v), dtype)
-            Sc = T.alloc_fragment((BH, BN), ACC)
-            P = T.alloc_fragment((BH, BN), dtype)
-            acc = T.alloc_fragment((BH, dim_v), ACC)
-            m = T.alloc_fragment((BH,), ACC)
-            m_prev = T.alloc_fragment((BH,), ACC)
-            m_use = T.alloc_fragment((BH,), ACC)
-            alpha = T.alloc_fragment((BH,), ACC)
-            rsum = T.alloc_fragment((BH,), ACC)
-            lsum = T.alloc_fragment((BH,), ACC)
+            Q_s, K_s, V_s, Sc, P, acc, m, m_prev, m_use, alpha, rsum, lsum = \
+                skv.alloc_flash_tiles(BH, BN, dim, dim_v, dtype)
 
             L = T.min(T.cast(Lens[b], "int32"), S)
             ntiles = T.ceildiv(L, BN)
@@ -142,63 +133,16 @@ def build_dense_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int,
 
 
 @functools.lru_cache(maxsize=None)
-def compile_dense_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int, dtype: str,
-                                config: DenseDecodeConfig, arch: str,
-                                seqlen_dtype: str = "int32", pdl: bool = None):
-    """Compiled kernel, memoised per static configuration (and in TileLang's disk cache).
-    ``pdl`` None: :func:`resa_tl.heuristics.use_pdl` decides."""
-    from .. import heuristics
-    pdl = heuristics.use_pdl(arch) if pdl is None else pdl
-    prog = build_dense_decode_kernel(heads, heads_kv, dim, dim_v, dtype, config, arch,
-                                     seqlen_dtype, pdl)
-    return skv.compile_program(prog, arch)
+def compile_kernel(shape: DenseDecodeShape, config: DenseDecodeConfig, arch: str, pdl: bool):
+    """Compiled kernel, memoised per static configuration (and in TileLang's disk cache)."""
+    return skv.compile_program(program(shape, config, pdl), arch)
 
 
-_LEN_DTYPES = {torch.int32: "int32", torch.int64: "int64"}
-
-
-def dense_decode_tilelang(q, k_cache, v_cache, cache_seqlens, *, softmax_scale, out=None,
-                          config: DenseDecodeConfig = None, num_splits: int = None):
-    """TileLang backend of :func:`resa_tl.ops.dense_decode` (arguments validated there).
-
-    q [B, H, D]; k_cache [B, S_max, Hkv, D] and v_cache [B, S_max, Hkv, Dv] contiguous;
-    cache_seqlens [B] int32/int64. Returns [B, H, Dv] in q.dtype (written into ``out`` when
-    given). One kernel per static shape (H, Hkv, D, Dv, dtype, length dtype, tile config,
-    arch); B, S_max and the lengths are run-time values. No host synchronisation; the split
-    count comes from the SM count and S_max; workspaces are cached per shape.
-    """
-    from .. import heuristics, schedules
-    B, H, D = q.shape
-    S, Hkv, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
-    skv.check_head_dims(D, Dv)
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous [B, S_max, Hkv, D] tensors "
-                         "for the TileLang dense_decode")
-    g = H // Hkv
-    arch = heuristics.arch_of(q.device)
-    dt = skv.tl_dtype(q.dtype)
-    if config is None:
-        default = heuristics.dense_decode_config(Hkv, g, D, dt, arch)
-        config = schedules.config_for("dense_decode", default, arch=arch, dtype=dt, head_dim=D,
-                                      g=g, hkv=Hkv, context=max(S, 1), batch=max(B, 1))
-    _check_config(config, g)
-    if out is None:
-        out = torch.empty((B, H, Dv), dtype=q.dtype, device=q.device)
-    elif (tuple(out.shape) != (B, H, Dv) or out.dtype != q.dtype or out.device != q.device
-          or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {[B, H, Dv]} on "
-                         f"{q.device}; got {out.dtype} {list(out.shape)} on {out.device}")
-    if B == 0:
-        return out
-    kern = compile_dense_decode_kernel(H, Hkv, D, Dv, dt, config, arch,
-                                       _LEN_DTYPES[cache_seqlens.dtype],
-                                       heuristics.use_pdl(arch))
-    tiles = -(-S // config.block_N)
-    if num_splits is None:
-        num_splits = heuristics.decode_num_splits(B, Hkv, tiles, q.device,
-                                                  ctas_per_sm=config.ctas_per_sm)
-    num_splits = max(1, min(int(num_splits), tiles))
-    o_part, lse_part = skv.workspace(B, H, num_splits, Dv, q.device)
-    kern(q.contiguous(), k_cache, v_cache, cache_seqlens, o_part, lse_part, out,
-         float(softmax_scale) * skv.LOG2E)
+def launch(kernel, q, k_cache, v_cache, cache_seqlens, o_part, lse_part, out,
+           scale_log2: float):
+    """One call of a compiled kernel: q [B, H, D], k_cache [B, S_max, Hkv, D] and v_cache
+    [B, S_max, Hkv, Dv] contiguous, cache_seqlens [B], the split workspaces
+    o_part [B, H, NS, Dv] / lse_part [B, H, NS] fp32 (NS >= 1, at most num_tiles), out
+    [B, H, Dv]. No checks: the caller (resa_tl.plan) sized everything."""
+    kernel(q, k_cache, v_cache, cache_seqlens, o_part, lse_part, out, scale_log2)
     return out

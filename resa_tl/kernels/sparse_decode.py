@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ._reference import group_queries, heads_major, masked_attention
-from . import _splitkv as skv
+from . import common as skv
 
 
 def sparse_decode_reference(q, k_cache, v_cache, block_indices, cache_seqlens, *, block_size,
@@ -90,19 +90,40 @@ class SparseDecodeConfig:
 SPARSE_BLOCK_SIZES = (16, 32, 64, 128)
 
 
-def _check_config(cfg: SparseDecodeConfig, block_size: int, group: int):
-    bn = max(cfg.block_N, block_size)
+@dataclass(frozen=True)
+class SparseDecodeShape(skv.DecodeHeads):
+    """The compile-time problem: one kernel per shape and config. Batch, cache capacity S_max,
+    the index width K, the lengths and the split count are run-time values."""
+    block_size: int = 16
+    dtype: str = "bfloat16"
+    index_dtype: str = "int32"
+    seqlen_dtype: str = "int32"
+
+
+def check_shape(shape: SparseDecodeShape) -> None:
+    shape.check_heads()
+    if shape.block_size not in SPARSE_BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {SPARSE_BLOCK_SIZES} for the TileLang "
+                         f"sparse_decode, got {shape.block_size}")
+
+
+def tile_keys(shape: SparseDecodeShape, cfg: SparseDecodeConfig) -> int:
+    """Keys per pipeline stage: block_N, raised to the block size."""
+    return max(cfg.block_N, shape.block_size)
+
+
+def num_tiles(shape: SparseDecodeShape, cfg: SparseDecodeConfig, k_width: int) -> int:
+    """Pipeline tiles of a full index row of width K: what the split count is sized from."""
+    return skv.ceil_div(max(k_width, 1), tile_keys(shape, cfg) // shape.block_size)
+
+
+def check_config(shape: SparseDecodeShape, cfg: SparseDecodeConfig, arch: str = None) -> None:
+    bn = tile_keys(shape, cfg)
+    block_size, group = shape.block_size, shape.group
     if bn % block_size or bn % 16:
         raise ValueError(f"SparseDecodeConfig.block_N={cfg.block_N} must be a multiple of "
                          f"block_size={block_size} and of 16")
-    if cfg.block_H not in (16, 32, 64) or cfg.threads != 2 * cfg.block_H:
-        raise ValueError(f"SparseDecodeConfig needs block_H in (16, 32, 64) and threads = "
-                         f"2 * block_H; got block_H={cfg.block_H}, threads={cfg.threads}")
-    if group > cfg.block_H:
-        raise ValueError(f"q heads per KV head (g={group}) must be <= block_H={cfg.block_H}")
-    if cfg.num_stages < 1 or cfg.combine_chunk < 1:
-        raise ValueError(f"SparseDecodeConfig needs num_stages >= 1 and combine_chunk >= 1, "
-                         f"got {cfg}")
+    skv.check_decode_tile(cfg, group)
     if cfg.schedule not in ("auto", "ws"):
         raise ValueError(f"SparseDecodeConfig.schedule must be 'auto' or 'ws', "
                          f"got {cfg.schedule!r}")
@@ -116,33 +137,31 @@ def _check_config(cfg: SparseDecodeConfig, block_size: int, group: int):
     if cfg.schedule == "ws" and (cfg.block_H != 64 or cfg.threads != 128):
         raise ValueError("SparseDecodeConfig(schedule='ws') needs block_H=64, threads=128 "
                          "(one MMA warpgroup)")
-    return bn
+    if cfg.schedule == "ws" and arch is not None and not arch.startswith("sm_9"):
+        raise ValueError(f"SparseDecodeConfig(schedule='ws') needs Hopper (sm_90a), got {arch}")
 
 
-def build_sparse_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int,
-                               block_size: int, dtype: str = "bfloat16",
-                               config: SparseDecodeConfig = None, arch: str = "sm_90a",
-                               index_dtype: str = "int32", seqlen_dtype: str = "int32",
-                               pdl: bool = False):
+def program(shape: SparseDecodeShape, config: SparseDecodeConfig, pdl: bool = False):
     """The TileLang program (split kernel + combine kernel) for one static configuration.
 
     Arguments of the compiled kernel, in order: q [B, H, D], k_cache [B, S, Hkv, D],
     v_cache [B, S, Hkv, Dv], block_indices [B, Hkv, K] (index_dtype), cache_seqlens [B]
     (seqlen_dtype), O_part [B, H, NS, Dv] f32, LSE_part [B, H, NS] f32, out [B, H, Dv],
     scale_log2 (float: softmax_scale * log2(e)). B, S, K and NS are run-time dimensions.
-    ``arch`` only selects defaults elsewhere; the program itself is target-independent except
-    for ``pdl`` (programmatic dependent launch, sm_90+ only: see _splitkv.grid_dependency).
+    The program is target-independent except for ``pdl`` (programmatic dependent launch,
+    sm_90+ only: see common.grid_dependency) and schedule "ws" (sm_90a only).
     """
+    check_shape(shape)
+    check_config(shape, config)
+    if config.schedule == "ws":
+        return _program_ws(shape, config, pdl)
     import tilelang.language as T
-    cfg = config or SparseDecodeConfig()
-    if heads % heads_kv:
-        raise ValueError(f"heads={heads} must be a multiple of heads_kv={heads_kv}")
-    G = heads // heads_kv
-    if block_size not in SPARSE_BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {SPARSE_BLOCK_SIZES}, got {block_size}")
-    skv.check_head_dims(dim, dim_v)
-    BN = _check_config(cfg, block_size, G)
-    BH, bs = cfg.block_H, block_size
+    heads, heads_kv, dim, dim_v = shape.heads, shape.heads_kv, shape.dim, shape.dim_v
+    bs, dtype, cfg = shape.block_size, shape.dtype, config
+    index_dtype, seqlen_dtype = shape.index_dtype, shape.seqlen_dtype
+    G = shape.group
+    BN = tile_keys(shape, cfg)
+    BH = cfg.block_H
     bpt = BN // bs
     SU = 4                                                # index-scan loads in flight per lane
     ACC = skv.ACC
@@ -153,9 +172,6 @@ def build_sparse_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int,
     wait = skv.grid_dependency(pdl)
     kchunks = skv.column_chunks(dim, dtype)
     vchunks = skv.column_chunks(dim_v, dtype)
-    if cfg.schedule == "ws":
-        return _build_ws(heads, heads_kv, dim, dim_v, block_size, dtype, cfg, index_dtype,
-                         seqlen_dtype, BN, pdl)
 
     @T.prim_func
     def sparse_decode(Q: T.Tensor((B, heads, dim), dtype),
@@ -171,18 +187,8 @@ def build_sparse_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int,
             if cfg.ctas_per_sm > 1:
                 T.annotate_min_blocks_per_sm(cfg.ctas_per_sm)
             wait()
-            Q_s = T.alloc_shared((BH, dim), dtype)
-            K_s = T.alloc_shared((BN, dim), dtype)
-            V_s = T.alloc_shared((BN, dim_v), dtype)
-            Sc = T.alloc_fragment((BH, BN), ACC)
-            P = T.alloc_fragment((BH, BN), dtype)
-            acc = T.alloc_fragment((BH, dim_v), ACC)
-            m = T.alloc_fragment((BH,), ACC)
-            m_prev = T.alloc_fragment((BH,), ACC)
-            m_use = T.alloc_fragment((BH,), ACC)
-            alpha = T.alloc_fragment((BH,), ACC)
-            rsum = T.alloc_fragment((BH,), ACC)
-            lsum = T.alloc_fragment((BH,), ACC)
+            Q_s, K_s, V_s, Sc, P, acc, m, m_prev, m_use, alpha, rsum, lsum = \
+                skv.alloc_flash_tiles(BH, BN, dim, dim_v, dtype)
             last = T.alloc_var("int32")
 
             L = T.cast(Lens[b], "int32")
@@ -239,7 +245,7 @@ def build_sparse_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int,
     return sparse_decode
 
 
-def _build_ws(heads, heads_kv, dim, dim_v, bs, dtype, cfg, index_dtype, seqlen_dtype, BN, pdl):
+def _program_ws(shape: SparseDecodeShape, cfg: SparseDecodeConfig, pdl: bool):
     """Split kernel with a hand-written sm_90a schedule (SparseDecodeConfig.schedule="ws").
 
     Threads 0-127: the MMA warpgroup (64 padded query rows); threads 128-255: the producer
@@ -249,7 +255,11 @@ def _build_ws(heads, heads_kv, dim, dim_v, bs, dtype, cfg, index_dtype, seqlen_d
     as its wgmma has read it. Same arguments, index scan, masking and combine as "auto"."""
     import tilelang.language as T
     from tilelang.layout import make_swizzled_layout
-    G = heads // heads_kv
+    heads, heads_kv, dim, dim_v = shape.heads, shape.heads_kv, shape.dim, shape.dim_v
+    bs, dtype = shape.block_size, shape.dtype
+    index_dtype, seqlen_dtype = shape.index_dtype, shape.seqlen_dtype
+    G = shape.group
+    BN = tile_keys(shape, cfg)
     BH, NST, NMMA = cfg.block_H, cfg.num_stages, 128
     bpt = BN // bs
     SU = 4
@@ -281,10 +291,7 @@ def _build_ws(heads, heads_kv, dim, dim_v, bs, dtype, cfg, index_dtype, seqlen_d
             V_s = T.alloc_shared((NST, BN, dim_v), dtype)
             T.annotate_layout({Q_s: make_swizzled_layout(Q_s), K_s: make_swizzled_layout(K_s),
                                V_s: make_swizzled_layout(V_s)})
-            kready = T.alloc_barrier([32] * NST)
-            vready = T.alloc_barrier([32] * NST)
-            kfree = T.alloc_barrier([NMMA] * NST)
-            vfree = T.alloc_barrier([NMMA] * NST)
+            kready, vready, kfree, vfree = skv.alloc_stage_barriers(NST, NMMA)
             last = T.alloc_var("int32")
 
             tx = T.get_thread_binding()
@@ -338,15 +345,8 @@ def _build_ws(heads, heads_kv, dim, dim_v, bs, dtype, cfg, index_dtype, seqlen_d
 
             with T.ws(0):
                 T.set_max_nreg(240 if cfg.ctas_per_sm == 1 else 224, 1)
-                Sc = T.alloc_fragment((BH, BN), ACC)
-                P = T.alloc_fragment((BH, BN), dtype)
-                acc = T.alloc_fragment((BH, dim_v), ACC)
-                m = T.alloc_fragment((BH,), ACC)
-                m_prev = T.alloc_fragment((BH,), ACC)
-                m_use = T.alloc_fragment((BH,), ACC)
-                alpha = T.alloc_fragment((BH,), ACC)
-                rsum = T.alloc_fragment((BH,), ACC)
-                lsum = T.alloc_fragment((BH,), ACC)
+                Sc, P, acc, m, m_prev, m_use, alpha, rsum, lsum = \
+                    skv.alloc_flash_state(BH, BN, dim_v, dtype)
                 T.fill(acc, 0)
                 T.fill(lsum, 0)
                 T.fill(m, -T.infinity(ACC))
@@ -376,79 +376,21 @@ def _build_ws(heads, heads_kv, dim, dim_v, bs, dtype, cfg, index_dtype, seqlen_d
 
 
 @functools.lru_cache(maxsize=None)
-def compile_sparse_decode_kernel(heads: int, heads_kv: int, dim: int, dim_v: int,
-                                 block_size: int, dtype: str, config: SparseDecodeConfig,
-                                 arch: str, index_dtype: str = "int32",
-                                 seqlen_dtype: str = "int32", pdl: bool = None):
-    """Compiled kernel, memoised per static configuration (and in TileLang's disk cache).
-    ``pdl`` None: :func:`resa_tl.heuristics.use_pdl` decides."""
-    from .. import heuristics
-    if config.schedule == "ws" and not arch.startswith("sm_9"):
-        raise ValueError(f"SparseDecodeConfig(schedule='ws') needs Hopper (sm_90a), got {arch}")
-    pdl = heuristics.use_pdl(arch) if pdl is None else pdl
-    prog = build_sparse_decode_kernel(heads, heads_kv, dim, dim_v, block_size, dtype, config,
-                                      arch, index_dtype, seqlen_dtype, pdl)
+def compile_kernel(shape: SparseDecodeShape, config: SparseDecodeConfig, arch: str, pdl: bool):
+    """Compiled kernel, memoised per static configuration (and in TileLang's disk cache)."""
+    check_config(shape, config, arch)
     # the hand-written schedule places its own barriers; TileLang's automatic __syncthreads
     # would deadlock inside the warp-specialised branches
-    return skv.compile_program(prog, arch, no_auto_sync=config.schedule == "ws")
+    return skv.compile_program(program(shape, config, pdl), arch,
+                               auto_sync=config.schedule != "ws")
 
 
-_INDEX_DTYPES = {torch.int32: "int32", torch.int64: "int64"}
-
-
-def sparse_decode_tilelang(q, k_cache, v_cache, block_indices, cache_seqlens, *, block_size,
-                           softmax_scale, out=None, config: SparseDecodeConfig = None,
-                           num_splits: int = None):
-    """TileLang backend of :func:`resa_tl.ops.sparse_decode` (arguments validated there).
-
-    q [B, H, D]; k_cache [B, S_max, Hkv, D] and v_cache [B, S_max, Hkv, Dv] contiguous;
-    block_indices [B, Hkv, K] int32/int64 (-1 = ignore); cache_seqlens [B] int32/int64.
-    Returns [B, H, Dv] in q.dtype (written into ``out`` when given). One kernel per static
-    shape (H, Hkv, D, Dv, block_size, dtype, index/length dtypes, tile config, arch); B,
-    S_max, K and the lengths are run-time values, so decoding never recompiles. No host
-    synchronisation; workspaces are cached per shape (CUDA-graph safe after one warm-up).
-    """
-    from .. import heuristics, schedules
-    B, H, D = q.shape
-    S, Hkv, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
-    K = block_indices.shape[-1]
-    if block_size not in SPARSE_BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {SPARSE_BLOCK_SIZES} for the TileLang "
-                         f"sparse_decode, got {block_size}")
-    skv.check_head_dims(D, Dv)
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous [B, S_max, Hkv, D] tensors "
-                         "for the TileLang sparse_decode (copying a cache per step would cost "
-                         "more than the attention)")
-    g = H // Hkv
-    arch = heuristics.arch_of(q.device)
-    dt = skv.tl_dtype(q.dtype)
-    if config is None:
-        default = heuristics.sparse_decode_config(Hkv, g, D, dt, block_size, arch)
-        config = schedules.config_for("sparse_decode", default, arch=arch, dtype=dt,
-                                      head_dim=D, g=g, hkv=Hkv, block_size=block_size,
-                                      k_blocks=max(K, 1), batch=max(B, 1))
-    bn = _check_config(config, block_size, g)
-    if out is None:
-        out = torch.empty((B, H, Dv), dtype=q.dtype, device=q.device)
-    elif (tuple(out.shape) != (B, H, Dv) or out.dtype != q.dtype or out.device != q.device
-          or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {[B, H, Dv]} on "
-                         f"{q.device}; got {out.dtype} {list(out.shape)} on {out.device}")
-    if B == 0:
-        return out
-    if K == 0:                                  # no block selected anywhere: zeros by contract
-        return out.zero_()
-    kern = compile_sparse_decode_kernel(H, Hkv, D, Dv, block_size, dt, config, arch,
-                                        _INDEX_DTYPES[block_indices.dtype],
-                                        _INDEX_DTYPES[cache_seqlens.dtype],
-                                        heuristics.use_pdl(arch))
-    tiles = -(-K // (bn // block_size))
-    if num_splits is None:
-        num_splits = heuristics.decode_num_splits(B, Hkv, tiles, q.device,
-                                                  ctas_per_sm=config.ctas_per_sm)
-    num_splits = max(1, min(int(num_splits), tiles))
-    o_part, lse_part = skv.workspace(B, H, num_splits, Dv, q.device)
-    kern(q.contiguous(), k_cache, v_cache, block_indices.contiguous(), cache_seqlens,
-         o_part, lse_part, out, float(softmax_scale) * skv.LOG2E)
+def launch(kernel, q, k_cache, v_cache, block_indices, cache_seqlens, o_part, lse_part, out,
+           scale_log2: float):
+    """One call of a compiled kernel: q [B, H, D], k_cache [B, S_max, Hkv, D] and v_cache
+    [B, S_max, Hkv, Dv] contiguous, block_indices [B, Hkv, K] (K >= 1; -1 = ignore),
+    cache_seqlens [B], the split workspaces o_part [B, H, NS, Dv] / lse_part [B, H, NS] fp32
+    (NS in [1, num_tiles]), out [B, H, Dv]. No checks: the caller (resa_tl.plan) sized
+    everything."""
+    kernel(q, k_cache, v_cache, block_indices, cache_seqlens, o_part, lse_part, out, scale_log2)
     return out

@@ -27,7 +27,7 @@ from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList  # 
 import resa_tl  # noqa: E402
 from resa_tl import ops  # noqa: E402
 from resa_tl.integration import new_cache  # noqa: E402
-from resa_tl.kernels import _splitkv, rectify, selection  # noqa: E402
+from resa_tl import plan  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -307,10 +307,9 @@ def test_static_cache_generate_compiles_with_cuda_graphs():
     kw = dict(max_new_tokens=N, cache_implementation="static", return_dict_in_generate=True,
               output_logits=True, **GEN)
     counters = torch._dynamo.utils.counters
-    # As in a fresh process: no kernel workspace exists yet, and the graphed run goes first (its
-    # cache's warm-up must allocate them outside the CUDA graphs' memory pool).
-    for module in (_splitkv, selection, rectify):
-        module._WORKSPACES.clear()
+    # As in a fresh process: no plan (and so no kernel workspace) exists yet, and the graphed
+    # run goes first (its cache's warm-up must allocate them outside the CUDA graphs' pool).
+    plan.clear()
     with torch.no_grad():
         torch._dynamo.reset()
         counters.clear()

@@ -24,10 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tolerance import assert_close_to_reference  # noqa: E402
 
 from resa_tl import ops  # noqa: E402
-from resa_tl.kernels.dense_decode import dense_decode_reference, dense_decode_tilelang  # noqa
-from resa_tl.kernels.selection import blocks_to_keep  # noqa: E402
-from resa_tl.kernels.sparse_decode import (sparse_decode_reference,  # noqa: E402
-                                           sparse_decode_tilelang)
+from kernel_calls import dense_decode as dense_decode_tilelang  # noqa: E402
+from kernel_calls import sparse_decode as sparse_decode_tilelang  # noqa: E402
+from resa_tl.kernels.dense_decode import dense_decode_reference  # noqa: E402
+from resa_tl.kernels.select_blocks import blocks_to_keep  # noqa: E402
+from resa_tl.kernels.sparse_decode import sparse_decode_reference  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -146,8 +147,10 @@ _HANG = {"failed": None}
 _PROBE = textwrap.dedent("""
     import dataclasses, torch
     from resa_tl import heuristics
-    from resa_tl.kernels.sparse_decode import sparse_decode_tilelang, sparse_decode_reference
-    from resa_tl.kernels.dense_decode import dense_decode_tilelang, dense_decode_reference
+    from kernel_calls import sparse_decode as sparse_decode_tilelang
+    from kernel_calls import dense_decode as dense_decode_tilelang
+    from resa_tl.kernels.sparse_decode import sparse_decode_reference
+    from resa_tl.kernels.dense_decode import dense_decode_reference
     torch.manual_seed(0)
     H, Hkv, D, bs = 28, 4, 128, 16
     dt = torch.bfloat16
@@ -189,7 +192,8 @@ _PROBE = textwrap.dedent("""
 def test_trip_counts_0_1_2_no_hang():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ)
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "tests"),
+                                         env.get("PYTHONPATH", "")])
     try:
         res = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
                              text=True, timeout=float(os.environ.get("RESA_TL_PROBE_TIMEOUT",

@@ -9,11 +9,13 @@ Outputs are poisoned (fp8 NaN bytes) before the calls.
 """
 import pytest
 import torch
+
+import kernel_calls as kc
 from test_selection_gpu import check_selection
 
 from resa_tl import ops
-from resa_tl.kernels import selection as sel
-from resa_tl.kernels import summaries as summ
+from resa_tl.kernels import select_blocks as sel
+from resa_tl.kernels import block_summaries as summ
 
 pytestmark = pytest.mark.gpu
 
@@ -69,7 +71,7 @@ def test_block_summaries_fp8_exact(case, sdt):
     nb = -(-S // bs)
     kmin = _poison(torch.empty(B, nb, Hkv, D, dtype=sdt, device=_dev()))
     kmax = _poison(torch.empty_like(kmin))
-    summ.block_summaries_tilelang(k, sl, bs, out=(kmin, kmax), summary_dtype=sdt)
+    kc.block_summaries(k, sl, bs, out=(kmin, kmax), summary_dtype=sdt)
     rmin, rmax = summ.block_summaries_reference(k, sl, bs, sdt)
     assert torch.equal(_bytes(kmin), _bytes(rmin)), "kmin differs from the reference"
     assert torch.equal(_bytes(kmax), _bytes(rmax)), "kmax differs from the reference"
@@ -98,7 +100,7 @@ def test_update_block_summaries_fp8(case, sdt):
     g = torch.Generator().manual_seed(2)
     k = _keys(B, S, Hkv, D, dt, seed=3)
     cur = torch.randint(1, S // 2, (B,), generator=g)
-    kmin, kmax = summ.block_summaries_tilelang(k, cur.to(device=_dev(), dtype=it), bs,
+    kmin, kmax = kc.block_summaries(k, cur.to(device=_dev(), dtype=it), bs,
                                                summary_dtype=sdt)
     for step, length in enumerate([1, 33, 1, 5, 16, 17, 64, 1]):
         rewind = torch.rand(B, generator=g) < 0.35
@@ -113,7 +115,7 @@ def test_update_block_summaries_fp8(case, sdt):
         _poison(kmax[:, hi_blk:])
         rmin, rmax = kmin.clone(), kmax.clone()
         st = start.to(device=_dev(), dtype=it)
-        summ.update_block_summaries_tilelang(kmin, kmax, k, st, length, bs)
+        kc.update_block_summaries(kmin, kmax, k, st, length, bs)
         summ.update_block_summaries_reference(rmin, rmax, k, st, length, bs)
         assert torch.equal(_bytes(kmin), _bytes(rmin)), f"step {step}: kmin != reference"
         assert torch.equal(_bytes(kmax), _bytes(rmax)), f"step {step}: kmax != reference"
@@ -167,7 +169,7 @@ def test_select_blocks_fp8(case):
     kw = dict(block_size=bs, sparse_ratio=ratio, min_blocks=16, local_blocks=local,
               max_selected=K)
     out = torch.full((B, Hkv, K), 0x7FFFFFFF, dtype=torch.int32, device=_dev())
-    sel.select_blocks_tilelang(q, kmin, kmax, sl, out=out, **kw)
+    kc.select_blocks(q, kmin, kmax, sl, out=out, **kw)
     ref = sel.select_blocks_reference(q, kmin, kmax, sl, **kw)
     lo, hi = summ.summary_values(kmin, kmax)
     differing = check_selection(out, q, lo, hi, sl, ref=ref, **kw)
@@ -182,7 +184,7 @@ def test_select_blocks_fp8(case):
     want_min, want_max = summ.block_summaries_reference(k, sl, bs, sdt)
     mn, mx = kmin.clone(), kmax.clone()
     out2 = torch.full_like(out, 0x7FFFFFFF)
-    call = lambda: sel.select_blocks_tilelang(q, mn, mx, sl, k_cache=k, out=out2, **kw)  # noqa
+    call = lambda: kc.select_blocks(q, mn, mx, sl, k_cache=k, out=out2, **kw)  # noqa
     call()                                                           # warm-up (compiles)
     mn.copy_(kmin)
     mx.copy_(kmax)

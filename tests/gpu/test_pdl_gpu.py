@@ -18,9 +18,9 @@ from test_selection_gpu import check_selection  # noqa: E402
 
 from resa_tl import ops  # noqa: E402
 from resa_tl.kernels.dense_decode import dense_decode_reference  # noqa: E402
-from resa_tl.kernels.rectify import rectify_attention_reference  # noqa: E402
-from resa_tl.kernels.selection import select_blocks_reference  # noqa: E402
-from resa_tl.kernels.summaries import block_summaries_reference  # noqa: E402
+from resa_tl.kernels.block_summaries import block_summaries_reference  # noqa: E402
+from resa_tl.kernels.rectify_attention import rectify_attention_reference  # noqa: E402
+from resa_tl.kernels.select_blocks import select_blocks_reference  # noqa: E402
 from resa_tl.kernels.sparse_decode import sparse_decode_reference  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -84,9 +84,8 @@ def empty_out(x):
 
 
 def precompile():
-    """CPU: compile the kernels of this file with and without PDL (see examples/_precompile)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
-    from _precompile import fake_hopper
+    """CPU: compile the kernels of this file with and without PDL (see resa_tl.precompile)."""
+    from resa_tl.precompile import fake_hopper
     saved = os.environ.get("RESA_TL_PDL")
     try:
         for pdl in ("0", "1"):

@@ -20,8 +20,9 @@ from tolerance import assert_close_to_reference  # noqa: E402
 
 from resa_tl import ops  # noqa: E402
 from resa_tl.kernels.dense_decode import dense_decode_reference  # noqa: E402
-from resa_tl.kernels.rectify import (  # noqa: E402
-    RectifyConfig, rectify_attention_reference, rectify_attention_tilelang)
+from kernel_calls import rectify_attention as rectify_attention_tilelang  # noqa: E402
+from resa_tl.kernels.rectify_attention import (  # noqa: E402
+    RectifyConfig, rectify_attention_reference)
 
 pytestmark = pytest.mark.gpu
 
@@ -78,7 +79,7 @@ def _config(T, g, D, Dv, arch, schedule):
 
 
 def KERNEL_SPECS(arch):
-    """Static specs compiled by this file, as compile_rectify_kernel arguments."""
+    """Static specs compiled by this file: (T, g, Hkv, D, Dv, dtype, scale, config, arch)."""
     specs = []
     for T, g, Hkv, D, Dv, dt, scale, _ in CASES:
         sc = D ** -0.5 if scale is None else scale

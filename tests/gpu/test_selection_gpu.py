@@ -13,9 +13,11 @@ against the torch references (resa_tl/kernels/summaries.py, selection.py).
 import pytest
 import torch
 
+import kernel_calls as kc
+
 from resa_tl import ops
-from resa_tl.kernels import selection as sel
-from resa_tl.kernels import summaries as summ
+from resa_tl.kernels import select_blocks as sel
+from resa_tl.kernels import block_summaries as summ
 
 pytestmark = pytest.mark.gpu
 
@@ -67,7 +69,7 @@ def test_block_summaries_exact(case):
     nb = -(-S // bs)
     kmin = torch.full((B, nb, Hkv, D), float("nan"), dtype=dt, device=_dev())
     kmax = torch.full_like(kmin, float("nan"))
-    summ.block_summaries_tilelang(k, sl, bs, out=(kmin, kmax))
+    kc.block_summaries(k, sl, bs, out=(kmin, kmax))
     rmin, rmax = summ.block_summaries_reference(k, sl, bs)
     assert torch.equal(kmin, rmin), "kmin differs from the reference"
     assert torch.equal(kmax, rmax), "kmax differs from the reference"
@@ -97,7 +99,7 @@ def test_update_block_summaries_random_appends_rewinds(case):
     cur = torch.randint(1, min(S, 66000) // 2, (B,), generator=g)
     if S > 65536:
         cur[0] = 65530                                   # crosses 65536 while appending
-    kmin, kmax = summ.block_summaries_tilelang(k, cur.to(device=dev, dtype=it), bs)
+    kmin, kmax = kc.block_summaries(k, cur.to(device=dev, dtype=it), bs)
     nb = kmin.shape[1]
     for step, length in enumerate([1, 33, 1, 5, 16, 17, 64, 1, 2, 33, 1, 100]):
         # rewind some rows (start < current length), append on the others
@@ -114,7 +116,7 @@ def test_update_block_summaries_random_appends_rewinds(case):
         kmax[:, hi_blk:] = POISON_F
         rmin, rmax = kmin.clone(), kmax.clone()
         st = start.to(device=dev, dtype=it)
-        out = summ.update_block_summaries_tilelang(kmin, kmax, k, st, length, bs)
+        out = kc.update_block_summaries(kmin, kmax, k, st, length, bs)
         assert out[0] is kmin and out[1] is kmax, "update must be in place"
         summ.update_block_summaries_reference(rmin, rmax, k, st, length, bs)
         assert torch.equal(kmin, rmin), f"step {step}: kmin differs from the reference update"
@@ -137,12 +139,12 @@ def test_update_block_summaries_cuda_graph():
     torch.manual_seed(2)
     k = torch.randn(B, S, Hkv, D, device=dev).to(dt)
     lens = _lens([100, 1, 2047])
-    kmin, kmax = summ.block_summaries_tilelang(k, lens, bs)
+    kmin, kmax = kc.block_summaries(k, lens, bs)
     start = lens.clone()
-    summ.update_block_summaries_tilelang(kmin, kmax, k, start, 1, bs)       # warm-up
+    kc.update_block_summaries(kmin, kmax, k, start, 1, bs)       # warm-up
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        summ.update_block_summaries_tilelang(kmin, kmax, k, start, 1, bs)
+        kc.update_block_summaries(kmin, kmax, k, start, 1, bs)
     cur = lens.clone() + 1
     for _ in range(40):                                  # decode steps: write a key, replay
         for b in range(B):
@@ -298,7 +300,7 @@ def test_select_blocks(case):
     out = torch.full((B, Hkv, K), 0x7FFFFFFF, dtype=torch.int32, device=_dev())   # poisoned
     kw = dict(block_size=bs, sparse_ratio=ratio, min_blocks=minb, local_blocks=local,
               max_selected=K)
-    sel.select_blocks_tilelang(q, kmin, kmax, sl, out=out, **kw)
+    kc.select_blocks(q, kmin, kmax, sl, out=out, **kw)
     ref = sel.select_blocks_reference(q, kmin, kmax, sl, **kw)
     differing = check_selection(out, q, kmin, kmax, sl, ref=ref, **kw)
     assert differing <= max(1, B * Hkv // 8), f"{differing} rows differ from torch.topk"
@@ -335,11 +337,11 @@ def test_select_blocks_config_variants(case_index, variant):
     out = torch.full((B, Hkv, K), 0x7FFFFFFF, dtype=torch.int32, device=_dev())
     kw = dict(block_size=bs, sparse_ratio=ratio, min_blocks=minb, local_blocks=local,
               max_selected=K)
-    sel.select_blocks_tilelang(q, kmin, kmax, sl, out=out, config=cfg, **kw)
+    kc.select_blocks(q, kmin, kmax, sl, out=out, config=cfg, **kw)
     ref = sel.select_blocks_reference(q, kmin, kmax, sl, **kw)
     differing = check_selection(out, q, kmin, kmax, sl, ref=ref, **kw)
     assert differing <= max(1, B * Hkv // 8)
-    default = sel.select_blocks_tilelang(q, kmin, kmax, sl, **kw)
+    default = kc.select_blocks(q, kmin, kmax, sl, **kw)
     assert torch.equal(default, out), "histogram modes / thread counts must agree exactly"
 
 
@@ -360,7 +362,7 @@ def test_select_blocks_ties_prefer_lower_ids(hist):
     sl = _lens([TIE_NB * bs, 70 * bs - 3])
     K = sel.default_max_selected(TIE_NB, 0.1, 16)
     kw = dict(block_size=bs, sparse_ratio=0.1, min_blocks=16, local_blocks=1, max_selected=K)
-    out = sel.select_blocks_tilelang(q, kmin, kmax, sl, config=variant_config(TIE_NB, Hkv, D,
+    out = kc.select_blocks(q, kmin, kmax, sl, config=variant_config(TIE_NB, Hkv, D,
                                                                             (hist, None)), **kw)
     check_selection(out, q, kmin, kmax, sl, **kw)
     s = sel.block_scores_reference(q, kmin, kmax, sl, bs, 1).cpu()
@@ -406,7 +408,7 @@ def test_select_blocks_refreshes_newest_summary(case, graph):
     kmin0, kmax0 = summ.block_summaries_reference(k, before, bs)
     K = sel.default_max_selected(nb, 0.1, 16)
     kw = dict(block_size=bs, sparse_ratio=0.1, min_blocks=16, local_blocks=local, max_selected=K)
-    want_ids = sel.select_blocks_tilelang(q, kmin0, kmax0, sl, config=cfg, **kw)
+    want_ids = kc.select_blocks(q, kmin0, kmax0, sl, config=cfg, **kw)
     want_min, want_max = summ.block_summaries_reference(k, sl, bs)
     empty = sl == 0
     want_min[empty], want_max[empty] = kmin0[empty], kmax0[empty]
@@ -416,7 +418,7 @@ def test_select_blocks_refreshes_newest_summary(case, graph):
     kmin[rows, newest] = float("nan")
     kmax[rows, newest] = float("nan")
     out = torch.full((B, Hkv, K), 0x7FFFFFFF, dtype=torch.int32, device=_dev())
-    call = lambda: sel.select_blocks_tilelang(q, kmin, kmax, sl, k_cache=k, out=out,  # noqa
+    call = lambda: kc.select_blocks(q, kmin, kmax, sl, k_cache=k, out=out,  # noqa
                                               config=cfg, **kw)
     if graph:
         call()                                                  # warm-up (compiles)
@@ -478,11 +480,11 @@ def test_select_blocks_sink_blocks(case):
     ref = sel.select_blocks_reference(q, ref_min, ref_max, sl, k_cache=k, **kw)
     out = torch.full((B, Hkv, K), 0x7FFFFFFF, dtype=torch.int32, device=_dev())   # poisoned
     got_min, got_max = kmin.clone(), kmax.clone()
-    sel.select_blocks_tilelang(q, got_min, got_max, sl, k_cache=k, out=out, **kw)
+    kc.select_blocks(q, got_min, got_max, sl, k_cache=k, out=out, **kw)
     differing = check_selection(out, q, kmin, kmax, sl, ref=ref, **kw)
     assert differing <= max(1, B * Hkv // 8), f"{differing} rows differ from torch.topk"
     assert torch.equal(got_min, ref_min) and torch.equal(got_max, ref_max)
-    plain = sel.select_blocks_tilelang(q, kmin.clone(), kmax.clone(), sl,
+    plain = kc.select_blocks(q, kmin.clone(), kmax.clone(), sl,
                                        **{**kw, "sink_blocks": 0})
     assert not torch.equal(plain, out), "the cases must make the sink blocks matter"
     via_op = ops.select_blocks(q, kmin.clone(), kmax.clone(), sl, k_cache=k, backend="tilelang",
@@ -502,7 +504,7 @@ def test_select_blocks_cuda_graph_and_no_recompile():
     kmin, kmax = _random_summaries(B, GRAPH_NB, Hkv, D, dt, seed=7)
     sl = _lens([S, 17, 1000])
     ops.select_blocks(q, kmin, kmax, sl, backend="tilelang", **kw)          # warm-up
-    misses = sel.build_select_blocks_kernel.cache_info().misses
+    misses = sel.compile_kernel.cache_info().misses
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = ops.select_blocks(q, kmin, kmax, sl, backend="tilelang", **kw)
@@ -519,7 +521,7 @@ def test_select_blocks_cuda_graph_and_no_recompile():
         # eager calls with other lengths: no recompilation
         ops.select_blocks(q, kmin, kmax, sl, backend="tilelang", **kw)
     torch.cuda.synchronize()
-    assert sel.build_select_blocks_kernel.cache_info().misses == misses, "recompiled"
+    assert sel.compile_kernel.cache_info().misses == misses, "recompiled"
 
 
 def test_select_blocks_end_to_end_from_keys():
@@ -544,8 +546,8 @@ def test_unsupported_shapes_raise_before_launch():
     q = torch.randn(1, 4, 96, device=dev, dtype=BF16)
     kmin = torch.randn(1, 8, 2, 96, device=dev, dtype=BF16)
     with pytest.raises(ValueError, match="head_dim"):
-        sel.select_blocks_tilelang(q, kmin, kmin, _lens([100]), block_size=16, sparse_ratio=0.1,
+        kc.select_blocks(q, kmin, kmin, _lens([100]), block_size=16, sparse_ratio=0.1,
                                    min_blocks=16, local_blocks=1, max_selected=16)
     k = torch.randn(1, 64, 2, 36, device=dev, dtype=BF16)
     with pytest.raises(ValueError, match="head_dim"):
-        summ.block_summaries_tilelang(k, _lens([10]), 16)
+        kc.block_summaries(k, _lens([10]), 16)

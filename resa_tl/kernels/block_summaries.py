@@ -219,6 +219,8 @@ def refresh_newest_summaries_reference(kmin, kmax, k_cache, cache_seqlens, block
 import functools  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
+from .common import compile_program  # noqa: E402
+
 _VEC = 8  # fp16/bf16 elements per 16-byte vector load
 
 
@@ -229,29 +231,46 @@ class SummariesConfig:
     blocks_per_cta: int = 4     # KV blocks per CTA (threads are spread over block x vector items)
 
 
-def _tl_dtype(dtype) -> str:
-    return {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype] \
-        if isinstance(dtype, torch.dtype) else str(dtype)
+@dataclass(frozen=True)
+class SummariesShape:
+    """The compile-time problem of block_summaries (mode "build") and update_block_summaries
+    (mode "update"): one kernel per shape and config. Batch, cache capacity, the number of
+    blocks, the lengths and (update) the number of new positions are run-time values.
+    ``summary_dtype``: dtype of kmin/kmax, None = ``dtype``; an fp8 one is rounded outward."""
+    heads_kv: int
+    head_dim: int
+    block_size: int
+    dtype: str = "bfloat16"
+    index_dtype: str = "int32"
+    mode: str = "build"
+    summary_dtype: str = None
 
 
-def summaries_program(heads_kv: int, head_dim: int, block_size: int, dtype: str = "bfloat16",
-                      index_dtype: str = "int32", mode: str = "build",
-                      config: SummariesConfig | None = None, pdl: bool = False,
-                      summary_dtype: str | None = None):
+def check_shape(shape: SummariesShape) -> None:
+    if shape.mode not in ("build", "update"):
+        raise ValueError(f"mode must be 'build' or 'update', got {shape.mode!r}")
+    if shape.head_dim % _VEC:
+        raise ValueError(f"head_dim must be a multiple of {_VEC} for the tilelang backend of "
+                         f"the block summaries, got {shape.head_dim}")
+
+
+def program(shape: SummariesShape, config: SummariesConfig, pdl: bool = False):
     """The TileLang PrimFunc of block_summaries (mode="build") or update_block_summaries
     (mode="update"). Static: Hkv, D, block size, dtypes, config; symbolic: B, S_max, NB.
-    ``pdl``: programmatic dependent launch (sm_90+; see _splitkv.grid_dependency).
-    ``summary_dtype``: dtype of kmin/kmax, None = ``dtype``; an fp8 one is rounded outward."""
+    ``pdl``: programmatic dependent launch (sm_90+; see common.grid_dependency).
+
+    Arguments: build (K [B, S, Hkv, D], Lens [B], Kmin, Kmax [B, NB, Hkv, D]); update
+    (K, Start [B], Kmin, Kmax, length: int32)."""
+    check_shape(shape)
+    heads_kv, head_dim, block_size = shape.heads_kv, shape.head_dim, shape.block_size
+    dtype, index_dtype, mode = shape.dtype, shape.index_dtype, shape.mode
+    summary_dtype = shape.summary_dtype
     import tilelang.language as T
-    from ._splitkv import grid_dependency
+    from .common import grid_dependency
     wait = grid_dependency(pdl)
 
-    if mode not in ("build", "update"):
-        raise ValueError(f"mode must be 'build' or 'update', got {mode!r}")
-    cfg = config or SummariesConfig()
+    cfg = config
     HKV, D, BS, TH, BPC = heads_kv, head_dim, block_size, cfg.threads, cfg.blocks_per_cta
-    if D % _VEC:
-        raise ValueError(f"head_dim must be a multiple of {_VEC}, got {D}")
     RV = HKV * D // _VEC                     # 16-byte vectors per token row (all KV heads)
     ITEMS = BPC * RV                         # (block, vector) items per CTA
     PER_THREAD = -(-ITEMS // TH)
@@ -332,91 +351,17 @@ def summaries_program(heads_kv: int, head_dim: int, block_size: int, dtype: str 
 
 
 @functools.lru_cache(maxsize=None)
-def build_summaries_kernel(heads_kv: int, head_dim: int, block_size: int, dtype: str,
-                           index_dtype: str, mode: str, config: SummariesConfig, target: str,
-                           pdl: bool = None, summary_dtype: str | None = None):
-    """Compile (memoised) the summaries program for ``target`` ("sm_90a", "sm_80", ...).
-    ``pdl`` None: :func:`resa_tl.heuristics.use_pdl` decides. ``summary_dtype``: see
-    :func:`summaries_program`."""
-    import tilelang
-    from .. import heuristics
-    pdl = heuristics.use_pdl(target) if pdl is None else pdl
-    prog = summaries_program(heads_kv, head_dim, block_size, dtype, index_dtype, mode, config,
-                             pdl, summary_dtype)
-    return tilelang.compile(prog, target={"kind": "cuda", "arch": target})
+def compile_kernel(shape: SummariesShape, config: SummariesConfig, arch: str, pdl: bool):
+    """Compiled kernel, memoised per static configuration (and in TileLang's disk cache)."""
+    return compile_program(program(shape, config, pdl), arch, fast_math=False)
 
 
-def _check_tilelang_shapes(k_cache: torch.Tensor):
-    D = k_cache.shape[-1]
-    if D % _VEC:
-        raise ValueError(f"head_dim must be a multiple of {_VEC} for the tilelang backend of the "
-                         f"block summaries, got {D}")
-
-
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself if contiguous and 16-byte aligned (the kernels use 16-byte vector loads and
-    stores), else a contiguous copy."""
-    if t.is_contiguous() and t.data_ptr() % 16 == 0:
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
-
-
-def _kernel_for(k_cache, index: torch.Tensor, block_size: int, mode: str, length: int = 1,
-                summary_dtype=None):
-    from .. import heuristics, schedules
-    B, S, Hkv, D = k_cache.shape
-    arch = heuristics.arch_of(k_cache.device)
-    # the tuned schedule's entry for this shape, else the heuristic
-    shape = {"context": max(S, 1)} if mode == "build" else {"length": max(int(length), 1)}
-    cfg = schedules.config_for(
-        "block_summaries" if mode == "build" else "update_block_summaries",
-        heuristics.summaries_config(Hkv, D, block_size), arch=arch,
-        dtype=k_cache.dtype, head_dim=D, hkv=Hkv, block_size=block_size, batch=max(B, 1),
-        **shape)
-    return build_summaries_kernel(Hkv, D, block_size, _tl_dtype(k_cache.dtype),
-                                  "int64" if index.dtype == torch.int64 else "int32", mode, cfg,
-                                  arch, heuristics.use_pdl(arch), fp8_name(summary_dtype))
-
-
-def block_summaries_tilelang(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, block_size: int,
-                             *, out=None, summary_dtype=None):
-    """TileLang backend of :func:`resa_tl.ops.block_summaries` (arguments already validated).
-
-    ``out`` (optional): a (kmin, kmax) pair of contiguous tensors to write into.
-    ``summary_dtype``: None (k_cache's dtype) or an fp8 dtype (rounded outward).
-    """
-    _check_tilelang_shapes(k_cache)
-    B, S, Hkv, D = k_cache.shape
-    nb = -(-S // block_size)
-    k = _aligned(k_cache)
-    if out is None:
-        kmin = torch.empty((B, nb, Hkv, D), dtype=summary_dtype or k.dtype, device=k.device)
-        kmax = torch.empty_like(kmin)
+def launch(kernel, k_cache, index, kmin, kmax, length: int = None):
+    """One call: k_cache [B, S_max, Hkv, D], index [B] (build: lengths; update: start),
+    kmin / kmax [B, NB, Hkv, D] (written), all contiguous and 16-byte aligned; ``length``
+    (update only, >= 1) the positions written per row."""
+    if length is None:
+        kernel(k_cache, index, kmin, kmax)
     else:
-        kmin, kmax = out
-    if B == 0 or nb == 0:
-        return kmin, kmax
-    kern = _kernel_for(k, cache_seqlens, block_size, "build", summary_dtype=kmin.dtype)
-    kern(k, cache_seqlens.contiguous(), kmin, kmax)
-    return kmin, kmax
-
-
-def update_block_summaries_tilelang(kmin, kmax, k_cache, start, length: int, block_size: int):
-    """TileLang backend of :func:`resa_tl.ops.update_block_summaries` (in place; arguments
-    already validated, ``length`` >= 1). Launches ceil(ceil(length/bs)+1, blocks_per_cta) CTAs
-    per row: the cost is O(length / block_size) blocks, independent of the cache length."""
-    _check_tilelang_shapes(k_cache)
-    B = k_cache.shape[0]
-    if length <= 0 or B == 0:
-        return kmin, kmax
-    if length >= 2 ** 31 - 2 * block_size:
-        raise ValueError(f"length must be < 2**31 for the tilelang backend, got {length}")
-    k = _aligned(k_cache)
-    lo, hi = _aligned(kmin), _aligned(kmax)
-    kern = _kernel_for(k, start, block_size, "update", length, summary_dtype=kmin.dtype)
-    kern(k, start.contiguous(), lo, hi, int(length))
-    if lo is not kmin:
-        kmin.copy_(lo)
-    if hi is not kmax:
-        kmax.copy_(hi)
+        kernel(k_cache, index, kmin, kmax, length)
     return kmin, kmax

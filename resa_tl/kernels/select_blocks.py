@@ -33,7 +33,7 @@ def block_scores_reference(q, kmin, kmax, cache_seqlens, block_size: int, local_
     """Scores [B, Hkv, NB] in fp32: -inf past a row's end, +inf for the local and sink blocks."""
     B, H, D = q.shape
     _, NB, Hkv, _ = kmin.shape
-    from .summaries import summary_values
+    from .block_summaries import summary_values
     qm = q.float().view(B, Hkv, H // Hkv, D).mean(dim=2) * D ** -0.5      # [B, Hkv, D]
     lo, hi = summary_values(kmin, kmax)                                  # fp8: sentinel decoded
     lo, hi = lo.permute(0, 2, 1, 3), hi.permute(0, 2, 1, 3)              # [B, Hkv, NB, D]
@@ -52,7 +52,7 @@ def select_blocks_reference(q, kmin, kmax, cache_seqlens, *, block_size, sparse_
     """Torch reference of :func:`resa_tl.ops.select_blocks` (with ``k_cache``: the newest
     block's summary is refreshed in place after the selection, which does not depend on it)."""
     if k_cache is not None:
-        from .summaries import refresh_newest_summaries_reference
+        from .block_summaries import refresh_newest_summaries_reference
         top = select_blocks_reference(q, kmin, kmax, cache_seqlens, block_size=block_size,
                                       sparse_ratio=sparse_ratio, min_blocks=min_blocks,
                                       local_blocks=local_blocks, max_selected=max_selected,
@@ -117,6 +117,9 @@ def select_from_scores_reference(s, cache_seqlens, *, block_size, sparse_ratio, 
 import functools  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
+from .block_summaries import fp8_name, round_outward_tl, summary_value_tl  # noqa: E402
+from .common import compile_program  # noqa: E402
+
 _VEC = 8                     # fp16/bf16 elements per 16-byte load
 _MAX_REG_KEYS = 16           # keys per thread kept in registers
 _MAX_SMEM_KEYS = 49152       # keys kept in shared memory (192 KB)
@@ -147,34 +150,82 @@ def _orderable_key(T, s):
                                          bits | T.uint32(0x80000000)))
 
 
-def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: int,
-                          block_size: int, sparse_ratio: float, min_blocks: int,
-                          local_blocks: int, max_selected: int, dtype: str = "bfloat16",
-                          index_dtype: str = "int32", config: SelectionConfig | None = None,
-                          pdl: bool = False, refresh: bool = False, sink_blocks: int = 0,
-                          summary_dtype: str | None = None):
-    """The TileLang PrimFunc of select_blocks. Static: NB (kmin's block dim, fixed per cache),
-    Hkv, g, D, the selection hyper-parameters and K; symbolic: B. The row lengths are data, so
-    nothing recompiles as they change. ``pdl``: programmatic dependent launch for both kernels
-    (sm_90+; see _splitkv.grid_dependency). ``refresh``: the program takes the K cache as a 7th
-    argument and the select kernel also rewrites the newest block's kmin/kmax (needs
-    local_blocks >= 1). ``sink_blocks``: blocks 0 .. sink_blocks - 1 are forced like the local
-    ones (0 emits no test, so the program is the one without sinks). ``summary_dtype``: dtype
-    of kmin/kmax, None = ``dtype``; an fp8 one (see summaries.FP8_SUMMARY_DTYPES) is read 16
-    elements per 16-byte load and its "unbounded" sentinel decoded."""
+@dataclass(frozen=True)
+class SelectShape:
+    """The compile-time problem of select_blocks: NB (kmin's block dim, fixed per cache), Hkv,
+    g, D, the selection hyper-parameters, the output width K = max_selected and the dtypes.
+    The batch and the row lengths are run-time values. ``refresh``: the program takes the K
+    cache as a 7th argument and the select kernel also rewrites each row's newest block's
+    kmin/kmax (needs local_blocks >= 1). ``sink_blocks``: blocks 0 .. sink_blocks - 1 are
+    forced like the local ones (0 emits no test, so the program is the one without sinks).
+    ``summary_dtype``: dtype of kmin/kmax, None = ``dtype``; an fp8 one (see
+    block_summaries.FP8_SUMMARY_DTYPES) is read 16 elements per 16-byte load and its
+    "unbounded" sentinel decoded."""
+    num_blocks: int
+    heads_kv: int
+    group: int
+    head_dim: int
+    block_size: int
+    sparse_ratio: float
+    min_blocks: int
+    local_blocks: int
+    max_selected: int
+    dtype: str = "bfloat16"
+    index_dtype: str = "int32"
+    refresh: bool = False
+    sink_blocks: int = 0
+    summary_dtype: str = None
+
+
+def check_shape(shape: SelectShape) -> None:
+    D = shape.head_dim
+    if D % _VEC or (D // _VEC) & (D // _VEC - 1) or D // _VEC > 32:
+        raise ValueError(f"head_dim must be one of 8, 16, 32, 64, 128, 256 for the tilelang "
+                         f"select_blocks, got {D}")
+    if shape.summary_dtype is not None and fp8_name(shape.summary_dtype) and D % 16:
+        raise ValueError(f"fp8 summaries need head_dim a multiple of 16 for the tilelang "
+                         f"select_blocks, got {D}")
+    if shape.refresh and shape.local_blocks < 1:
+        raise ValueError("refresh (the newest block's summary rewritten by the select kernel) "
+                         f"needs local_blocks >= 1, got {shape.local_blocks}")
+
+
+def check_config(shape: SelectShape, cfg: "SelectionConfig") -> None:
+    c = -(-shape.num_blocks // cfg.select_threads)
+    if c > _MAX_REG_KEYS and c * cfg.select_threads > _MAX_SMEM_KEYS:
+        raise ValueError(f"kmin has NB={shape.num_blocks} blocks per row; the tilelang "
+                         f"select_blocks supports at most {_MAX_SMEM_KEYS} (use a larger "
+                         f"block_size)")
+
+
+def scores_width(shape: SelectShape, cfg: "SelectionConfig") -> int:
+    """Row width of the fp32 score workspace [B, Hkv, width]: NB padded to a multiple of the
+    select kernel's threads (unmasked vector loads)."""
+    return -(-shape.num_blocks // cfg.select_threads) * cfg.select_threads
+
+
+def program(shape: SelectShape, config: "SelectionConfig", pdl: bool = False):
+    """The TileLang PrimFunc of select_blocks (scoring kernel + select kernel) for a static
+    shape and launch config. ``pdl``: programmatic dependent launch for both kernels (sm_90+;
+    see common.grid_dependency).
+
+    Arguments: q [B, H, D], kmin, kmax [B, NB, Hkv, D] (summary dtype), cache_seqlens [B],
+    scores [B, Hkv, scores_width] fp32 (workspace), out [B, Hkv, K] int32, then, with
+    ``refresh``, k_cache [B, S, Hkv, D]."""
+    check_shape(shape)
+    num_blocks, heads_kv, group, head_dim = (shape.num_blocks, shape.heads_kv, shape.group,
+                                             shape.head_dim)
+    block_size, sparse_ratio, min_blocks = shape.block_size, shape.sparse_ratio, shape.min_blocks
+    local_blocks, max_selected, dtype = shape.local_blocks, shape.max_selected, shape.dtype
+    index_dtype, refresh, sink_blocks = shape.index_dtype, shape.refresh, shape.sink_blocks
+    summary_dtype = shape.summary_dtype
     import tilelang.language as T
-    from ._splitkv import grid_dependency
-    from .summaries import fp8_name, round_outward_tl, summary_value_tl
+    from .common import grid_dependency
     wait = grid_dependency(pdl)
 
-    cfg = config or SelectionConfig()
+    cfg = config
     NB, HKV, G, D, BS, K = num_blocks, heads_kv, group, head_dim, block_size, max_selected
-    if refresh and local_blocks < 1:
-        raise ValueError("refresh (the newest block's summary rewritten by the select kernel) "
-                         f"needs local_blocks >= 1, got {local_blocks}")
     H = HKV * G
-    if D % _VEC or (D // _VEC) & (D // _VEC - 1) or D // _VEC > 32:
-        raise ValueError(f"head_dim must be 8 * 2^k <= 256 for the tilelang select_blocks, got {D}")
     NUM, DEN = ratio_numerator(sparse_ratio), RATIO_DENOM
     MINB, LOCAL, SINK = min_blocks, local_blocks, sink_blocks
     scale = float(D) ** -0.5
@@ -550,115 +601,21 @@ def select_blocks_program(num_blocks: int, heads_kv: int, group: int, head_dim: 
     return select_blocks_kernel
 
 
-_PASS_CONFIGS = None
-
-
-def _pass_configs():
-    import tilelang
-    # Barriers are placed by hand (the select kernel's are inside uniform branches).
-    return {tilelang.PassConfigKey.TL_DISABLE_THREAD_STORAGE_SYNC: True}
-
-
 @functools.lru_cache(maxsize=None)
-def build_select_blocks_kernel(num_blocks: int, heads_kv: int, group: int, head_dim: int,
-                               block_size: int, sparse_ratio: float, min_blocks: int,
-                               local_blocks: int, max_selected: int, dtype: str,
-                               index_dtype: str, config: SelectionConfig, target: str,
-                               pdl: bool = None, refresh: bool = False, sink_blocks: int = 0,
-                               summary_dtype: str | None = None):
-    """Compile (memoised) the select_blocks program for ``target`` ("sm_90a", "sm_80", ...).
-    ``pdl`` None: :func:`resa_tl.heuristics.use_pdl` decides. ``refresh``, ``summary_dtype``:
-    see :func:`select_blocks_program`."""
-    import tilelang
-    from .. import heuristics
-    pdl = heuristics.use_pdl(target) if pdl is None else pdl
-    prog = select_blocks_program(num_blocks, heads_kv, group, head_dim, block_size, sparse_ratio,
-                                 min_blocks, local_blocks, max_selected, dtype, index_dtype,
-                                 config, pdl, refresh, sink_blocks, summary_dtype)
-    return tilelang.compile(prog, target={"kind": "cuda", "arch": target},
-                            pass_configs=_pass_configs())
+def compile_kernel(shape: SelectShape, config: SelectionConfig, arch: str, pdl: bool):
+    """Compiled kernel, memoised per static configuration (and in TileLang's disk cache).
+    Barriers are placed by hand (the select kernel's are inside uniform branches), so
+    TileLang's automatic ones are off."""
+    check_config(shape, config)
+    return compile_program(program(shape, config, pdl), arch, fast_math=False,
+                           auto_sync=False)
 
 
-_WORKSPACES: dict = {}
-
-
-def _scores_workspace(device, B, Hkv, NB):
-    """fp32 scores [B, Hkv, NB], allocated once per shape/device and reused (graph-safe after
-    one warm-up call). Calls on different streams must not overlap."""
-    key = (str(device), B, Hkv, NB)
-    ws = _WORKSPACES.get(key)
-    if ws is None:
-        ws = torch.empty((B, Hkv, NB), dtype=torch.float32, device=device)
-        _WORKSPACES[key] = ws
-    return ws
-
-
-def _contig16(t: torch.Tensor) -> torch.Tensor:
-    if t.is_contiguous() and t.data_ptr() % 16 == 0:
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
-
-
-def select_config(num_blocks: int, heads_kv: int, group: int, head_dim: int, block_size: int,
-                  batch: int, dtype, summary_dtype, arch: str) -> SelectionConfig:
-    """The config select_blocks_tilelang launches with: the tuned schedule's entry for the shape,
-    else the heuristic, adjusted for fp8 summaries (heuristics.selection_config_for_summaries)."""
-    from .. import heuristics, schedules
-    cfg = schedules.config_for(
-        "select_blocks", heuristics.selection_config(num_blocks, heads_kv, head_dim), arch=arch,
-        dtype=dtype, head_dim=head_dim, g=group, hkv=heads_kv, block_size=block_size,
-        num_blocks=max(num_blocks, 1), batch=max(batch, 1))
-    return heuristics.selection_config_for_summaries(cfg, summary_dtype, dtype)
-
-
-def select_blocks_tilelang(q, kmin, kmax, cache_seqlens, *, block_size, sparse_ratio,
-                           min_blocks, local_blocks, max_selected, k_cache=None, out=None,
-                           config=None, sink_blocks=0):
-    """TileLang backend of :func:`resa_tl.ops.select_blocks` (arguments already validated).
-
-    ``k_cache`` (optional): [B, S_max, Hkv, D] contiguous; refresh the newest block's summary.
-    ``out`` (optional): an int32 [B, Hkv, K] contiguous tensor to write into.
-    ``config`` (optional): a :class:`SelectionConfig` overriding the heuristic (tests, tuning).
-    Among blocks with equal fp32 scores at the threshold, the lower block ids are kept.
-    """
-    from .. import heuristics
-    from .summaries import fp8_name
-    B, H, D = q.shape
-    NB, Hkv = kmin.shape[1], kmin.shape[2]
-    K = int(max_selected)
-    if D % _VEC or (D // _VEC) & (D // _VEC - 1) or D // _VEC > 32:
-        raise ValueError(f"head_dim must be one of 8, 16, 32, 64, 128, 256 for the tilelang "
-                         f"select_blocks, got {D}")
-    cfg = config or select_config(NB, Hkv, H // Hkv, D, block_size, B, q.dtype, kmin.dtype,
-                                  heuristics.arch_of(q.device))
-    sdt = fp8_name(kmin.dtype)
-    if sdt is not None and D % 16:
-        raise ValueError(f"fp8 summaries need head_dim a multiple of 16 for the tilelang "
-                         f"select_blocks, got {D}")
-    if -(-NB // cfg.select_threads) > _MAX_REG_KEYS and \
-            -(-NB // cfg.select_threads) * cfg.select_threads > _MAX_SMEM_KEYS:
-        raise ValueError(f"kmin has NB={NB} blocks per row; the tilelang select_blocks supports "
-                         f"at most {_MAX_SMEM_KEYS} (use a larger block_size)")
-    if out is None:
-        out = torch.empty((B, Hkv, K), dtype=torch.int32, device=q.device)
-    if B == 0:
-        return out
-    kern = build_select_blocks_kernel(
-        NB, Hkv, H // Hkv, D, block_size, float(sparse_ratio), int(min_blocks),
-        int(local_blocks), K, {torch.float16: "float16", torch.bfloat16: "bfloat16"}[q.dtype],
-        "int64" if cache_seqlens.dtype == torch.int64 else "int32", cfg,
-        heuristics.arch_of(q.device), heuristics.use_pdl(heuristics.arch_of(q.device)),
-        k_cache is not None, int(sink_blocks), sdt)
-    nbp = -(-NB // cfg.select_threads) * cfg.select_threads     # padded row (see NBP)
-    scores = _scores_workspace(q.device, B, Hkv, nbp)
-    lo, hi = _contig16(kmin), _contig16(kmax)
-    args = (_contig16(q), lo, hi, cache_seqlens.contiguous(), scores, out)
+def launch(kernel, q, kmin, kmax, cache_seqlens, scores, out, k_cache=None):
+    """One call: tensors as :func:`program` lists them, contiguous and 16-byte aligned;
+    ``k_cache`` exactly when the kernel was built with ``refresh``."""
     if k_cache is None:
-        kern(*args)
-        return out
-    kern(*args, _contig16(k_cache))
-    if lo is not kmin:                       # refreshed a copy: write it back
-        kmin.copy_(lo)
-    if hi is not kmax:
-        kmax.copy_(hi)
+        kernel(q, kmin, kmax, cache_seqlens, scores, out)
+    else:
+        kernel(q, kmin, kmax, cache_seqlens, scores, out, k_cache)
     return out

@@ -1,4 +1,6 @@
-"""Shared pieces of the split-KV decode kernels (sparse_decode, dense_decode).
+"""TileLang pieces shared by the kernel modules: dtype and target names, programmatic
+dependent launch, compilation, and the split-KV machinery of the decode kernels
+(sparse_decode, dense_decode; rectify_attention uses the dtype/target/PDL/compile helpers).
 
 Split-KV flash decoding: the keys of each (row, KV head) are cut into ``num_splits`` ranges;
 one CTA per (split, KV head, row) runs flash attention over its range for the g query heads
@@ -12,6 +14,8 @@ is a runtime (T.dynamic) dimension: decoding never recompiles as lengths grow.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 LOG2E = 1.4426950408889634
@@ -20,11 +24,22 @@ ACC = "float32"
 _TL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def tl_dtype(dtype: torch.dtype) -> str:
+def tl_dtype(dtype) -> str:
+    """TileLang dtype name of a torch float dtype (a name passes through)."""
+    if isinstance(dtype, str):
+        return dtype
     try:
         return _TL_DTYPES[dtype]
     except KeyError:
-        raise TypeError(f"TileLang decode kernels take float16/bfloat16, got {dtype}") from None
+        raise TypeError(f"TileLang kernels take float16/bfloat16, got {dtype}") from None
+
+
+_INT_DTYPES = {torch.int32: "int32", torch.int64: "int64"}
+
+
+def int_dtype(dtype: torch.dtype) -> str:
+    """"int32" / "int64" of an index or length tensor's dtype."""
+    return _INT_DTYPES[dtype]
 
 
 def target_of(arch: str) -> dict:
@@ -39,6 +54,49 @@ def check_head_dims(head_dim: int, head_dim_v: int) -> None:
         if d not in SUPPORTED_HEAD_DIMS:
             raise ValueError(f"{name} must be one of {SUPPORTED_HEAD_DIMS} for the TileLang "
                              f"decode kernels, got {d}")
+
+
+@dataclass(frozen=True)
+class DecodeHeads:
+    """The head layout the decode kernels' shapes share: H query heads in groups of
+    g = H / Hkv per KV head, head dims D (q, k) and Dv (v)."""
+    heads: int
+    heads_kv: int
+    dim: int
+    dim_v: int
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.heads_kv
+
+    def check_heads(self) -> None:
+        if self.heads % self.heads_kv:
+            raise ValueError(f"heads={self.heads} must be a multiple of "
+                             f"heads_kv={self.heads_kv}")
+        check_head_dims(self.dim, self.dim_v)
+
+
+def alloc_stage_barriers(stages: int, consumers: int):
+    """mbarriers of a hand-written producer/consumer pipeline with ``stages`` K and V buffers:
+    (kready, vready) completed by the producer warp's TMA copies (32 arrivals), (kfree, vfree)
+    by the ``consumers`` threads that read the buffer."""
+    import tilelang.language as T
+    return (T.alloc_barrier([32] * stages), T.alloc_barrier([32] * stages),
+            T.alloc_barrier([consumers] * stages), T.alloc_barrier([consumers] * stages))
+
+
+def check_decode_tile(cfg, group: int) -> None:
+    """The tile rules both split-KV decode configs share (``cfg``: SparseDecodeConfig or
+    DenseDecodeConfig): the g query heads of a KV group fit the padded row tile, each warp owns
+    16 full rows (threads = 2 * block_H: the flash "P in registers" layout), a pipeline."""
+    name = type(cfg).__name__
+    if cfg.block_H not in (16, 32, 64) or cfg.threads != 2 * cfg.block_H:
+        raise ValueError(f"{name} needs block_H in (16, 32, 64) and threads = 2 * block_H; "
+                         f"got block_H={cfg.block_H}, threads={cfg.threads}")
+    if group > cfg.block_H:
+        raise ValueError(f"q heads per KV head (g={group}) must be <= block_H={cfg.block_H}")
+    if cfg.num_stages < 1 or cfg.combine_chunk < 1:
+        raise ValueError(f"{name} needs num_stages >= 1 and combine_chunk >= 1, got {cfg}")
 
 
 def column_chunks(dim: int, dtype: str):
@@ -73,6 +131,25 @@ def grid_dependency(pdl: bool):
             T.pdl_sync()
 
     return wait
+
+
+def alloc_flash_state(block_h: int, block_n: int, dim_v: int, dtype: str):
+    """The register tiles of one flash-attention consumer, allocated where it is called (inside
+    ``T.Kernel``, or a warp-specialised branch of it): the score tile, P, the output
+    accumulator and the per-row softmax state (max, previous max, guarded max, rescale, row
+    sum, running sum), in that order."""
+    import tilelang.language as T
+    return (T.alloc_fragment((block_h, block_n), ACC), T.alloc_fragment((block_h, block_n), dtype),
+            T.alloc_fragment((block_h, dim_v), ACC),
+            *(T.alloc_fragment((block_h,), ACC) for _ in range(6)))
+
+
+def alloc_flash_tiles(block_h: int, block_n: int, dim: int, dim_v: int, dtype: str):
+    """Q, K and V tiles in shared memory, then :func:`alloc_flash_state`'s register tiles."""
+    import tilelang.language as T
+    return (T.alloc_shared((block_h, dim), dtype), T.alloc_shared((block_n, dim), dtype),
+            T.alloc_shared((block_n, dim_v), dtype),
+            *alloc_flash_state(block_h, block_n, dim_v, dtype))
 
 
 def make_softmax_update(block_h: int, block_n: int, dim_v: int, dtype: str):
@@ -168,31 +245,31 @@ def make_combine(heads: int, dim_v: int, dtype: str, chunk: int, pdl: bool = Fal
 
 
 # ---------------------------------------------------------------------------------------------
-# Host side: workspaces and the compile cache.
+# Host side: compilation and argument layout.
 # ---------------------------------------------------------------------------------------------
 
-_WORKSPACES: dict = {}
+def compile_program(prim_func, arch: str, *, fast_math: bool = True, auto_sync: bool = True):
+    """Compile a PrimFunc for ``arch`` (TileLang's memory and disk caches make a repeat cheap).
 
-
-def workspace(batch: int, heads: int, num_splits: int, dim_v: int, device: torch.device):
-    """(O_part [B, H, NS, Dv] fp32, LSE_part [B, H, NS] fp32), allocated once per shape and
-    device and reused (no allocation on the decode path; CUDA-graph capture after one warm-up
-    call replays with the same buffers). Every call overwrites all of it before reading."""
-    key = (batch, heads, num_splits, dim_v, device)
-    ws = _WORKSPACES.get(key)
-    if ws is None:
-        o = torch.empty(batch, heads, num_splits, dim_v, dtype=torch.float32, device=device)
-        lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=device)
-        ws = _WORKSPACES[key] = (o, lse)
-    return ws
-
-
-def compile_program(prim_func, arch: str, no_auto_sync: bool = False):
+    ``fast_math``: exp2/log2 as the fast intrinsics (the attention kernels). ``auto_sync``:
+    TileLang inserts __syncthreads where shared memory is reused; off for kernels that place
+    their own barriers (inside warp-specialised or uniform branches an inserted barrier would
+    deadlock). The pass configs are part of TileLang's cache key."""
     import tilelang
-    pc = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
-    if no_auto_sync:
+    pc = {}
+    if fast_math:
+        pc[tilelang.PassConfigKey.TL_ENABLE_FAST_MATH] = True
+    if not auto_sync:
         pc[tilelang.PassConfigKey.TL_DISABLE_THREAD_STORAGE_SYNC] = True
-    return tilelang.compile(prim_func, target=target_of(arch), pass_configs=pc)
+    return tilelang.compile(prim_func, target=target_of(arch), pass_configs=pc or None)
+
+
+def aligned16(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if contiguous and 16-byte aligned (kernels that use 16-byte vector loads
+    and stores need it), else a contiguous copy."""
+    if t.is_contiguous() and t.data_ptr() % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -67,9 +67,10 @@ import dataclasses
 import functools
 import math
 
-RECTIFY_MAX_T = 64            # largest chunk T the TileLang kernel takes (see the wrapper)
+from . import common
+
+RECTIFY_MAX_T = 64            # largest chunk T the TileLang kernel takes (see check_shape)
 RECTIFY_HEAD_DIMS = (64, 128)  # head_dim / head_dim_v the TileLang kernel takes
-_LOG2E = 1.4426950408889634
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,17 +111,47 @@ class RectifyConfig:
             raise ValueError(f"num_stages must be >= 0, got {self.num_stages}")
 
 
-def _tl_dtype(dtype) -> str:
-    if isinstance(dtype, str):
-        return dtype
-    return {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+@dataclasses.dataclass(frozen=True)
+class RectifyShape:
+    """The compile-time problem: T = num_q queries per row (the chunk), GQA group g, KV heads,
+    head dims, dtype and the softmax scale (folded into the kernel). Batch, cache capacity
+    S_max, the lengths and the split count are run-time values."""
+    num_q: int
+    group: int
+    heads_kv: int
+    dim: int
+    dim_v: int
+    dtype: str
+    softmax_scale: float
+
+    @property
+    def rows(self) -> int:
+        """Query rows per KV head: R = T * g."""
+        return self.num_q * self.group
 
 
-def build_rectify_kernel(num_q: int, group: int, num_kv_heads: int, head_dim: int,
-                         head_dim_v: int, dtype, softmax_scale: float,
-                         config: RectifyConfig = RectifyConfig(), pdl: bool = False):
-    """TileLang programs of rectify attention for a static (T, g, Hkv, D, Dv, dtype, scale,
-    tiles). Returns ``(split_prog, combine_prog)``, two PrimFuncs:
+def check_shape(shape: RectifyShape) -> None:
+    if not 1 <= shape.num_q <= RECTIFY_MAX_T:
+        raise ValueError(f"rectify_attention (tilelang): q holds T={shape.num_q} queries per "
+                         f"row; the kernel supports 1 <= T <= {RECTIFY_MAX_T} (use "
+                         f"backend='torch' or smaller chunks)")
+    if shape.dim not in RECTIFY_HEAD_DIMS or shape.dim_v not in RECTIFY_HEAD_DIMS:
+        raise ValueError(f"rectify_attention (tilelang): head_dim={shape.dim}, "
+                         f"head_dim_v={shape.dim_v}; supported: {RECTIFY_HEAD_DIMS}")
+
+
+def check_config(config: RectifyConfig, arch: str) -> None:
+    if config.schedule == "pingpong" and not arch.startswith("sm_9"):
+        raise ValueError(f"schedule='pingpong' needs Hopper (sm_90a), got arch {arch}")
+
+
+def num_row_tiles(shape: RectifyShape, config: RectifyConfig) -> int:
+    return common.ceil_div(shape.rows, config.block_M)
+
+
+def program(shape: RectifyShape, config: RectifyConfig, pdl: bool = False):
+    """TileLang programs of rectify attention for a static shape and tile config. Returns
+    ``(split_prog, combine_prog)``, two PrimFuncs:
 
     split_prog(Q [B, T, H, D], K [B, S, Hkv, D], V [B, S, Hkv, Dv], Lens [B] int32,
                O_part [B, Hkv, NS, T*g, Dv] f32, LSE_part [B, Hkv, NS, T*g] f32,
@@ -128,20 +159,20 @@ def build_rectify_kernel(num_q: int, group: int, num_kv_heads: int, head_dim: in
         B, S and NS are symbolic. NS == 1: writes Out directly (O_part/LSE_part untouched);
         NS > 1: writes the per-split partials, and combine_prog(O_part, LSE_part, Out) must
         follow.
-    ``pdl``: programmatic dependent launch for both (sm_90+; see _splitkv.grid_dependency).
+    ``pdl``: programmatic dependent launch for both (sm_90+; see common.grid_dependency).
     """
     import tilelang.language as T
-    from ._splitkv import grid_dependency
-    wait = grid_dependency(pdl)
+    wait = common.grid_dependency(pdl)
 
-    dt = _tl_dtype(dtype)
+    dt = common.tl_dtype(shape.dtype)
     acc_t = "float32"
-    TQ, G, HKV, D, DV = int(num_q), int(group), int(num_kv_heads), int(head_dim), int(head_dim_v)
+    TQ, G, HKV = int(shape.num_q), int(shape.group), int(shape.heads_kv)
+    D, DV = int(shape.dim), int(shape.dim_v)
     H = HKV * G
     R = TQ * G                                   # query rows per KV head
     BM, BN = config.block_M, config.block_N
     NRT = -(-R // BM)                            # row tiles per KV head
-    c = float(softmax_scale) * _LOG2E            # scores -> log2 domain, folded into one FMA
+    c = float(shape.softmax_scale) * common.LOG2E   # scores -> log2 domain, one FMA
     neg_inf = -T.infinity(acc_t)
 
     B, S, NS = T.dynamic("B S NS")
@@ -158,18 +189,8 @@ def build_rectify_kernel(num_q: int, group: int, num_kv_heads: int, head_dim: in
     ):
         with T.Kernel(NRT, NS, B * HKV, threads=config.threads) as (rt, sid, bh):
             wait()
-            Q_s = T.alloc_shared((BM, D), dt)
-            K_s = T.alloc_shared((BN, D), dt)
-            V_s = T.alloc_shared((BN, DV), dt)
-            Sc = T.alloc_fragment((BM, BN), acc_t)
-            P = T.alloc_fragment((BM, BN), dt)
-            acc = T.alloc_fragment((BM, DV), acc_t)
-            m = T.alloc_fragment((BM,), acc_t)
-            m_prev = T.alloc_fragment((BM,), acc_t)
-            mc = T.alloc_fragment((BM,), acc_t)
-            alpha = T.alloc_fragment((BM,), acc_t)
-            rsum = T.alloc_fragment((BM,), acc_t)
-            l = T.alloc_fragment((BM,), acc_t)
+            Q_s, K_s, V_s, Sc, P, acc, m, m_prev, mc, alpha, rsum, l = \
+                common.alloc_flash_tiles(BM, BN, D, DV, dt)
 
             b = bh // HKV
             hkv = bh % HKV
@@ -326,10 +347,7 @@ def _split_pingpong(TQ, G, HKV, D, DV, dt, c, config, B, S, NS, wait):
             V_s = T.alloc_shared((NST, BN, DV), dt)
             T.annotate_layout({Q_s: make_swizzled_layout(Q_s), K_s: make_swizzled_layout(K_s),
                                V_s: make_swizzled_layout(V_s)})
-            kready = T.alloc_barrier([32] * NST)
-            vready = T.alloc_barrier([32] * NST)
-            kfree = T.alloc_barrier([NMMA] * NST)
-            vfree = T.alloc_barrier([NMMA] * NST)
+            kready, vready, kfree, vfree = common.alloc_stage_barriers(NST, NMMA)
 
             tx = T.get_thread_binding()
             b = bh // HKV
@@ -371,15 +389,8 @@ def _split_pingpong(TQ, G, HKV, D, DV, dt, c, config, B, S, NS, wait):
                     my_bar = _PP_BAR[w]
                     other_bar = _PP_BAR[1 - w]
                     r0 = rt * 2 * HM + w * HM
-                    Sc = T.alloc_fragment((HM, BN), acc_t)
-                    P = T.alloc_fragment((HM, BN), dt)
-                    acc = T.alloc_fragment((HM, DV), acc_t)
-                    m = T.alloc_fragment((HM,), acc_t)
-                    m_prev = T.alloc_fragment((HM,), acc_t)
-                    mc = T.alloc_fragment((HM,), acc_t)
-                    alpha = T.alloc_fragment((HM,), acc_t)
-                    rsum = T.alloc_fragment((HM,), acc_t)
-                    l = T.alloc_fragment((HM,), acc_t)
+                    Sc, P, acc, m, m_prev, mc, alpha, rsum, l = \
+                        common.alloc_flash_state(HM, BN, DV, dt)
                     T.fill(acc, 0)
                     T.fill(l, 0)
                     T.fill(alpha, 1.0)
@@ -453,99 +464,25 @@ def _split_pingpong(TQ, G, HKV, D, DV, dt, c, config, B, S, NS, wait):
     return split_prog
 
 
-def _target(arch: str) -> dict:
-    return {"kind": "cuda", "arch": arch}
-
-
 @functools.lru_cache(maxsize=None)
-def compile_rectify_kernel(num_q: int, group: int, num_kv_heads: int, head_dim: int,
-                           head_dim_v: int, dtype: str, softmax_scale: float,
-                           config: RectifyConfig, arch: str, pdl: bool = None):
-    """Compiled (split, combine) kernels, memoised per static configuration (one per T).
-    ``pdl`` None: :func:`resa_tl.heuristics.use_pdl` decides."""
-    import tilelang
-    from .. import heuristics
-    if config.schedule == "pingpong" and not arch.startswith("sm_9"):
-        raise ValueError(f"schedule='pingpong' needs Hopper (sm_90a), got arch {arch}")
-    pdl = heuristics.use_pdl(arch) if pdl is None else pdl
-    split_prog, combine_prog = build_rectify_kernel(num_q, group, num_kv_heads, head_dim,
-                                                    head_dim_v, dtype, softmax_scale, config,
-                                                    pdl)
-    pc = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
-    pc_split = dict(pc)
-    if config.schedule == "pingpong":
-        # the hand-written schedule places its own barriers; TileLang's automatic
-        # __syncthreads would deadlock inside warp-specialised branches
-        pc_split[tilelang.PassConfigKey.TL_DISABLE_THREAD_STORAGE_SYNC] = True
-    tg = _target(arch)
-    return (tilelang.compile(split_prog, target=tg, pass_configs=pc_split),
-            tilelang.compile(combine_prog, target=tg, pass_configs=pc))
+def compile_kernel(shape: RectifyShape, config: RectifyConfig, arch: str, pdl: bool):
+    """Compiled (split, combine) kernels, memoised per static configuration (one per T)."""
+    check_shape(shape)
+    check_config(config, arch)
+    split_prog, combine_prog = program(shape, config, pdl)
+    # the hand-written schedule places its own barriers; TileLang's automatic
+    # __syncthreads would deadlock inside warp-specialised branches
+    return (common.compile_program(split_prog, arch, auto_sync=config.schedule != "pingpong"),
+            common.compile_program(combine_prog, arch))
 
 
-_WORKSPACES: dict = {}
-
-
-def _workspace(B, Hkv, ns, R, Dv, device):
-    """Split partials (O [B, Hkv, NS, R, Dv] f32, LSE [B, Hkv, NS, R] f32), allocated once per
-    shape and device and reused (so a CUDA graph captured after a warm-up call stays valid)."""
-    key = (B, Hkv, ns, R, Dv, device)
-    ws = _WORKSPACES.get(key)
-    if ws is None:
-        ws = (torch.empty((B, Hkv, ns, R, Dv), dtype=torch.float32, device=device),
-              torch.empty((B, Hkv, ns, R), dtype=torch.float32, device=device))
-        _WORKSPACES[key] = ws
-    return ws
-
-
-def rectify_attention_tilelang(q, k_cache, v_cache, cache_seqlens, *, softmax_scale,
-                               out=None, config: RectifyConfig | None = None,
-                               num_splits: int | None = None):
-    """TileLang backend of :func:`resa_tl.ops.rectify_attention` (arguments already validated
-    there: fp16/bf16 CUDA tensors, cache_seqlens >= T).
-
-    q [B, T, H, D]; k_cache [B, S_max, Hkv, D]; v_cache [B, S_max, Hkv, Dv];
-    cache_seqlens [B] int32/int64. Returns [B, T, H, Dv] in q.dtype (written into ``out`` if
-    given). Supports T in [1, RECTIFY_MAX_T], head_dim and head_dim_v in RECTIFY_HEAD_DIMS,
-    any group size g = H / Hkv.
-
-    T is a compile-time constant: one kernel is compiled and memoised per (T, g, Hkv, D, Dv,
-    dtype, softmax_scale, tile config, arch); batch, S_max, the lengths and the split count
-    are run-time values (no recompile as the cache grows). No host synchronisation.
-    """
-    from .. import heuristics, schedules
-    B, TQ, H, D = q.shape
-    S, Hkv, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
-    if TQ > RECTIFY_MAX_T:
-        raise ValueError(f"rectify_attention (tilelang): q holds T={TQ} queries per row; the "
-                         f"kernel supports T <= {RECTIFY_MAX_T} (use backend='torch' or "
-                         f"smaller chunks)")
-    if D not in RECTIFY_HEAD_DIMS or Dv not in RECTIFY_HEAD_DIMS:
-        raise ValueError(f"rectify_attention (tilelang): head_dim={D}, head_dim_v={Dv}; "
-                         f"supported: {RECTIFY_HEAD_DIMS}")
-    g = H // Hkv
-    R = TQ * g
-    arch = heuristics.arch_of(q.device)
-    if config is None:   # the tuned schedule's entry for this shape, else the heuristic
-        config = schedules.config_for(
-            "rectify_attention", heuristics.rectify_config(TQ, g, D, Dv, arch), arch=arch,
-            dtype=q.dtype, head_dim=D, g=g, hkv=Hkv, T=TQ, context=max(S, 1), batch=max(B, 1))
-    split_k, combine_k = compile_rectify_kernel(TQ, g, Hkv, D, Dv, _tl_dtype(q.dtype),
-                                                float(softmax_scale), config, arch,
-                                                heuristics.use_pdl(arch))
-    if num_splits is None:
-        num_splits = heuristics.rectify_num_splits(B, Hkv, -(-R // config.block_M), S,
-                                                   config, q.device)
-    o_part, lse_part = _workspace(B, Hkv, num_splits, R, Dv, q.device)
-    if out is None:
-        out = torch.empty((B, TQ, H, Dv), dtype=q.dtype, device=q.device)
-    elif (tuple(out.shape) != (B, TQ, H, Dv) or out.dtype != q.dtype or out.device != q.device
-          or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape "
-                         f"{[B, TQ, H, Dv]} on {q.device}; got {out.dtype} "
-                         f"{list(out.shape)} on {out.device}")
-    lens = cache_seqlens if cache_seqlens.dtype == torch.int32 else cache_seqlens.to(torch.int32)
-    q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
-    split_k(q, k_cache, v_cache, lens, o_part, lse_part, out)
-    if num_splits > 1:
+def launch(kernels, q, k_cache, v_cache, cache_seqlens, o_part, lse_part, out):
+    """One call: q [B, T, H, D], k_cache [B, S_max, Hkv, D], v_cache [B, S_max, Hkv, Dv]
+    (contiguous), cache_seqlens [B] int32 (each >= T), the split workspaces o_part
+    [B, Hkv, NS, T*g, Dv] / lse_part [B, Hkv, NS, T*g] fp32, out [B, T, H, Dv]. The split
+    count NS is the workspaces'; with NS == 1 the split kernel writes ``out`` itself."""
+    split_k, combine_k = kernels
+    split_k(q, k_cache, v_cache, cache_seqlens, o_part, lse_part, out)
+    if o_part.shape[2] > 1:
         combine_k(o_part, lse_part, out)
     return out
