@@ -3,10 +3,13 @@
 ``fake_gpu_child`` speaks the GPU child's protocol without a GPU: a candidate whose config has
 ``"crash": true`` kills the process, ``"hang": true`` stops it answering; the others are
 "validated" and "timed" with latency = config["us"].
+``slow_compile_job`` is a compile that never ends, for the interrupt tests of the command line
+(``RESA_TL_AUTOTUNE_COMPILE_JOB=autotune._testing:slow_compile_job``).
 """
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 
 
@@ -43,3 +46,15 @@ def fake_compile_job(op, key_items, cfg_dict, target):
         os._exit(9)
     time.sleep(0.05)
     return {"ok": True, "seconds": 0.05, "error": None}
+
+
+def slow_compile_job(op, key_items, cfg_dict, target):
+    """Stands in for a compile stuck in nvcc: runs a child process (the "nvcc") that sleeps
+    for 10 minutes. Touches $RESA_TL_FAKE_COMPILE_DIR/compiling-<worker pid>-<child pid> when
+    the child has started, so that a test knows compiles are in flight."""
+    child = subprocess.Popen(["sleep", "600"])
+    d = os.environ.get("RESA_TL_FAKE_COMPILE_DIR")
+    if d:
+        open(os.path.join(d, f"compiling-{os.getpid()}-{child.pid}"), "w").close()
+    child.wait()
+    return {"ok": True, "seconds": 600.0, "error": None}

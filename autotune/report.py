@@ -2,6 +2,8 @@
 
 Everything is rendered from results.json, so a report can be re-rendered elsewhere (e.g. where
 matplotlib is installed): ``python -m autotune.report autotune/reports/sm90/<run>``.
+matplotlib is optional (``pip install -e ".[tune]"``): without it the plots are skipped and
+report.md says so.
 """
 from __future__ import annotations
 
@@ -43,18 +45,24 @@ def op_summary(problems: list[dict]) -> dict:
             "beats_default": sum(s > 1.0 for s in sp)}
 
 
-def render_markdown(res: dict) -> str:
+def render_markdown(res: dict, plots: list[str] | None = None) -> str:
+    """report.md; ``plots``: the png files rendered (None: all of them)."""
     meta = res["meta"]
     mode = meta.get("mode")
     prov = meta.get("provenance", {})
     L = [f"# resa_tl autotune report: {meta.get('arch')} ({mode})", ""]
+    if meta.get("partial"):
+        L += [f"**Partial report: the run was interrupted by {meta.get('interrupted')}** after "
+              f"{meta.get('elapsed_s')} s, {meta.get('problems_finished')} of "
+              f"{meta.get('problems')} problems done. The compiles (and the measurement) in "
+              "flight were abandoned: they are not failures.", ""]
     L += ["| | |", "|---|---|"]
     for k in ("gpu", "sm_count", "l2_bytes", "driver", "cuda", "nvcc", "torch", "tilelang",
               "python", "date", "git_commit", "git_dirty", "source_sha256", "command"):
         if k in prov:
             L.append(f"| {k} | `{prov[k]}` |")
     for k in ("workload", "candidates_per_problem", "compile_jobs", "budget_s", "elapsed_s",
-              "truncated"):
+              "truncated", "partial", "interrupted"):
         if k in meta:
             L.append(f"| {k} | `{meta[k]}` |")
     if meta.get("copy_bandwidth"):
@@ -72,7 +80,7 @@ def render_markdown(res: dict) -> str:
     if mode == "compile-only":
         L += _compile_only_md(res, ops)
     else:
-        L += _tune_md(res, ops)
+        L += _tune_md(res, ops, plots)
     fails = [c for c in res.get("compiles", []) if c.get("ok") is False]
     L += ["## Compile failures", ""]
     if not fails:
@@ -94,15 +102,16 @@ def _shape(d: dict) -> str:
 
 def _compile_only_md(res, ops):
     L = ["## Compile results", "",
-         "| op | problems | kernels compiled | failed | heuristic default failed |",
-         "|---|---|---|---|---|"]
+         "| op | problems | kernels compiled | failed | abandoned | heuristic default failed |",
+         "|---|---|---|---|---|---|"]
     comp = res.get("compiles", [])
     for op in ops:
         cs = [c for c in comp if c["op"] == op]
         probs = [p for p in res["problems"] if p["op"] == op]
         dfail = sum(1 for p in probs if p.get("default_compile_ok") is False)
         L.append(f"| {op} | {len(probs)} | {sum(c.get('ok') is True for c in cs)} | "
-                 f"{sum(c.get('ok') is False for c in cs)} | {dfail} |")
+                 f"{sum(c.get('ok') is False for c in cs)} | {sum(c.get('ok') is None for c in cs)}"
+                 f" | {dfail} |")
     L.append("")
     secs = [c["seconds"] for c in comp if c.get("seconds")]
     if secs:
@@ -111,7 +120,7 @@ def _compile_only_md(res, ops):
     return L
 
 
-def _tune_md(res, ops):
+def _tune_md(res, ops, plots=None):
     L = []
     probs = res["problems"]
     allsp = [p["speedup_vs_default"] for p in probs if p.get("speedup_vs_default")]
@@ -155,9 +164,14 @@ def _tune_md(res, ops):
             for p, c in bad[:30]:
                 L.append(f"- {p['label']} / {_cfg(c['config'])}: {c['validation']['error']}")
             L.append("")
-    plots = [n for n in ("speedup.png", "roofline.png", "candidates.png")]
-    L += ["## Plots", ""] + [f"![{n}]({n})" for n in plots] + [""]
-    return L
+    if plots is None:
+        plots = ["speedup.png", "roofline.png", "candidates.png"]
+    L += ["## Plots", ""] + [f"![{n}]({n})" for n in plots]
+    if not plots:
+        L.append("None: " + ("matplotlib is not installed here (`pip install -e \".[tune]\"`); "
+                             "re-render with `python -m autotune.report <this directory>` where "
+                             "it is." if _pyplot() is None else "no shape was tuned."))
+    return L + [""]
 
 
 def _spread(i: int, n: int) -> list[float]:
@@ -165,13 +179,22 @@ def _spread(i: int, n: int) -> list[float]:
     return [i + ((j + 0.5) / max(n, 1) - 0.5) * 0.7 for j in range(n)]
 
 
-def render_plots(res: dict, out_dir: Path) -> list[str]:
-    """speedup.png, roofline.png, candidates.png (skipped, with a note, without matplotlib)."""
+def _pyplot():
+    """matplotlib.pyplot (Agg backend), or None: matplotlib is an optional dependency (the
+    "tune" extra), imported only here."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def render_plots(res: dict, out_dir: Path) -> list[str]:
+    """speedup.png, roofline.png, candidates.png (none without matplotlib: report.md says so)."""
+    plt = _pyplot()
+    if plt is None:
         return []
     probs = [p for p in res.get("problems", []) if p["status"] == "tuned"]
     if not probs:
@@ -242,10 +265,7 @@ def render_plots(res: dict, out_dir: Path) -> list[str]:
 def write_report(res: dict, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     made = render_plots(res, out_dir) if res["meta"].get("mode") == "tune" else []
-    md = render_markdown(res)
-    if res["meta"].get("mode") == "tune" and not made:
-        md += ("\n(Plots not rendered: matplotlib is not installed here; re-render with "
-               "`python -m autotune.report <this directory>` where it is.)\n")
+    md = render_markdown(res, made)
     p = out_dir / "report.md"
     p.write_text(md)
     return p

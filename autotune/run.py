@@ -14,12 +14,18 @@ reference and times the valid ones (CUDA graphs, inputs rotated past L2). The GP
 watched: a candidate that crashes or hangs it is recorded as such and the run goes on in a
 fresh process. Writes:
 
-    schedules/<arch>.json                           (--out; the schedule resa_tl loads)
-    autotune/reports/<arch>/<date>-<gpu>/report.md  (--report-dir; + results.json, *.png)
+    schedules/<arch>.json        (--out; the schedule resa_tl loads)
+    <user cache>/autotune-reports/<arch>/<date>-<gpu>/report.md
+                                 (--report-dir; + results.json, *.png; the user cache is
+                                 $RESA_TL_CACHE_DIR, else ~/.cache/resa_tl)
+
+Ctrl-C (SIGINT) or SIGTERM stops a run at once: the compiles and the measurement in flight are
+abandoned (not recorded as failures), the worker processes and their nvcc are killed, and a
+report marked partial is written (and, for a tuning run, the schedule of what was measured).
 
 Exit status: 0 on success (failed candidates are recorded, not fatal); 2 on usage errors
 (e.g. --arch does not match the GPU); with --check, 1 when a tuned entry is now slower than
-the heuristic default.
+the heuristic default; 130 after SIGINT, 143 after SIGTERM.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ import shutil
 import signal
 import statistics
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -50,11 +57,55 @@ from autotune.report import TARGET_SPEEDUP, write_report, write_results  # noqa:
 ARCHES = ("sm80", "sm86", "sm89", "sm90")
 TIE_TOLERANCE = 0.01         # the heuristic default wins unless another config is > 1% faster
 WATCHDOG_S = 240.0           # a GPU process silent this long is considered hung
+BUDGET_S = 570.0             # default --budget-s
 ROTATION_MEMORY = 4 << 30    # device memory for rotated input sets (beyond a single set)
 
 
 class UsageError(Exception):
     pass
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: the run stops, writes a partial report, exits 128 + signum. A
+    KeyboardInterrupt, so that nothing on the way (e.g. CompilePool.result) records it as a
+    failed compile."""
+
+    def __init__(self, signum: int):
+        super().__init__(_signame(signum))
+        self.signum = signum
+
+
+def _signame(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+class StopSignals:
+    """SIGINT/SIGTERM handlers: the first signal raises Interrupted in the main thread while
+    ``raising`` is on; a later one (or one after the run loop, while the report is written) is
+    only noted, so that killing the workers and writing the report are not cut short."""
+
+    def __init__(self):
+        self.signum = None
+        self.raising = True
+
+    def install(self) -> dict:
+        """Returns the previous handlers (main() restores them: tests call it in-process);
+        none outside the main thread, where Python allows no handler."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            if self.raising:
+                self.raising = False
+                raise Interrupted(signum)
+        # os.write: print() could re-enter a stream the main thread is writing
+        os.write(2, f"\n{_signame(signum)}: already stopping\n".encode())
+
+    def exit_code(self, rc: int) -> int:
+        return 128 + self.signum if self.signum is not None else rc
 
 
 # ------------------------------------------------------------------------------------------
@@ -97,15 +148,23 @@ def parse_args(argv=None):
     ap.add_argument("--max-candidates", type=int, default=None,
                     help="candidates per problem (default: adapter's, 12)")
     ap.add_argument("--jobs", type=int, default=None,
-                    help=f"compile worker processes (default: {default_jobs()} here; 0 = inline)")
-    ap.add_argument("--budget-s", type=float, default=570.0,
-                    help="stop starting new problems after this many seconds (default 570)")
+                    help=f"compile worker processes (default here: {default_jobs()}, one core "
+                         f"left to the GPU process; with --compile-only {default_jobs(True)}, "
+                         "every core; 0 = inline)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="tuning runs only: stop starting new problems after this many seconds "
+                         f"(default {BUDGET_S:.0f}); ignored by --compile-only and --check, "
+                         "which go through every problem (Ctrl-C stops a run: a --compile-only "
+                         "or tuning run then writes a partial report)")
     ap.add_argument("--samples", type=int, default=15, help="timed replays per candidate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None,
                     help="schedule file to write (default: schedules/<arch>.json; '-' = none)")
     ap.add_argument("--report-dir", default=None,
-                    help="report directory (default: autotune/reports/<arch>/<date>-<gpu>)")
+                    help="report directory (default: "
+                         f"{schedules.user_cache_dir() / 'autotune-reports'}/<arch>/<date>-<gpu>, "
+                         "outside the repository; the published reports go to "
+                         "autotune/reports/ only when named here)")
     ap.add_argument("--install", action="store_true",
                     help="also copy the schedule to the user cache "
                          f"({schedules.user_cache_dir() / 'schedules'})")
@@ -326,6 +385,9 @@ def _gpu_child(task_q, result_q, opts: dict):
     candidate so that the parent can attribute a crash or hang."""
     sys.path.insert(0, str(REPO))
     os.environ.setdefault("TILELANG_PRINT_ON_COMPILATION", "0")
+    # a Ctrl-C reaches the whole process group: the parent stops the run and kills this
+    # process; a KeyboardInterrupt here would be recorded as the problem's error
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import torch
         from autotune import measure
@@ -356,13 +418,10 @@ def _gpu_child(task_q, result_q, opts: dict):
 
 def _free(torch):
     import gc
+
+    from resa_tl import plan
+    plan.clear()                                    # plans (and workspaces) of past problems
     gc.collect()
-    for name in ("rectify", "selection", "summaries", "dense_decode", "sparse_decode",
-                 "_splitkv"):
-        mod = sys.modules.get(f"resa_tl.kernels.{name}")
-        ws = getattr(mod, "_WORKSPACES", None)
-        if isinstance(ws, dict):
-            ws.clear()                              # per-shape workspaces of past problems
     torch.cuda.empty_cache()
 
 
@@ -391,7 +450,7 @@ def _measure_task(task, info, opts, result_q, timer=None):
     and ``timer`` (default measure.time_calls) exist for CPU tests of this flow."""
     import torch
     from autotune import measure
-    from autotune.spaces import NotWired, adapter
+    from autotune.spaces import adapter
     dev = torch.device(opts.get("device", "cuda"))
     cuda = dev.type == "cuda"
     timer = timer or measure.time_calls
@@ -420,8 +479,6 @@ def _measure_task(task, info, opts, result_q, timer=None):
             res = ad.call(vin, cfg, out=buf)
             sync()
             err = ad.check(res, vin)
-        except NotWired as e:
-            err = f"not wired: {e}"
         except torch.OutOfMemoryError as e:
             err = f"out of memory: {str(e)[:200]}"
         except Exception as e:                      # noqa: BLE001 - recorded
@@ -615,9 +672,12 @@ def _progress(total, desc, disable):
 
 
 def default_report_dir(arch: str, gpu: str, compile_only: bool, day: str | None = None) -> Path:
+    """<user cache>/autotune-reports/<arch>/<date>-<gpu>: outside the repository, so that a
+    user's run does not show up as uncommitted files there (the reports published under
+    autotune/reports/ are written with an explicit --report-dir)."""
     from autotune.provenance import gpu_slug
     day = day or datetime.date.today().isoformat()
-    base = REPO / "autotune" / "reports" / arch / (
+    base = schedules.user_cache_dir() / "autotune-reports" / arch / (
         f"{day}-compile-only" if compile_only else f"{day}-{gpu_slug(gpu)}")
     d, n = base, 2
     while d.exists():
@@ -640,12 +700,15 @@ def _rel(p: Path) -> str:
         return str(p)
 
 
-def write_outputs(results, args, tuned: bool):
+def write_outputs(results, args, tuned: bool, schedule: bool = True):
     rd = Path(results["meta"]["report_dir"])
     write_results(results, rd)
     rep = write_report(results, rd)
-    print(f"report: {_rel(rep)}")
+    print(f"report: {_rel(rep)}" + (" (partial)" if results["meta"].get("partial") else ""))
     if args.out == "-":
+        return
+    if not schedule:
+        print("schedule: not written (the run was interrupted)")
         return
     out = Path(args.out) if args.out else REPO / "schedules" / f"{args.arch}.json"
     sched = build_schedule(results, args.arch, tuned)
@@ -684,53 +747,105 @@ def _meta(args, prov, workload, items, unavailable, t0, report_dir, mode, **extr
                 elapsed_s=round(time.monotonic() - t0, 1), **extra)
 
 
-def run_compile_only(args, ops, t0):
+def _interrupt_meta(signum, n_finished: int) -> dict:
+    if signum is None:
+        return {}
+    return {"partial": True, "interrupted": _signame(signum), "problems_finished": n_finished}
+
+
+def _abandoned(signum) -> dict:
+    return {"ok": None, "seconds": None,
+            "error": f"abandoned: the run was interrupted by {_signame(signum)}"}
+
+
+def _unfinished_candidates(it, fl, pool, signum) -> list[dict]:
+    """After an interrupt: a problem's candidates with the compiles that finished; the others
+    abandoned (neither compiled nor failed)."""
+    fl = fl if fl is not None else [None] * len(it["candidates"])
+    return [{"config": c, "is_default": c == it["default"],
+             "compile": (pool.peek(f) if pool is not None else None) or _abandoned(signum)}
+            for c, f in zip(it["candidates"], fl)]
+
+
+def _mark_abandoned(records, signum):
+    for r in records:
+        if signum is not None and r.get("ok") is None:
+            r["error"] = _abandoned(signum)["error"]
+    return records
+
+
+def _compile_only_problem(it, recs, status=None) -> dict:
+    p = {k: it[k] for k in ("op", "key", "label", "default")}
+    p["static_id"] = dict(it["static_id"] or ())
+    p["candidates"] = recs
+    p["default_compile_ok"] = next((r["compile"]["ok"] for r in recs if r["is_default"]),
+                                   False)               # None: abandoned (interrupted)
+    p["status"] = status or it["error"] or (
+        "compiled" if all(r["compile"]["ok"] for r in recs) else "some candidates failed")
+    return p
+
+
+def run_compile_only(args, ops, t0, stop: StopSignals):
     from autotune import provenance
     target = schedules.target_arch(args.arch)
     prov = provenance.collect(args.arch, target, gpu=False)     # the sources as compiled
     problems, wl = build_workload(args, ops)
     items, unavailable = plan_problems(problems, target, args.space, args.max_candidates)
-    jobs = default_jobs() if args.jobs is None else args.jobs
-    pool = CompilePool(jobs, target, timeout_s=600, log_dir=_log_dir())
-    futs = submit_compiles(pool, items)
-    n = sum(len(f) for f in futs)
-    print(f"{args.arch} ({target}) compile-only: {len(items)} problems, {n} candidate "
-          f"compiles ({len(pool._futures)} distinct kernels), {jobs} workers")
-    bar = _progress(len(items), "compile", args.no_progress)
-    probs = []
-    try:
+    jobs = default_jobs(compile_only=True) if args.jobs is None else args.jobs
+    pool = bar = signum = None
+    futs, probs, records = [], [], []
+    try:                                # from the first worker on: the finally stops them
+        pool = CompilePool(jobs, target, timeout_s=600, log_dir=_log_dir())
+        futs = submit_compiles(pool, items)
+        n = sum(len(f) for f in futs)
+        print(f"{args.arch} ({target}) compile-only: {len(items)} problems, {n} candidate "
+              f"compiles ({len(pool._futures)} distinct kernels), {jobs} workers", flush=True)
+        bar = _progress(len(items), "compile", args.no_progress)
         for it, fl in zip(items, futs):
             recs = []
             for c, f in zip(it["candidates"], fl):
                 r = pool.result(f)
                 recs.append({"config": c, "is_default": c == it["default"], "compile": r})
-            p = {k: it[k] for k in ("op", "key", "label", "default")}
-            p["static_id"] = dict(it["static_id"] or ())
-            p["candidates"] = recs
-            p["default_compile_ok"] = next((r["compile"]["ok"] for r in recs
-                                            if r["is_default"]), False)
-            p["status"] = it["error"] or ("compiled" if all(r["compile"]["ok"] for r in recs)
-                                          else "some candidates failed")
-            probs.append(p)
+            probs.append(_compile_only_problem(it, recs))
             bar.update(1)
+    except Interrupted as intr:
+        signum = intr.signum
+        for i in range(len(probs), len(items)):
+            it = items[i]
+            recs = _unfinished_candidates(it, futs[i] if i < len(futs) else None, pool, signum)
+            probs.append(_compile_only_problem(
+                it, recs, f"not finished (interrupted by {_signame(signum)})"))
     finally:
-        bar.close()
-        records = pool.records()
-        pool.shutdown()
+        stop.raising = False
+        if bar is not None:
+            bar.close()
+        if pool is not None:
+            records = pool.records()
+            pool.shutdown()             # kills the workers and their nvcc
+    n_done = len(probs) if signum is None else sum(
+        not p["status"].startswith("not finished") for p in probs)
     rd = Path(args.report_dir) if args.report_dir else default_report_dir(args.arch, "", True)
     results = {"meta": _meta(args, prov, wl, items, unavailable, t0, rd, "compile-only",
-                             compile_jobs=jobs, space=args.space),
-               "problems": probs, "compiles": records}
-    write_outputs(results, args, tuned=False)
+                             compile_jobs=jobs, space=args.space,
+                             **_interrupt_meta(signum, n_done)),
+               "problems": probs, "compiles": _mark_abandoned(records, signum)}
+    # an interrupted run's untuned schedule would lack the shapes not reached: not written
+    write_outputs(results, args, tuned=False, schedule=signum is None)
     ok = sum(1 for r in records if r.get("ok"))
+    failed = sum(1 for r in records if r.get("ok") is False)
+    if signum is not None:
+        print(f"\ninterrupted by {_signame(signum)} after {time.monotonic() - t0:.0f} s: "
+              f"{n_done}/{len(items)} problems done; compiled {ok}/{len(records)} kernels, "
+              f"{failed} failed, {len(records) - ok - failed} abandoned (partial report)")
+        return 128 + signum
     print(f"\ncompiled {ok}/{len(records)} kernels for {args.arch} in "
-          f"{time.monotonic() - t0:.0f} s; {len(records) - ok} failed (see the report)")
+          f"{time.monotonic() - t0:.0f} s; {failed} failed (see the report)")
     for op, why in unavailable.items():
         print(f"  {op}: not available: {why}")
     return 0
 
 
-def run_tune(args, ops, t0):
+def run_tune(args, ops, t0, stop: StopSignals):
     from autotune import provenance
     from autotune.spaces import adapter
     check_arch(args)
@@ -739,26 +854,26 @@ def run_tune(args, ops, t0):
     problems, wl = build_workload(args, ops)
     items, unavailable = plan_problems(problems, target, args.space, args.max_candidates)
     jobs = default_jobs() if args.jobs is None else args.jobs
-    pool = CompilePool(jobs, target, timeout_s=600, log_dir=_log_dir())
-    futs = submit_compiles(pool, items)
-    print(f"{args.arch} tuning: {len(items)} problems, "
-          f"{sum(len(i['candidates']) for i in items)} candidates, {len(pool._futures)} "
-          f"distinct kernels compiled by {jobs} workers; budget {args.budget_s:.0f} s")
-    for op, why in unavailable.items():
-        print(f"  {op}: not tuned: {why}")
-    gpu = GpuRunner({"seed": args.seed, "samples": args.samples})
-    try:
-        info = gpu.start(copy_bw=True)
-    except RuntimeError as err:
-        pool.shutdown()
-        raise UsageError(str(err)) from None
-    copy = info.get("copy_bandwidth") or {}
-    print(f"copy roofline: {copy.get('gbps')} GB/s; L2 {info['l2_bytes'] / 2**20:.0f} MiB")
-    bar = _progress(len(items), "tune", args.no_progress)
-    probs, truncated, interrupted = [], False, False
-    try:
+    pool = gpu = bar = signum = None
+    futs, probs, records, info, copy, truncated, n_done = [], [], [], {}, {}, False, 0
+    try:                                # from the first worker on: the finally stops them
+        pool = CompilePool(jobs, target, timeout_s=600, log_dir=_log_dir())
+        futs = submit_compiles(pool, items)
+        print(f"{args.arch} tuning: {len(items)} problems, "
+              f"{sum(len(i['candidates']) for i in items)} candidates, {len(pool._futures)} "
+              f"distinct kernels compiled by {jobs} workers; budget {args.budget_s:.0f} s")
+        for op, why in unavailable.items():
+            print(f"  {op}: not tuned: {why}")
+        gpu = GpuRunner({"seed": args.seed, "samples": args.samples})
+        try:
+            info = gpu.start(copy_bw=True)
+        except RuntimeError as err:
+            raise UsageError(str(err)) from None
+        copy = info.get("copy_bandwidth") or {}
+        print(f"copy roofline: {copy.get('gbps')} GB/s; L2 {info['l2_bytes'] / 2**20:.0f} MiB")
+        bar = _progress(len(items), "tune", args.no_progress)
         for it, fl in zip(items, futs):
-            over = interrupted or time.monotonic() - t0 > args.budget_s
+            over = time.monotonic() - t0 > args.budget_s
             cands = []
             for c, f in zip(it["candidates"], fl):
                 if over:
@@ -770,8 +885,7 @@ def run_tune(args, ops, t0):
                 cands.append({"config": c, "is_default": c == it["default"], "compile": comp})
             if over or time.monotonic() - t0 > args.budget_s:
                 truncated = True
-                why = "interrupted" if interrupted else "time budget"
-                probs.append(summarize_problem(dict(it, status=f"skipped ({why})"), cands,
+                probs.append(summarize_problem(dict(it, status="skipped (time budget)"), cands,
                                                None, None))
                 bar.update(1)
                 continue
@@ -779,17 +893,8 @@ def run_tune(args, ops, t0):
                 probs.append(summarize_problem(dict(it, status=it["error"]), cands, None, None))
                 bar.update(1)
                 continue
-            try:
-                res = gpu.run_task({"idx": len(probs), "op": it["op"], "key": it["key"],
-                                    "candidates": cands})
-            except KeyboardInterrupt:
-                # SIGTERM/Ctrl-C: stop measuring, still write what was measured
-                interrupted = True
-                gpu.kill()
-                probs.append(summarize_problem(dict(it, status="skipped (interrupted)"),
-                                               cands, None, None))
-                bar.update(1)
-                continue
+            res = gpu.run_task({"idx": len(probs), "op": it["op"], "key": it["key"],
+                                "candidates": cands})
             cands = res.get("candidates", cands)
             status = None if "error" not in res else f"error: {res['error']}"
             p = summarize_problem(dict(it, status=status), cands, copy.get("gbps"),
@@ -802,21 +907,39 @@ def run_tune(args, ops, t0):
             if p["status"] == "tuned":
                 bar.set_postfix_str(f"{it['op']} {p['latency_us']:.0f}us "
                                     f"x{p.get('speedup_vs_default') or 0:.2f}")
+    except Interrupted as intr:
+        # Ctrl-C, or a time limit's SIGTERM: stop measuring now and keep what was measured;
+        # the problem in flight and the rest are "skipped" (--merge-with keeps older entries)
+        signum, truncated = intr.signum, True
+        if gpu is not None:
+            gpu.kill()
+        n_done = len(probs)
+        for i in range(n_done, len(items)):
+            it = items[i]
+            cands = _unfinished_candidates(it, futs[i] if i < len(futs) else None, pool, signum)
+            probs.append(summarize_problem(
+                dict(it, status=f"skipped (interrupted by {_signame(signum)})"), cands,
+                None, None))
     finally:
-        bar.close()
-        gpu.close()
-        records = pool.records()
-        pool.shutdown()
+        stop.raising = False
+        if bar is not None:
+            bar.close()
+        if gpu is not None:
+            gpu.close()
+        if pool is not None:
+            records = pool.records()
+            pool.shutdown()             # kills the workers and their nvcc
     rd = Path(args.report_dir) if args.report_dir else default_report_dir(
         args.arch, prov.get("gpu", ""), False)
     results = {"meta": _meta(args, prov, wl, items, unavailable, t0, rd, "tune",
                              compile_jobs=jobs, budget_s=args.budget_s, truncated=truncated,
-                             copy_bandwidth=copy, l2_bytes=info["l2_bytes"],
-                             samples=args.samples, tie_tolerance=TIE_TOLERANCE),
-               "problems": probs, "compiles": records}
+                             copy_bandwidth=copy, l2_bytes=info.get("l2_bytes"),
+                             samples=args.samples, tie_tolerance=TIE_TOLERANCE,
+                             **_interrupt_meta(signum, n_done)),
+               "problems": probs, "compiles": _mark_abandoned(records, signum)}
     write_outputs(results, args, tuned=True)
     print_summary(results)
-    return 0
+    return 0 if signum is None else 128 + signum
 
 
 def print_summary(results):
@@ -859,32 +982,31 @@ def run_check(args, ops, t0):
     print(f"checking {len(entries)} entries of {_rel(path)} ({'tuned' if sched.tuned else 'untuned'}"
           f", {sched.provenance.get('gpu')}, {sched.provenance.get('date')})")
     jobs = default_jobs() if args.jobs is None else args.jobs
-    pool = CompilePool(jobs, target, timeout_s=600, log_dir=_log_dir())
-    items = []
-    for e in entries:
-        ad = adapter(e.op)
-        why = ad.available()
-        if why:
-            items.append((e, None, why))
-            continue
-        dflt_obj = ad.default_config(e.key, target)
-        default = schedules.config_to_dict(dflt_obj)
-        try:                                # what config_for would run: entry over default
-            tuned_cfg = schedules.config_to_dict(schedules.apply_config(dflt_obj, e.config))
-        except (TypeError, ValueError) as err:
-            items.append((e, None, f"entry does not fit the kernel's config: {err}"))
-            continue
-        cands = [tuned_cfg] + ([default] if default != tuned_cfg else [])
-        futs = [pool.submit(e.op, ad.static_id(e.key), e.key, c) for c in cands]
-        items.append((e, (cands, futs, default), None))
-    gpu = GpuRunner({"seed": args.seed, "samples": args.samples})
-    try:
-        gpu.start(copy_bw=False)
-    except RuntimeError as err:
-        pool.shutdown()
-        raise UsageError(str(err)) from None
-    rows, failures = [], 0
-    try:
+    pool = gpu = None
+    items, rows, failures = [], [], 0
+    try:                                # from the first worker on: the finally stops them
+        pool = CompilePool(jobs, target, timeout_s=600, log_dir=_log_dir())
+        for e in entries:
+            ad = adapter(e.op)
+            why = ad.available()
+            if why:
+                items.append((e, None, why))
+                continue
+            dflt_obj = ad.default_config(e.key, target)
+            default = schedules.config_to_dict(dflt_obj)
+            try:                                # what config_for would run: entry over default
+                tuned_cfg = schedules.config_to_dict(schedules.apply_config(dflt_obj, e.config))
+            except (TypeError, ValueError) as err:
+                items.append((e, None, f"entry does not fit the kernel's config: {err}"))
+                continue
+            cands = [tuned_cfg] + ([default] if default != tuned_cfg else [])
+            futs = [pool.submit(e.op, ad.static_id(e.key), e.key, c) for c in cands]
+            items.append((e, (cands, futs, default), None))
+        gpu = GpuRunner({"seed": args.seed, "samples": args.samples})
+        try:
+            gpu.start(copy_bw=False)
+        except RuntimeError as err:
+            raise UsageError(str(err)) from None
         for e, plan, why in items:
             if plan is None:
                 rows.append((e, None, None, e.latency_us, f"FAILED: {why}"))
@@ -910,8 +1032,10 @@ def run_check(args, ops, t0):
                 failures += 1
             rows.append((e, tuned_t, default_t, e.latency_us, note))
     finally:
-        gpu.close()
-        pool.shutdown()
+        if gpu is not None:
+            gpu.close()
+        if pool is not None:
+            pool.shutdown()
     print(f"\n{'op':22s} {'shape':58s} {'recorded':>9s} {'now':>9s} {'ratio':>6s} "
           f"{'default':>9s} {'x dflt':>6s}  note")
     for e, now, dflt, rec, note in rows:
@@ -949,25 +1073,31 @@ def run_from_results(args):
     return 0
 
 
-def _sigterm(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.monotonic()
-    if not (args.compile_only or args.from_results):
-        # a time limit's SIGTERM ends the tuning loop early; the report is still written
-        signal.signal(signal.SIGTERM, _sigterm)
+    if args.budget_s is not None and (args.compile_only or args.check):
+        # it used to be accepted silently, and a user expected it to shorten the run
+        mode = "--compile-only" if args.compile_only else "--check"
+        print(f"warning: --budget-s is ignored with {mode}: it limits tuning runs only"
+              + (" (every candidate is compiled; Ctrl-C stops the run with a partial report)"
+                 if args.compile_only else ""), file=sys.stderr)
+    if args.budget_s is None:
+        args.budget_s = BUDGET_S
+    stop = StopSignals()
+    previous = stop.install()
     try:
         ops = selected_ops(args)
         if args.compile_only:
-            return run_compile_only(args, ops, t0)
+            return stop.exit_code(run_compile_only(args, ops, t0, stop))
         if args.check:
-            return run_check(args, ops, t0)
+            return stop.exit_code(run_check(args, ops, t0))
         if args.from_results:
-            return run_from_results(args)
-        return run_tune(args, ops, t0)
+            return stop.exit_code(run_from_results(args))
+        return stop.exit_code(run_tune(args, ops, t0, stop))
+    except Interrupted as intr:         # before a run loop started, or --check: no report
+        print(f"\ninterrupted by {_signame(intr.signum)}: no report written", file=sys.stderr)
+        return 128 + intr.signum
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -976,6 +1106,9 @@ def main(argv=None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
