@@ -4,6 +4,11 @@
     python examples/generate.py --model PATH         # a local HF checkpoint dir or a .gguf file
     python examples/generate.py --random llama-1b    # random weights, that shape (speed only)
 
+Defaults: a 2,048-token prompt and 64 new tokens on a GPU; without one, CPU-sized: 512 and 40
+(about a minute for SmolLM2 on two cores; pass --prompt-len / --new-tokens to change them). It
+says what it runs as it goes: each mode runs generate() three times (a warm-up, the prefill
+alone, then the timed generation).
+
 The model runs dense (stock transformers) and with ``resa_tl.attach`` (sparse decode steps,
 rectification every ``--rectify-every`` tokens fused into decoding), greedy, same prompt. Printed:
 prefill time, decode tokens/s and total time of both, and how far their tokens agree. On CUDA the
@@ -71,18 +76,53 @@ def prompt_ids(args, tok, vocab, device):
     return ids.expand(args.batch, -1).contiguous().to(device)
 
 
-def timed_generate(model, ids, new_tokens, static, sync):
+class Progress:
+    """One line per step of the run: what runs, then how long it took and the time since the
+    start."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def begin(self, what: str, own_line: bool = False):
+        """``own_line``: the step prints progress of its own (loading a checkpoint does)."""
+        print(f"  {what} ...", end="\n" if own_line else " ", flush=True)
+        self.own_line = own_line
+        self.t0 = time.perf_counter()
+
+    def end(self):
+        now = time.perf_counter()
+        print(f"{'  done: ' if self.own_line else ''}{now - self.t0:.1f} s (elapsed "
+              f"{now - self.start:.0f} s)", flush=True)
+
+
+def warm_up(model, ids, new_tokens, static, sync, progress):
+    """An untimed generate() (loads/compiles kernels; with --static, compiles the step)."""
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
     if static:
         kw["cache_implementation"] = "static"
+    progress.begin(f"warm-up generate() of {new_tokens} tokens")
+    model.generate(ids, max_new_tokens=new_tokens, **kw)
     sync()
+    progress.end()
+
+
+def timed_generate(model, ids, new_tokens, static, sync, progress=None):
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    if static:
+        kw["cache_implementation"] = "static"
+    progress = progress or Progress()
+    sync()
+    progress.begin("generate() of 1 token (the prefill)")
     t0 = time.perf_counter()
     model.generate(ids, max_new_tokens=1, **kw)               # prefill only
     sync()
     t1 = time.perf_counter()
+    progress.end()
+    progress.begin(f"generate() of {new_tokens} tokens (timed)")
     out = model.generate(ids, max_new_tokens=new_tokens, **kw)
     sync()
     t2 = time.perf_counter()
+    progress.end()
     prefill, total = t1 - t0, t2 - t1
     decode_tps = ids.shape[0] * (new_tokens - 1) / max(total - prefill, 1e-9)
     return out[:, ids.shape[1]:], prefill, decode_tps, total
@@ -94,8 +134,10 @@ def main():
     ap.add_argument("--random", choices=sorted(RANDOM_SHAPES), default=None,
                     help="random weights of this shape instead of a checkpoint")
     ap.add_argument("--prompt-file", default=None)
-    ap.add_argument("--prompt-len", type=int, default=2048)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=None,
+                    help="prompt tokens (default: 2048 on CUDA, 512 on CPU)")
+    ap.add_argument("--new-tokens", type=int, default=None,
+                    help="tokens to generate (default: 64 on CUDA, 40 on CPU)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--ratio", type=float, default=0.1, help="ReSA sparse_ratio")
     ap.add_argument("--min-blocks", type=int, default=16)
@@ -108,12 +150,28 @@ def main():
     args = ap.parse_args()
 
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    gpu = device.type == "cuda"
+    sized = []
+    if args.prompt_len is None:
+        args.prompt_len = 2048 if gpu else 512
+        sized.append(f"--prompt-len {args.prompt_len}")
+    if args.new_tokens is None:
+        args.new_tokens = 64 if gpu else 40
+        sized.append(f"--new-tokens {args.new_tokens}")
+    if sized and not gpu:
+        print(f"no GPU: CPU-sized defaults {' '.join(sized)} (the GPU defaults are 2048 and "
+              "64; pass them to change)", flush=True)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    progress = Progress()
+    what = f"random {args.random}-shaped weights" if args.random else args.model or "SmolLM2"
+    progress.begin(f"loading {what}", own_line=True)
     model, tok, name = load(args, device, dtype)
+    progress.end()
     ids = prompt_ids(args, tok, model.config.vocab_size, device)
     print(f"model: {name} ({model.config.model_type}, {dtype}, {device}); prompt "
-          f"{ids.shape[0]} x {ids.shape[1]} tokens, {args.new_tokens} new tokens, greedy")
+          f"{ids.shape[0]} x {ids.shape[1]} tokens, {args.new_tokens} new tokens, greedy",
+          flush=True)
 
     rows = []
     with torch.no_grad():
@@ -121,9 +179,14 @@ def main():
             if mode == "resa":
                 resa_tl.attach(model, sparse_ratio=args.ratio, min_blocks=args.min_blocks,
                                rectify_every=args.rectify_every)
+                print(f"resa (resa_tl.attach: ratio {args.ratio}, min_blocks "
+                      f"{args.min_blocks}, f = {args.rectify_every}):", flush=True)
+            else:
+                print("dense (stock transformers):", flush=True)
             warm = min(args.new_tokens, args.rectify_every + 2)   # compile kernels / graphs
-            timed_generate(model, ids, warm, args.static, sync)
-            rows.append((mode, *timed_generate(model, ids, args.new_tokens, args.static, sync)))
+            warm_up(model, ids, warm, args.static, sync, progress)
+            rows.append((mode, *timed_generate(model, ids, args.new_tokens, args.static, sync,
+                                               progress)))
         resa_tl.detach(model)
 
     (_, dense, *_), (_, resa, *_) = rows

@@ -23,7 +23,11 @@ def main():
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    print(f"device: {device} ({'TileLang' if cuda else 'torch'} backend), dtype {dtype}")
+    print(f"device: {device} ({'TileLang' if cuda else 'torch'} backend), dtype {dtype}",
+          flush=True)
+    print(f"toy attention-only model (4 layers, 8 query / 2 KV heads, random weights); prompt "
+          f"of {args.prompt_len} tokens x batch {args.batch} (ragged rows), then {args.steps} "
+          f"greedy decode steps three ways: dense, sparse-only, ReSA", flush=True)
     model = ToyAttentionModel(vocab=512, hidden=256, num_layers=4, num_heads=8, num_kv_heads=2,
                               head_dim=64, max_positions=args.prompt_len + args.steps + 1,
                               seed=0, dtype=dtype, device=device)
@@ -35,12 +39,14 @@ def main():
     runs = {}
     for name, mode, c in (("dense", "dense", cfg), ("sparse-only", "resa", cfg.replace(rectify_every=0)),
                           ("ReSA", "resa", cfg)):
+        print(f"{name:12s} prefill + {args.steps} steps x batch {args.batch} ... ", end="",
+              flush=True)
         t0 = time.perf_counter()
         runs[name] = run_decode_cycle(model, prompt, lengths, args.steps, c, mode=mode)
         if cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        print(f"{name:12s} {args.steps} steps x batch {args.batch} in {dt:.2f} s")
+        print(f"{dt:.2f} s", flush=True)
 
     print("(the toy model has random weights and diffuse attention, so its token agreement says "
           "little; docs/fidelity.md measures a real model)")
@@ -51,6 +57,8 @@ def main():
     res = runs["ReSA"]
     if res.snapshots:
         step, fed = res.snapshots[-1]
+        print(f"checking the K cache after the rectification at step {step} against a dense "
+              f"recompute of the same tokens ...", flush=True)
         part = run_decode_cycle(model, prompt, lengths, step + 1, cfg)
         dense = dense_recompute(model, fed, cfg)
         err = max((part.cache.k[l][b, :len(r)].float() - dense.k[l][b, :len(r)].float()).abs().max().item()

@@ -10,9 +10,13 @@ cache in turn (so L2, 50 MB on an H100, never holds the next call's data), repla
 warm-up; the median over replays divided by the calls per graph is reported. No host overhead
 is counted (decode steps run under CUDA graphs).
 
-    python examples/bench_rectify_kernel.py                      # Qwen2.5-7B shapes, bf16
-    python examples/bench_rectify_kernel.py --sweep              # + tile/split variants
-    python examples/bench_rectify_kernel.py --precompile-tests --precompile-only
+    python benchmarks/bench_rectify_kernel.py                    # Qwen2.5-7B shapes, bf16
+    python benchmarks/bench_rectify_kernel.py --sweep            # + tile/split variants
+    python benchmarks/bench_rectify_kernel.py --precompile-tests --precompile-only
+
+The kernels launch through resa_tl.plan (one plan per shape, config and split count), as
+resa_tl.ops.rectify_attention does after its checks. Without a GPU (--precompile-only) the
+kernels are compiled for sm_90a.
 """
 import argparse
 import dataclasses
@@ -27,11 +31,18 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _measure import graph_ms  # noqa: E402
-from resa_tl import heuristics  # noqa: E402
-from resa_tl.kernels.rectify import (RectifyConfig, _workspace,  # noqa: E402
-                                     compile_rectify_kernel, rectify_attention_reference,
-                                     rectify_attention_tilelang)
+from _timing import graph_ms  # noqa: E402
+from resa_tl import heuristics, plan  # noqa: E402
+from resa_tl.kernels import rectify_attention as ra  # noqa: E402
+from resa_tl.kernels.rectify_attention import (RectifyConfig,  # noqa: E402
+                                               rectify_attention_reference)
+
+
+def compile_rectify_kernel(T, g, Hkv, D, Dv, dtype, scale, config, arch):
+    """The (split, combine) kernels of one spec, as tests/gpu/test_rectify_gpu.py KERNEL_SPECS
+    lists them (programmatic dependent launch as resa_tl.plan decides for ``arch``)."""
+    return ra.compile_kernel(ra.RectifyShape(T, g, Hkv, D, Dv, dtype, float(scale)), config,
+                             arch, heuristics.use_pdl(arch))
 
 
 # ------------------------------------------------------------------------------ pre-compiling
@@ -136,7 +147,6 @@ def bench(args):
     free = torch.cuda.mem_get_info()[0]
     rows = []
     variants, sweep = build_variants(args, arch)
-    dts = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dt]
 
     for ctx in args.contexts:
         for B in args.batches:
@@ -174,12 +184,11 @@ def bench(args):
                 qs = [torch.randn(B, T, Hq, D, device=dev, dtype=dt) for _ in range(rot)]
                 outs = [torch.empty(B, T, Hq, D, device=dev, dtype=dt) for _ in range(rot)]
                 R = T * g
-                nsplit = heuristics.rectify_num_splits(B, Hkv, -(-R // cfg.block_M), ctx, cfg,
-                                                       dev)
                 try:
-                    ms = graph_ms([lambda i=i: rectify_attention_tilelang(
-                        qs[i], ks[i], vs[i], lens, softmax_scale=sc, out=outs[i], config=cfg)
-                        for i in idx])
+                    p = plan.rectify_attention_like(qs[0], ks[0], vs[0], sc, config=cfg)
+                    nsplit = p.num_splits
+                    ms = graph_ms([lambda i=i: p.run(qs[i], ks[i], vs[i], lens, outs[i])
+                                   for i in idx])
                 except Exception as e:  # noqa: BLE001
                     row[f"{name}_err"] = repr(e)[:300]
                     print(f"  {name} ctx={ctx} B={B}: ERROR {row[f'{name}_err']}", flush=True)
@@ -196,16 +205,17 @@ def bench(args):
                     row[f"{name}_maxerr"] = err
                 if args.split_sweep and (ctx, B) in args.sweep_shapes:
                     # the split kernel alone (no combine launch): what the combine costs
-                    split_k, _ = compile_rectify_kernel(T, g, Hkv, D, D, dts, sc, cfg, arch)
-                    o_p, l_p = _workspace(B, Hkv, nsplit, R, D, dev)
+                    split_k = p.kernels[0]
                     row[f"{name}_splitonly_ms"] = graph_ms([lambda i=i: split_k(
-                        qs[i], ks[i], vs[i], lens, o_p, l_p, outs[i]) for i in idx])
+                        qs[i], ks[i], vs[i], lens, p.o_part, p.lse_part, outs[i])
+                        for i in idx])
                 if args.split_sweep and (ctx, B) in args.sweep_shapes and ns is None:
                     for mult in (0.5, 2.0):
                         ns2 = max(1, int(nsplit * mult))
-                        ms2 = graph_ms([lambda i=i: rectify_attention_tilelang(
-                            qs[i], ks[i], vs[i], lens, softmax_scale=sc, out=outs[i],
-                            config=cfg, num_splits=ns2) for i in idx])
+                        p2 = plan.rectify_attention_like(qs[0], ks[0], vs[0], sc, config=cfg,
+                                                         num_splits=ns2)
+                        ms2 = graph_ms([lambda i=i: p2.run(qs[i], ks[i], vs[i], lens, outs[i])
+                                        for i in idx])
                         row[f"{name}_ns{ns2}_ms"] = ms2
                 del qs, outs
             rows.append(row)
@@ -265,7 +275,8 @@ def main():
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args()
 
-    arch = heuristics.arch_of(torch.device("cuda"))
+    # no GPU (pre-compiling on a CPU machine): the Hopper kernels
+    arch = heuristics.arch_of(torch.device("cuda")) if torch.cuda.is_available() else "sm_90a"
     specs = test_specs(arch) if args.precompile_tests else []
     if args.precompile:
         specs += bench_specs(args, arch)

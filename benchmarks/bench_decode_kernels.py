@@ -2,22 +2,27 @@
 (28 query heads, 4 KV heads, head_dim 128, bf16, 16-token blocks, keep 10%) beside torch SDPA
 on the same data and a device-to-device copy measured in the same run.
 
-    python examples/bench_decode_kernels.py                 # the table
-    python examples/bench_decode_kernels.py --sweep         # + tile configs / split counts
-    python examples/bench_decode_kernels.py --precompile    # fill the TileLang disk cache (no GPU)
+    python benchmarks/bench_decode_kernels.py               # the table
+    python benchmarks/bench_decode_kernels.py --sweep       # + tile configs / split counts
+    python benchmarks/bench_decode_kernels.py --precompile  # fill TileLang's disk cache (no GPU)
 
 Method: random (not zero) data; every row at the full context; the sparse kernel reads
 n = max(ceil(NB * 0.1), min(NB, 16)) blocks per KV head (the selection formula; always the
-last block, the rest random, ascending). Times are triton.testing.do_bench medians, which
-flush the L2 (256 MB write) before every timed call, so inputs never start in L2; the sparse
+last block, the rest random, ascending). Times are triton.testing.do_bench medians
+(_timing.cold_l2_ms), which flush the L2 (256 MB write) before every timed call, so inputs
+never start in L2; the sparse
 kernel is also timed as CUDA-graph replays of 8 back-to-back calls, each with a different
 index set over a cache larger than L2 (steady state, no launch gaps). GB/s counts the bytes
 the op must read: the selected K+V blocks (sparse) or the whole K+V cache (dense); "% copy"
 divides it by the copy bandwidth (bytes read + written per second) measured in the same run.
+Kernels launch through resa_tl.plan (a plan per problem, config and split count), as the ops do
+after their checks; "default" is the heuristic config, the reference outputs use the config the
+library picks (the tuned schedule's, else the heuristic).
 """
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -30,11 +35,56 @@ sys.path.insert(0, ROOT)
 H, HKV, D, BS = 28, 4, 128, 16
 CONTEXTS = (16384, 65536, 131072, 262144)
 BATCHES = (1, 4, 8)
+SWEEP_SHAPES = ((65536, 1), (262144, 1), (65536, 8), (262144, 8), (16384, 1))
 
 
 def kept(nb: int) -> int:
-    from resa_tl.kernels.selection import blocks_to_keep
+    from resa_tl.kernels.select_blocks import blocks_to_keep
     return blocks_to_keep(nb, 0.1, 16)
+
+
+def sparse_plan(B, n, dev, config=None, num_splits=None):
+    """The plan of sparse_decode over n selected blocks per KV head (bf16, int32 indices and
+    lengths); config / num_splits None: the library's choice."""
+    from resa_tl import plan
+    from resa_tl.kernels.sparse_decode import SparseDecodeShape
+    shape = SparseDecodeShape(H, HKV, D, D, BS, "bfloat16", "int32", "int32")
+    return plan.sparse_decode(shape, B, n, dev, config=config, num_splits=num_splits)
+
+
+def dense_plan(B, S, dev, config=None):
+    """The plan of dense_decode over a cache of S positions per row."""
+    from resa_tl import plan
+    from resa_tl.kernels.dense_decode import DenseDecodeShape
+    shape = DenseDecodeShape(H, HKV, D, D, "bfloat16", "int32")
+    return plan.dense_decode(shape, B, S, dev, config=config)
+
+
+def split_options(B, n, scfg, label, sweeping, dev):
+    """Split counts timed for a sparse config: the heuristic's (the plan's), and for the
+    default config in a sweep also half, twice, and two waves of the device."""
+    from resa_tl import heuristics
+    ns0 = sparse_plan(B, n, dev, scfg).num_splits
+    if not (label == "default" and sweeping):
+        return [ns0]
+    tiles = -(-n // (max(scfg.block_N, BS) // BS))
+    sms = heuristics.sm_count(dev)
+    return [ns0] + sorted({max(1, ns0 // 2), min(tiles, ns0 * 2),
+                           min(tiles, -(-sms * 2 // (B * HKV)))} - {ns0})
+
+
+def shape_plans(S, B, variants, dev):
+    """Every plan one_shape launches at (S, B): the references (the library's configs), and
+    per variant its dense plan and its sparse plans at each split count."""
+    n = kept(-(-S // BS))
+    plans = [sparse_plan(B, n, dev), dense_plan(B, S, dev)]
+    for label, scfg, dcfg in variants:
+        if dcfg is not None:
+            plans.append(dense_plan(B, S, dev, dcfg))
+        if scfg is not None:
+            for ns in split_options(B, n, scfg, label, len(variants) > 1, dev):
+                plans.append(sparse_plan(B, n, dev, scfg, ns))
+    return plans
 
 
 def sweep_configs(arch):
@@ -53,16 +103,20 @@ def sweep_configs(arch):
     return out
 
 
-def precompile(arch: str, workers: int):
-    """Compile the kernels of the GPU tests and of this benchmark into the TileLang cache."""
+def precompile(arch: str, workers: int, contexts, batches):
+    """Compile the kernels of the GPU tests (tests/gpu/test_decode_gpu.py KERNEL_SPECS, with
+    the heuristic configs of ``arch``) and of this benchmark (every plan of every shape; on
+    sm_90a only, resolved under resa_tl.precompile.fake_hopper) into the TileLang cache."""
     from concurrent.futures import ThreadPoolExecutor
     sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from resa_tl import heuristics
-    from resa_tl.kernels.dense_decode import compile_dense_decode_kernel
-    from resa_tl.kernels.sparse_decode import compile_sparse_decode_kernel
+    from resa_tl.kernels import dense_decode as dd
+    from resa_tl.kernels import sparse_decode as sd
+    from resa_tl.precompile import fake_hopper
     import test_decode_gpu as t
-    jobs = []
+    pdl = heuristics.use_pdl(arch)
+    jobs = []                                  # (label, thunk)
     for op, h, hkv, d, dv, bs, dt, it, lt, sched in t.KERNEL_SPECS():
         g = h // hkv
         if op == "sparse":
@@ -71,37 +125,39 @@ def precompile(arch: str, workers: int):
                 if not arch.startswith("sm_9"):
                     continue
                 cfg = dataclasses.replace(cfg, schedule="auto" if cfg.schedule == "ws" else "ws")
-            jobs.append((compile_sparse_decode_kernel, (h, hkv, d, dv, bs, dt, cfg, arch, it, lt)))
+            shape = sd.SparseDecodeShape(h, hkv, d, dv, bs, dt, it, lt)
+            jobs.append((f"sparse {shape} {cfg}", functools.partial(sd.compile_kernel, shape,
+                                                                     cfg, arch, pdl)))
         else:
             cfg = heuristics.dense_decode_config(hkv, g, d, dt, arch)
-            jobs.append((compile_dense_decode_kernel, (h, hkv, d, dv, dt, cfg, arch, lt)))
-    for _, s, dcfg in sweep_configs(arch):
-        if s is not None:
-            jobs.append((compile_sparse_decode_kernel, (H, HKV, D, D, BS, "bfloat16", s, arch,
-                                                        "int32", "int32")))
-        if dcfg is not None:
-            jobs.append((compile_dense_decode_kernel, (H, HKV, D, D, "bfloat16", dcfg, arch,
-                                                       "int32")))
-    seen, uniq = set(), []
-    for fn, args in jobs:
-        if (fn.__name__, args) not in seen:
-            seen.add((fn.__name__, args))
-            uniq.append((fn, args))
+            shape = dd.DenseDecodeShape(h, hkv, d, dv, dt, lt)
+            jobs.append((f"dense {shape} {cfg}", functools.partial(dd.compile_kernel, shape,
+                                                                    cfg, arch, pdl)))
+    if arch == "sm_90a":
+        for S in contexts:
+            for B in batches:
+                variants = sweep_configs(arch) if (S, B) in SWEEP_SHAPES else \
+                    sweep_configs(arch)[:1]
+                jobs.append((f"bench {S} x {B}", functools.partial(
+                    shape_plans, S, B, variants, "meta")))
+    else:
+        print(f"# {arch}: the benchmark's own plans are resolved for sm_90a only; compiling "
+              "the GPU tests' kernels", flush=True)
     t0 = time.time()
 
     def run(job):
-        fn, args = job
+        label, fn = job
         s = time.time()
         try:
-            fn(*args)
-            return f"ok   {time.time() - s:5.1f}s {fn.__name__}{args}"
+            fn()
+            return f"ok   {time.time() - s:5.1f}s {label}"
         except Exception as e:                                 # noqa: BLE001
-            return f"FAIL {fn.__name__}{args}: {type(e).__name__}: {str(e)[:300]}"
+            return f"FAIL {label}: {type(e).__name__}: {str(e)[:300]}"
 
-    with ThreadPoolExecutor(max(1, workers)) as ex:
-        for line in ex.map(run, uniq):
+    with fake_hopper(), ThreadPoolExecutor(max(1, workers)) as ex:
+        for line in ex.map(run, jobs):
             print(line, flush=True)
-    print(f"{len(uniq)} kernels in {time.time() - t0:.0f}s")
+    print(f"{len(jobs)} jobs in {time.time() - t0:.0f}s")
 
 
 def main():
@@ -116,15 +172,14 @@ def main():
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
     args = ap.parse_args()
     if args.precompile:
-        precompile(args.arch, args.workers)
+        precompile(args.arch, args.workers, args.contexts, args.batches)
         return
 
     import torch
     import torch.nn.functional as F
     import triton
     from resa_tl import heuristics
-    from resa_tl.kernels.dense_decode import dense_decode_tilelang
-    from resa_tl.kernels.sparse_decode import sparse_decode_tilelang
+    from _timing import capture_graph, cold_l2_ms, copy_gbs
 
     dev = torch.device("cuda")
     arch = heuristics.arch_of(dev)
@@ -135,14 +190,10 @@ def main():
           f"{triton.__version__}; {datetime.datetime.now().isoformat(timespec='seconds')}")
 
     def bench(fn):
-        return triton.testing.do_bench(fn, warmup=25, rep=args.rep, return_mode="median")
+        return cold_l2_ms(fn, warmup=25, rep=args.rep)
 
-    # copy roofline: bytes read + written per second, 1 GiB buffers
-    src = torch.empty(1 << 29, dtype=torch.float16, device=dev).normal_()
-    dst = torch.empty_like(src)
-    t_copy = bench(lambda: dst.copy_(src))
-    copy_bw = 2 * src.numel() * 2 / (t_copy * 1e-3) / 1e9
-    del src, dst
+    # copy roofline: bytes read + written per second, 1 GiB buffers, timed like the kernels
+    copy_bw = copy_gbs(1 << 29, torch.float16, cold_l2=True)
     print(f"# device-to-device copy: {copy_bw:.0f} GB/s (read + write)")
 
     scale = D ** -0.5
@@ -152,7 +203,6 @@ def main():
     header = (f"{'ctx':>7} {'B':>2} {'n':>5} | {'sparse ms':>9} {'GB/s':>6} {'%copy':>5} "
               f"{'graph ms':>8} {'%copy':>5} | {'dense ms':>8} {'GB/s':>6} {'%copy':>5} | "
               f"{'SDPA ms':>8} {'dense/SDPA':>10} | {'dense/sparse':>12}")
-    sms = props.multi_processor_count
     sweep = sweep_configs(arch)
 
     def one_shape(S, B, variants):
@@ -185,47 +235,32 @@ def main():
             except Exception as e:                               # noqa: BLE001
                 print(f"SDPA failed: {e}")
             del kh, vh
-        ref_sparse = sparse_decode_tilelang(q, k, v, idxs[0], L, block_size=BS,
-                                            softmax_scale=scale)
-        ref_dense = dense_decode_tilelang(q, k, v, L, softmax_scale=scale)
+        ref_sparse = sparse_plan(B, n, dev).run(q, k, v, idxs[0], L, scale)
+        ref_dense = dense_plan(B, S, dev).run(q, k, v, L, scale)
         for label, scfg, dcfg in variants:
             t_de = float("nan")
             if dcfg is not None:
-                od = dense_decode_tilelang(q, k, v, L, softmax_scale=scale, config=dcfg)
+                pd = dense_plan(B, S, dev, dcfg)
+                od = pd.run(q, k, v, L, scale)
                 err = (od.float() - ref_dense.float()).abs().max().item()
                 if err > 1e-2:
                     print(f"!! dense {label} differs from the default by {err:.3g}")
-                t_de = bench(lambda: dense_decode_tilelang(q, k, v, L, softmax_scale=scale,
-                                                           config=dcfg))
+                t_de = bench(lambda: pd.run(q, k, v, L, scale))
             split_opts = [None]
             if scfg is not None:
-                tiles = -(-n // (max(scfg.block_N, BS) // BS))
-                ns0 = heuristics.decode_num_splits(B, HKV, tiles, dev,
-                                                   ctas_per_sm=scfg.ctas_per_sm)
-                split_opts = [ns0]
-                if label == "default" and len(variants) > 1:
-                    split_opts += sorted({max(1, ns0 // 2), min(tiles, ns0 * 2),
-                                          min(tiles, -(-sms * 2 // (B * HKV)))} - {ns0})
+                split_opts = split_options(B, n, scfg, label, len(variants) > 1, dev)
             for ns in split_opts:
                 t_sp = t_gr = float("nan")
                 if scfg is not None:
-                    out = sparse_decode_tilelang(q, k, v, idxs[0], L, block_size=BS,
-                                                 softmax_scale=scale, config=scfg,
-                                                 num_splits=ns)
+                    ps = sparse_plan(B, n, dev, scfg, ns)
+                    out = ps.run(q, k, v, idxs[0], L, scale)
                     err = (out.float() - ref_sparse.float()).abs().max().item()
                     if not err <= 1e-2:
                         print(f"!! sparse {label} ns={ns} differs from the default by {err:.3g}")
-                    t_sp = bench(lambda: sparse_decode_tilelang(
-                        q, k, v, idxs[0], L, block_size=BS, softmax_scale=scale, config=scfg,
-                        num_splits=ns))
+                    t_sp = bench(lambda: ps.run(q, k, v, idxs[0], L, scale))
                     try:                                 # 8 calls, rotated index sets
-                        torch.cuda.synchronize()
-                        g = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(g):
-                            for ix in idxs:
-                                sparse_decode_tilelang(q, k, v, ix, L, block_size=BS,
-                                                       softmax_scale=scale, config=scfg,
-                                                       num_splits=ns)
+                        g = capture_graph([lambda ix=ix: ps.run(q, k, v, ix, L, scale)
+                                           for ix in idxs])
                         g.replay()
                         t_gr = bench(g.replay) / len(idxs)
                         del g
@@ -258,7 +293,7 @@ def main():
             one_shape(S, B, sweep[:1])
     if args.sweep:
         print("# sweep (variants of the default; split counts of the default)", flush=True)
-        for S, B in ((65536, 1), (262144, 1), (65536, 8), (262144, 8), (16384, 1)):
+        for S, B in SWEEP_SHAPES:
             if S in args.contexts and B in args.batches:
                 one_shape(S, B, sweep)
     print()

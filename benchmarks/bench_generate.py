@@ -24,25 +24,24 @@ Modes:
                 one small kernel per layer and step)
 
 Each mode runs generate() twice with the same arguments and times the second (the first
-compiles). A LogitsProcessor records a CUDA event after each step's logits (no host sync). The
-default 133 new tokens are a prefill and 132 decode steps = 4 cycles of f + 1 = 33 steps for
-f = 32 (a cycle ends with the rectification step); ms/token is the mean step over the last
-3 cycles (the first absorbs CUDA-graph recording, if generate() records again), which
-excludes the prefill and weighs ReSA's rectification steps in their real proportion.
-``ms_per_token_all`` is the mean over all 132 steps. Also reported: the median step (a sparse
-step for ReSA), the slowest step, the prefill (generate() call to the first logits) and, for
-ReSA, how many rectifications ran. Speedups: over the faster stock dense mode (dense,
+compiles). A LogitsProcessor records a CUDA event after each step's logits (no host sync;
+_timing.Marks). The default 133 new tokens are a prefill and 132 decode steps = 4 cycles of
+f + 1 = 33 steps for f = 32 (a cycle ends with the rectification step); ms/token is the mean
+step over the last 3 cycles (the first absorbs CUDA-graph recording, if generate() records
+again), which excludes the prefill and weighs ReSA's rectification steps in their real
+proportion. ``ms_per_token_all`` is the mean over all 132 steps. Also reported: the median
+step (a sparse step for ReSA), the slowest step, the prefill (generate() call to the first
+logits) and, for ReSA, how many rectifications ran. Speedups: over the faster stock dense mode (dense,
 dense-static) of the same shape, and over full-static.
 
-    python examples/bench_generate.py [--contexts 32768] [--batches 8] [--modes ...]
-    python examples/bench_generate.py --precompile ...   # CPU: fill TileLang's kernel cache
+    python benchmarks/bench_generate.py [--contexts 32768] [--batches 8] [--modes ...]
+    python benchmarks/bench_generate.py --precompile ...   # CPU: fill TileLang's kernel cache
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import datetime
-import types
 import gc
 import itertools
 import json
@@ -50,13 +49,14 @@ import math
 import statistics
 import sys
 import time
+import types
 
 import torch
 
 import resa_tl
 from resa_tl import ReSAConfig, ops
 
-from _measure import git_commit
+from _timing import Marks, git_commit, trace_events, window_kernels
 from bench_e2e import Qwen7BShape, kernel_group
 
 MODES = ("resa-static", "full-static", "dense", "resa", "dense-static")
@@ -73,32 +73,13 @@ def model_config(layers: int, max_positions: int):
         max_position_embeddings=max_positions, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-class StepTimer:
-    """LogitsProcessor that stamps each generate() step: a CUDA event (recorded on the stream,
-    no sync) on CUDA, the host clock elsewhere."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-        self.marks = []
-
-    def mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            self.marks.append(e)
-        else:
-            self.marks.append(time.perf_counter())
+class StepTimer(Marks):
+    """LogitsProcessor that stamps each generate() step (_timing.Marks: a CUDA event recorded
+    on the stream, no sync, on CUDA; the host clock elsewhere)."""
 
     def __call__(self, input_ids, scores):
         self.mark()
         return scores
-
-    def ms_between(self):
-        """Milliseconds from each mark to the next."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
-        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
 def mode_config(mode: str, cfg: ReSAConfig) -> ReSAConfig | None:
@@ -180,17 +161,13 @@ def profile_mode(model, ids, mode, new_tokens, cfg):
     of the kernel intervals inside the window; each kernel counts only its part inside it. The
     timed run's ms per step minus the busy time is roughly what the GPU spends waiting for the
     host (roughly: these are two generate() calls)."""
-    import tempfile
     from torch.profiler import ProfilerActivity, profile
     with generating_in(model, ids, mode, new_tokens, cfg) as generate, \
             profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         generate(StepMarker())
         if ids.is_cuda:
             torch.cuda.synchronize()
-    with tempfile.NamedTemporaryFile(suffix=".json") as fh:
-        prof.export_chrome_trace(fh.name)
-        events = json.load(open(fh.name))["traceEvents"]
-    return trace_summary(events, cfg.rectify_every + 1, kernel_group)
+    return trace_summary(trace_events(prof), cfg.rectify_every + 1, kernel_group)
 
 
 def trace_summary(events, cycle: int, group) -> dict:
@@ -199,28 +176,18 @@ def trace_summary(events, cycle: int, group) -> dict:
     step over the steady window (steady_steps: steps marks[j] -> marks[j + 1]) and kernel time
     per step by ``group(name)``. Kernels are clipped to the window; busy time is the union of the
     clipped intervals (kernels that overlap, e.g. under PDL, count once there, but each in its
-    own class)."""
+    own class): _timing.window_kernels."""
     marks = sorted(e["ts"] for e in events if e.get("name") == "bench_generate_step")
     window = steady_steps(list(range(len(marks) - 1)), cycle)
     t0, t1 = marks[window[0]], marks[window[-1] + 1]
     steps = len(window)
-    kernels = sorted((max(e["ts"], t0), min(e["ts"] + e["dur"], t1), e["name"]) for e in events
-                     if e.get("cat") == "kernel" and e["ts"] < t1 and e["ts"] + e["dur"] > t0)
-    busy, end = 0.0, t0
-    for a, b, _ in kernels:                          # union of the (clipped) intervals
-        a = max(a, end)
-        if b > a:
-            busy += b - a
-            end = b
-    classes: dict = {}
-    for a, b, name in kernels:
-        g = group(name)
-        classes[g] = classes.get(g, 0.0) + (b - a) / steps / 1e3
+    busy, classes, launches = window_kernels(events, t0, t1, group)
+    per_step = {g: us / steps / 1e3 for g, us in classes.items()}
     return dict(steps=steps, window_ms_per_step=(t1 - t0) / steps / 1e3,
                 gpu_busy_ms_per_step=busy / steps / 1e3,
-                launches_per_step=len(kernels) / steps,
+                launches_per_step=launches / steps,
                 kernel_ms_per_step={k: round(v, 4) for k, v in
-                                    sorted(classes.items(), key=lambda kv: -kv[1])})
+                                    sorted(per_step.items(), key=lambda kv: -kv[1])})
 
 
 def free_memory(model):
@@ -244,8 +211,9 @@ def capacity_for(context: int, new_tokens: int, layers: int = 28) -> int:
 def precompile(cfg: ReSAConfig, contexts, batches, new_tokens: int, layers: int):
     """CPU: compile every TileLang kernel the ReSA modes launch (what the HF integration calls:
     the prompt's summary update, the warm-up's sparse step and rectification, the decode loop's
-    sparse steps and rectifications), on meta tensors (see _precompile)."""
-    from _precompile import fake_hopper
+    sparse steps, the rewinds' and rectifications' summary updates), on meta tensors with the
+    public ops under resa_tl.precompile.fake_hopper."""
+    from resa_tl.precompile import fake_hopper
     c = model_config(layers, 1)
     H, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     with fake_hopper():
@@ -260,7 +228,11 @@ def precompile(cfg: ReSAConfig, contexts, batches, new_tokens: int, layers: int)
             kmin = torch.empty(B, nb, Hkv, D, **kv)
             kmax = torch.empty_like(kmin)
             full = cfg.sparse_ratio >= 1            # dense_decode; the write updates summaries
-            for length in (context, *((f + 1,) if f else ()), *((1,) if full else ())):
+            # the prompt's write; a rectification's rewind (the new last block, 1 position) and
+            # its write of f + 1 tokens; a decode step's write where select_blocks does not
+            # refresh the summaries (full density)
+            for length in dict.fromkeys((context, *((1, f + 1) if f else ()),
+                                         *((1,) if full else ()))):
                 ops.update_block_summaries(kmin, kmax, k, lens, length, cfg.block_size)
             q = torch.empty(B, H, D, **kv)
             if full:

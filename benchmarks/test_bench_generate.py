@@ -1,13 +1,16 @@
-"""CPU checks of examples/bench_generate.py's bookkeeping: the averaging window covers whole
-rectification cycles, and the cache capacity it precompiles for is the one generate() asks for."""
+"""CPU checks of bench_generate.py's bookkeeping: the averaging window covers whole
+rectification cycles, the cache capacity it precompiles for is the one generate() asks for, and
+the profile's busy time counts the steady window only."""
 import os
 import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "examples"))
+# the benchmark modules import each other as top-level modules (as when run as scripts);
+# no conftest.py here: a second module named "conftest" would shadow tests/conftest.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 transformers = pytest.importorskip("transformers")
 import bench_generate  # noqa: E402
 

@@ -17,7 +17,7 @@ Columns
   step        select + sparse captured together: one ReSA attention step; "x sdpa" = sdpa / step
   rect32      rectify_attention with T = 32 queries; "/dense" = its time over one dense step
 
-    python examples/bench_kernels.py [--contexts ...] [--batches ...] [--flex 65536 262144]
+    python benchmarks/bench_kernels.py [--contexts ...] [--batches ...] [--flex 65536 262144]
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from resa_tl import ops
-from resa_tl.kernels.selection import blocks_to_keep
+from resa_tl.kernels.select_blocks import blocks_to_keep
 
-from _measure import copy_gbs, git_commit, graph_ms
+from _timing import copy_gbs, git_commit, graph_ms
 
 H, HKV, D, BS, RATIO, MINB, LOCAL = 28, 4, 128, 16, 0.1, 16, 1
 DT = torch.bfloat16

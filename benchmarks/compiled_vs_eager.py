@@ -3,7 +3,7 @@ small random bf16 Qwen2 model (the one tests/gpu/test_attach_gpu.py uses): per d
 largest logit difference as a fraction of the logit scale, for mode="default" (inductor, no CUDA
 graphs) and mode="reduce-overhead" (CUDA graphs), at ratio 1 (dense attention) and at 20% kept.
 
-    python examples/compiled_vs_eager.py [--json out.json]      # needs a CUDA GPU
+    python benchmarks/compiled_vs_eager.py [--json out.json]      # needs a CUDA GPU
 
 Why it exists: inductor fuses the bf16 model differently from eager, so compiled and eager
 logits differ by rounding even with dense attention; a sparse selection parting at a near-tie
@@ -20,7 +20,7 @@ import transformers
 from transformers import CompileConfig
 
 import resa_tl
-from _measure import git_commit
+from _timing import git_commit
 
 CONFIGS = {"ratio 1": dict(sparse_ratio=1.0, min_blocks=1, rectify_every=8),
            "keep 20%": dict(sparse_ratio=0.2, min_blocks=2, local_blocks=1, rectify_every=8)}

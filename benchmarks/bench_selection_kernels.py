@@ -5,14 +5,16 @@ at least 16 blocks, 1 local block. Every time is a CUDA-graph replay (no host ov
 calls on R rotated copies of the inputs, so that the bytes touched per replay exceed the L2
 cache (R * bytes >= 256 MB, at most 64 copies); the median over replays, divided by R.
 
-    python examples/bench_selection_kernels.py                    # full table (needs a GPU)
-    python examples/bench_selection_kernels.py --precompile       # CPU: fill the kernel cache
+    python benchmarks/bench_selection_kernels.py                  # full table (needs a GPU)
+    python benchmarks/bench_selection_kernels.py --precompile     # CPU: fill the kernel cache
                                                                   # for sm_90a (tests + bench)
 
 GB/s for select_blocks counts the kmin + kmax bytes of the valid blocks (what the kernel must
 read); for block_summaries, the K bytes read. "sparse@roofline" is the time a sparse decode step
 needs at 3.0 TB/s to read the K and V of the kept blocks (n * 16 tokens), the issue's yardstick
 (select <= 0.5x of it); "sparse meas." is resa_tl's sparse_decode kernel when it is available.
+The kernels launch through resa_tl.plan (bench_plans: the configs the library picks; the sweep
+overrides the select config), as the ops do after their checks.
 """
 from __future__ import annotations
 
@@ -27,9 +29,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from _measure import graph_ms  # noqa: E402
-from resa_tl.kernels import selection as sel  # noqa: E402
-from resa_tl.kernels import summaries as summ  # noqa: E402
+from _timing import graph_ms, kernel_times  # noqa: E402
+from resa_tl import plan  # noqa: E402
+from resa_tl.kernels import block_summaries as summ  # noqa: E402
+from resa_tl.kernels import select_blocks as sel  # noqa: E402
 
 HKV, G, D, BS, RATIO, MINB, LOCAL = 4, 7, 128, 16, 0.1, 16, 1
 CONTEXTS = [16384, 65536, 131072, 262144]
@@ -53,36 +56,53 @@ def _select_cfgs(nb):
     return base, sorted(cfgs, key=str)
 
 
-def precompile(workers=1):
+def summaries_shape(mode, dt="bfloat16"):
+    return summ.SummariesShape(HKV, D, BS, dt, "int32", mode)
+
+
+def select_shape(nb, dt="bfloat16"):
+    return sel.SelectShape(nb, HKV, G, D, BS, RATIO, MINB, LOCAL,
+                           sel.default_max_selected(nb, RATIO, MINB), dt, "int32")
+
+
+def bench_plans(ctx, B, dev):
+    """The plans bench() launches at (ctx, B), configs as the library picks them: block
+    summaries over the cache, updates of 1 and 33 positions, select_blocks."""
+    return dict(summ=plan.block_summaries(summaries_shape("build"), B, ctx, dev),
+                upd1=plan.block_summaries(summaries_shape("update"), B, 1, dev),
+                upd33=plan.block_summaries(summaries_shape("update"), B, 33, dev),
+                select=plan.select_blocks(select_shape(ctx // BS), B, dev))
+
+
+def precompile(workers=1, contexts=CONTEXTS, batches=BATCHES):
     """Compile (into TILELANG_CACHE_DIR) every kernel of the GPU tests and of this benchmark,
-    for sm_90a, without a GPU."""
-    from resa_tl import heuristics, schedules
+    for sm_90a, without a GPU: kernels of explicit configs directly, the ones whose config the
+    library picks (tuned schedule, else heuristic) through their plans under
+    resa_tl.precompile.fake_hopper."""
     sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from resa_tl import heuristics
     import test_selection_gpu as tg
     name = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int32: "int32",
             torch.int64: "int64"}
     jobs = []
     for hkv, d, bs, dt, it, mode in tg.summary_specs():
-        jobs.append(("summ", (hkv, d, bs, name[dt], name[it], mode,
-                              heuristics.summaries_config(hkv, d, bs))))
-    for mode in ("build", "update"):
-        jobs.append(("summ", (HKV, D, BS, "bfloat16", "int32", mode,
-                              heuristics.summaries_config(HKV, D, BS))))
+        jobs.append(("summ", summ.SummariesShape(hkv, d, bs, name[dt], name[it], mode),
+                     heuristics.summaries_config(hkv, d, bs)))
     for nb, hkv, g, d, bs, ratio, minb, local, k, dt, it, variant in tg.select_specs():
-        jobs.append(("sel", (nb, hkv, g, d, bs, float(ratio), minb, local, k, name[dt], name[it],
-                             tg.variant_config(nb, hkv, d, variant))))
+        jobs.append(("sel", sel.SelectShape(nb, hkv, g, d, bs, float(ratio), minb, local, k,
+                                            name[dt], name[it]),
+                     tg.variant_config(nb, hkv, d, variant)))
     for B, nb, hkv, g, d, bs, ratio, minb, local, k, dt, it, refresh, sink in tg.sink_specs():
-        cfg = schedules.config_for(                     # what the wrapper will pick on sm_90a
-            "select_blocks", heuristics.selection_config(nb, hkv, d), arch="sm_90a", dtype=dt,
-            head_dim=d, g=g, hkv=hkv, block_size=bs, num_blocks=nb, batch=B)
-        jobs.append(("sel", (nb, hkv, g, d, bs, float(ratio), minb, local, k, name[dt],
-                             name[it], cfg), (("refresh", refresh), ("sink_blocks", sink))))
-    for ctx in CONTEXTS:
+        jobs.append(("sel-plan", sel.SelectShape(nb, hkv, g, d, bs, float(ratio), minb, local,
+                                                 k, name[dt], name[it], refresh, sink), B))
+    for ctx in sorted(set(contexts) | set(SWEEP)):       # the table's configs and the sweep's
         nb = ctx // BS
         for cfg in _select_cfgs(nb)[1]:
-            jobs.append(("sel", (nb, HKV, G, D, BS, RATIO, MINB, LOCAL,
-                                 sel.default_max_selected(nb, RATIO, MINB), "bfloat16", "int32",
-                                 cfg)))
+            jobs.append(("sel", select_shape(nb), cfg))
+    for ctx in contexts:
+        for B in batches:
+            jobs.append(("bench", ctx, B))
     jobs = list(dict.fromkeys(jobs))
     if workers <= 1:
         for i, job in enumerate(jobs):
@@ -96,14 +116,21 @@ def precompile(workers=1):
 
 
 def _compile_job(job):
-    kind, args = job[:2]
-    kw = dict(job[2]) if len(job) > 2 else {}          # (name, value) pairs: hashable jobs
+    from resa_tl import heuristics
+    from resa_tl.precompile import fake_hopper
+    kind = job[0]
     t = time.time()
     if kind == "summ":
-        summ.build_summaries_kernel(*args, "sm_90a")
-    else:
-        sel.build_select_blocks_kernel(*args, "sm_90a", **kw)
-    return f"{kind} {args} {kw or ''} {time.time() - t:.1f}s"
+        summ.compile_kernel(job[1], job[2], "sm_90a", heuristics.use_pdl("sm_90a"))
+    elif kind == "sel":
+        sel.compile_kernel(job[1], job[2], "sm_90a", heuristics.use_pdl("sm_90a"))
+    elif kind == "sel-plan":                         # the config the library picks for it
+        with fake_hopper():
+            plan.select_blocks(job[1], job[2], "meta")
+    else:                                            # ("bench", ctx, B)
+        with fake_hopper():
+            bench_plans(job[1], job[2], "meta")
+    return f"{kind} {job[1:]} {time.time() - t:.1f}s"
 
 
 def rotations(nbytes, cap=64):
@@ -111,35 +138,24 @@ def rotations(nbytes, cap=64):
 
 
 def kernel_breakdown(fn):
-    """Per-kernel device time (us) of one eager call, from the torch profiler."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
+    """Per-kernel device time (us) of one eager call of select_blocks (_timing.kernel_times):
+    "score" (the scoring kernel) and "select" (top-k)."""
     out = {}
-    for ev in prof.key_averages():
-        if "select_blocks" in ev.key:
-            dev_t = getattr(ev, "device_time", None) or getattr(ev, "cuda_time", 0.0)
-            out["score" if ev.key.endswith("_kernel") else "select"] = dev_t
+    for key, us in kernel_times(fn).items():
+        if "select_blocks" in key:
+            out["score" if key.endswith("_kernel") else "select"] = us
     return out
 
 
 def sparse_measured(B, ctx, idx, dt):
-    try:
-        from resa_tl.kernels import sparse_decode as sd
-        fn = getattr(sd, "sparse_decode_tilelang")
-    except Exception:                                          # not written yet
-        return None
+    from resa_tl import ops
     try:
         q = torch.randn(B, HKV * G, D, device="cuda", dtype=dt)
         k = torch.randn(B, ctx, HKV, D, device="cuda", dtype=dt)
         v = torch.randn_like(k)
         sl = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
-        return graph_ms([lambda: fn(q, k, v, idx, sl, block_size=BS,
-                                      softmax_scale=D ** -0.5)])
+        return graph_ms([lambda: ops.sparse_decode(q, k, v, idx, sl, block_size=BS,
+                                                   softmax_scale=D ** -0.5)])
     except Exception as e:                                     # report, don't fail the bench
         print(f"  (sparse_decode not timed: {type(e).__name__}: {str(e)[:120]})")
         return None
@@ -167,16 +183,15 @@ def bench(args):
             ks = [torch.randn(B, ctx, HKV, D, device=dev, dtype=dt) for _ in range(R)]
             outs = [(torch.empty(B, nb, HKV, D, device=dev, dtype=dt),
                      torch.empty(B, nb, HKV, D, device=dev, dtype=dt)) for _ in range(R)]
-            t_sum = graph_ms([lambda k=k, o=o: summ.block_summaries_tilelang(k, sl, BS, out=o)
-                                for k, o in zip(ks, outs)])
+            plans = bench_plans(ctx, B, dev)
+            t_sum = graph_ms([lambda k=k, o=o: plans["summ"].run(k, sl, *o)
+                              for k, o in zip(ks, outs)])
             # -- update (decode step: 1 token; rectification chunk: 33 tokens)
             kmin, kmax = outs[0]
             start1 = torch.full((B,), ctx - 1, dtype=torch.int32, device=dev)
             start33 = torch.full((B,), ctx - 33 - 7, dtype=torch.int32, device=dev)
-            t_u1 = graph_ms([lambda: summ.update_block_summaries_tilelang(
-                kmin, kmax, ks[0], start1, 1, BS)] * 20)
-            t_u33 = graph_ms([lambda: summ.update_block_summaries_tilelang(
-                kmin, kmax, ks[0], start33, 33, BS)] * 20)
+            t_u1 = graph_ms([lambda: plans["upd1"].run(ks[0], start1, kmin, kmax, 1)] * 20)
+            t_u33 = graph_ms([lambda: plans["upd33"].run(ks[0], start33, kmin, kmax, 33)] * 20)
             del ks
             # -- select_blocks
             K = sel.default_max_selected(nb, RATIO, MINB)
@@ -190,11 +205,10 @@ def bench(args):
             out = torch.empty(B, HKV, K, dtype=torch.int32, device=dev)
             kw = dict(block_size=BS, sparse_ratio=RATIO, min_blocks=MINB, local_blocks=LOCAL,
                       max_selected=K)
-            t_sel = graph_ms([lambda q=q, s=s: sel.select_blocks_tilelang(q, s[0], s[1], sl,
-                                                                            out=out, **kw)
-                                for q, s in zip(qs, sums)])
-            bd = kernel_breakdown(lambda: sel.select_blocks_tilelang(qs[0], *sums[0], sl,
-                                                                     out=out, **kw))
+            p_sel = plans["select"]
+            t_sel = graph_ms([lambda q=q, s=s: p_sel.run(q, s[0], s[1], sl, None, out)
+                              for q, s in zip(qs, sums)])
+            bd = kernel_breakdown(lambda: p_sel.run(qs[0], *sums[0], sl, None, out))
             rr = min(R, 4)
             t_ref = graph_ms([lambda q=q, s=s: sel.select_blocks_reference(q, s[0], s[1], sl,
                                                                              **kw)
@@ -221,7 +235,6 @@ def bench(args):
             torch.cuda.empty_cache()
     if args.sweep:
         print("# select config sweep (select_threads, hist): us per call")
-        from resa_tl import heuristics
         for ctx, B in [(c, b) for c in sorted(SWEEP) for b in (1, 8)]:
             nb = ctx // BS
             K = sel.default_max_selected(nb, RATIO, MINB)
@@ -236,14 +249,11 @@ def bench(args):
             out = torch.empty(B, HKV, K, dtype=torch.int32, device=dev)
             line = []
             for cfg in _select_cfgs(nb)[1]:
-                nbp = -(-nb // cfg.select_threads) * cfg.select_threads
-                scores = torch.empty(B, HKV, nbp, dtype=torch.float32, device=dev)
-                kern = sel.build_select_blocks_kernel(nb, HKV, G, D, BS, RATIO, MINB, LOCAL, K,
-                                                      "bfloat16", "int32", cfg,
-                                                      heuristics.arch_of(dev))
-                t = graph_ms([lambda q=q, s=s: kern(q, s[0], s[1], sl, scores, out)
-                                for q, s in zip(qs, sums)])
-                bd = kernel_breakdown(lambda: kern(qs[0], sums[0][0], sums[0][1], sl, scores, out))
+                p = plan.select_blocks(select_shape(nb), B, dev, config=cfg)
+                t = graph_ms([lambda q=q, s=s: p.run(q, s[0], s[1], sl, None, out)
+                              for q, s in zip(qs, sums)])
+                bd = kernel_breakdown(lambda: p.run(qs[0], sums[0][0], sums[0][1], sl, None,
+                                                    out))
                 line.append(f"({cfg.select_threads},{cfg.hist})={t * 1e3:.1f}"
                             f"[sel {bd.get('select', float('nan')):.1f}]")
                 rows.append(dict(sweep=True, ctx=ctx, B=B, threads=cfg.select_threads,
@@ -272,7 +282,7 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.precompile:
-        precompile(args.jobs)
+        precompile(args.jobs, args.contexts, args.batches)
     else:
         bench(args)
 

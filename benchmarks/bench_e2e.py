@@ -7,11 +7,13 @@ is captured once as a CUDA graph and timed as graph replays, so no host overhead
 Modes (per context x batch):
   dense-sdpa   torch SDPA over the cache (the strongest dense kernel torch ships on the card)
   dense-tl     resa_tl.ops.dense_decode (TileLang)
-  resa         sparse steps (select_blocks, which also refreshes the newest block's summary, +
-               sparse_decode) and, every f steps,
-               one fused rectification step feeding f+1 tokens densely (rectify_attention).
-               Per-token time = (f * t_sparse + t_rect) / (f + 1): a cycle of f+1 forwards
-               yields f+1 tokens.
+  resa         the library's decode cycle (resa_tl.cycle) over a resa_tl.cache.ReSACache that
+               holds the decoder's K/V: sparse steps (StepAttention.sparse: select_blocks,
+               which also refreshes the newest block's summary, + sparse_decode) and, every f
+               steps, one fused rectification step feeding f+1 tokens densely (the touched
+               summaries updated, then StepAttention.dense: rectify_attention). Per-token time
+               = (f * t_sparse + t_rect) / (f + 1) (resa_tl.cycle.per_token_time): a cycle of
+               f+1 forwards yields f+1 tokens.
 The cache is filled with random K/V (a real 256K prefill of a 7B model would take minutes and
 does not change the decode cost). Where the per-layer caches would not fit on the card, all layers
 share ONE K/V cache (the paper did the same on an A100); the script says when it does.
@@ -22,7 +24,8 @@ captured and replayed on its own. Memory model: bytes per token
   dense: W + KV;   ReSA: W + KV * (1/block + kept + 1/(f+1))
 with W the weight bytes, KV the K+V bytes of all layers, kept the fraction of blocks selected.
 
-    python examples/bench_e2e.py [--contexts 16384 65536 131072 262144] [--batches 1 4 8]
+    python benchmarks/bench_e2e.py [--contexts 16384 65536 131072 262144] [--batches 1 4 8]
+    python benchmarks/bench_e2e.py --precompile --contexts ... --batches ...   # CPU, no GPU
 """
 from __future__ import annotations
 
@@ -37,10 +40,12 @@ import torch
 import torch.nn.functional as F
 
 from resa_tl import ReSAConfig, heuristics, ops
+from resa_tl.cache import ReSACache
 from resa_tl.config import SUMMARY_DTYPES
-from resa_tl.kernels.selection import blocks_to_keep
+from resa_tl.cycle import StepAttention, per_token_time
+from resa_tl.kernels.select_blocks import blocks_to_keep
 
-from _measure import copy_gbs, git_commit, graph_kernel_table, graph_ms
+from _timing import copy_gbs, git_commit, graph_kernel_table, graph_ms
 
 
 @dataclass
@@ -125,33 +130,98 @@ def cache_capacity(context: int, cfg: ReSAConfig) -> int:
     return context + 4 * (cfg.rectify_every + 1) + 1024
 
 
+class DecoderAttention:
+    """The attention of the decoder's layers, over the library's ReSA cache and decode cycle.
+
+    The K/V of all layers live in a :class:`resa_tl.cache.ReSACache` of ``cache_capacity``
+    positions per row: one cache layer per model layer, or (``share_kv``) one cache layer that
+    every model layer uses (model layer ``l`` reads cache layer ``l % n_kv``). ReSA steps run
+    through :class:`resa_tl.cycle.StepAttention`, which resolves every plan (config, kernel,
+    split counts, workspaces) once here: :meth:`sparse` (select_blocks with the newest block's
+    summary refresh + sparse_decode) and :meth:`rectify` (rectify_attention over the f + 1
+    tokens of a fused rectification). The dense TileLang baseline is ops.dense_decode, and
+    the parts of a sparse step timed on their own (:meth:`select`, :meth:`sparse_only`) are
+    the public ops with the same arguments: resa_tl.plan memoises per problem, so they launch
+    the very kernels, configs and split counts of StepAttention (benchmarks/test_bench_e2e.py
+    checks that, and that this launches what the ops-based decoder of earlier commits did).
+
+    Row lengths: the benchmark times every step at a fixed context (see Decoder.step), so the
+    lengths are set, not advanced: the caller writes the cache's ``seqlens`` before a step.
+    ``device="meta"`` with ``fill=False`` under resa_tl.precompile.fake_hopper resolves (and
+    compiles) the same plans without a GPU (see :func:`precompile`)."""
+
+    def __init__(self, s: Qwen7BShape, batch: int, context: int, cfg: ReSAConfig,
+                 share_kv: bool, device, fill: bool = True):
+        self.cfg, self.context = cfg, context
+        self.capacity = cache_capacity(context, cfg)
+        self.n_kv = 1 if share_kv else s.layers
+        self.scale = s.head_dim ** -0.5
+        self.cache = c = ReSACache(self.n_kv, batch, self.capacity, s.kv_heads, s.head_dim,
+                                   config=cfg, dtype=torch.bfloat16, device=device)
+        if fill:                     # random K/V (torch.randn's values: the earlier decoder's)
+            gen = torch.Generator(device=device).manual_seed(1)
+            for t in (*c.k, *c.v):
+                t.normal_(generator=gen)
+        c.seqlens.fill_(context)     # summaries over the context (a step re-sets the lengths)
+        c.reserve(context)
+        for layer in range(self.n_kv):
+            c.rebuild_summaries(layer)
+        self.step = StepAttention(c, s.heads, refresh=True)
+
+    def kv(self, layer: int):
+        """(k_cache, v_cache) of model layer ``layer``."""
+        i = layer % self.n_kv
+        return self.cache.k[i], self.cache.v[i]
+
+    def lengths(self, layer: int):
+        return self.cache.seqlens[layer % self.n_kv]
+
+    def sparse(self, layer: int, q):
+        """A sparse step's attention (its token written): q [B, H, D] -> [B, H, Dv]."""
+        return self.step.sparse(layer % self.n_kv, q, self.scale)
+
+    def update_summaries(self, layer: int, start, length: int):
+        """Refresh the summaries of the blocks that positions [start, start + length) touch
+        (a rectification rewrote them)."""
+        i = layer % self.n_kv
+        c = self.cache
+        ops.update_block_summaries(c.kmin[i], c.kmax[i], c.k[i], start, length,
+                                   self.cfg.block_size)
+
+    def rectify(self, layer: int, q):
+        """The fused rectification's attention: q [B, T, H, D] -> [B, T, H, Dv]."""
+        return self.step.dense(layer % self.n_kv, q, self.scale)
+
+    def dense(self, layer: int, q):
+        """Dense TileLang decode: q [B, H, D] -> [B, H, Dv]."""
+        k, v = self.kv(layer)
+        return ops.dense_decode(q, k, v, self.lengths(layer), softmax_scale=self.scale)
+
+    def select(self, layer: int, q):
+        """Only the selection of a sparse step (summary refresh included)."""
+        i, c, cfg = layer % self.n_kv, self.cache, self.cfg
+        return ops.select_blocks(q, c.kmin[i], c.kmax[i], c.seqlens[i],
+                                 block_size=cfg.block_size, sparse_ratio=cfg.sparse_ratio,
+                                 min_blocks=cfg.min_blocks, local_blocks=cfg.local_blocks,
+                                 sink_blocks=cfg.sink_blocks, k_cache=c.k[i])
+
+    def sparse_only(self, layer: int, q, idx):
+        """Only the sparse attention of a sparse step, over the blocks ``idx``."""
+        k, v = self.kv(layer)
+        return ops.sparse_decode(q, k, v, idx, self.lengths(layer),
+                                 block_size=self.cfg.block_size, softmax_scale=self.scale)
+
+
 class Decoder:
     """Static-cache decoder; ``step(tokens [B, T], mode)`` is graph-capturable."""
 
     def __init__(self, s: Qwen7BShape, W: Weights, batch: int, context: int, cfg: ReSAConfig,
                  share_kv: bool, device, rest: Rest):
         self.s, self.W, self.cfg, self.B, self.rest = s, W, cfg, batch, rest
-        self.capacity = cache_capacity(context, cfg)
-        shape = (batch, self.capacity, s.kv_heads, s.head_dim)
-        n_kv = 1 if share_kv else s.layers
-        gen = torch.Generator(device=device).manual_seed(1)
-        self.k = [torch.randn(shape, device=device, dtype=torch.bfloat16, generator=gen)
-                  for _ in range(n_kv)]
-        self.v = [torch.randn(shape, device=device, dtype=torch.bfloat16, generator=gen)
-                  for _ in range(n_kv)]
-        if share_kv:
-            self.k, self.v = self.k * s.layers, self.v * s.layers
+        self.attn = DecoderAttention(s, batch, context, cfg, share_kv, device)
+        self.capacity = self.attn.capacity
         self.seqlens = torch.full((batch,), context, device=device, dtype=torch.int32)
-        self.lens_after = self.seqlens.clone()
         self.start = self.seqlens.clone()
-        self.kmin, self.kmax = [], []
-        for layer in range(n_kv):
-            mn, mx = ops.block_summaries(self.k[layer], self.seqlens, cfg.block_size,
-                                         summary_dtype=cfg.summary_dtype)
-            self.kmin.append(mn)
-            self.kmax.append(mx)
-        if share_kv:
-            self.kmin, self.kmax = self.kmin * s.layers, self.kmax * s.layers
         self.context = context
         self.rows = torch.arange(batch, device=device)
         self.steps = torch.arange(cfg.rectify_every + 1, device=device)
@@ -161,31 +231,21 @@ class Decoder:
         self.kv_bytes = 2 * s.layers * batch * context * s.kv_heads * s.head_dim * 2
 
     def attention(self, layer, q, mode):
-        cfg, kc, vc = self.cfg, self.k[layer], self.v[layer]
+        a = self.attn
         if mode == "dense-sdpa":                      # T == 1; a fixed context (see module doc)
+            kc, vc = a.kv(layer)
             n = self.context + 1
             o = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :n].transpose(1, 2),
                                                vc[:, :n].transpose(1, 2), enable_gqa=True)
             return o.transpose(1, 2)
         if mode == "dense-tl":
-            return ops.dense_decode(q[:, 0], kc, vc, self.lens_after)[:, None]
+            return a.dense(layer, q[:, 0])[:, None]
         if mode == "rect":
-            return ops.rectify_attention(q, kc, vc, self.lens_after)
-        idx = self.select(layer, q[:, 0])
-        return ops.sparse_decode(q[:, 0], kc, vc, idx, self.lens_after,
-                                 block_size=cfg.block_size)[:, None]
-
-    def select(self, layer, q):
-        """Selection, with the newest block's summary refreshed in the same launch (the token
-        this step wrote is in the cache already)."""
-        c = self.cfg
-        return ops.select_blocks(q, self.kmin[layer], self.kmax[layer], self.lens_after,
-                                 block_size=c.block_size, sparse_ratio=c.sparse_ratio,
-                                 min_blocks=c.min_blocks, local_blocks=c.local_blocks,
-                                 sink_blocks=c.sink_blocks, k_cache=self.k[layer])
+            return a.rectify(layer, q.contiguous())
+        return a.sparse(layer, q[:, 0].contiguous())[:, None]
 
     def step(self, tokens, mode):
-        s, W = self.s, self.W
+        s, W, a = self.s, self.W, self.attn
         T = tokens.shape[1]
         # Lengths stay fixed across replays, so every timing is at its nominal context: a step
         # writes positions [len - T + 1, len] and attends over len + 1 keys. For "rect" that is
@@ -193,14 +253,14 @@ class Decoder:
         self.start.copy_(self.seqlens - (T - 1))
         start = self.start
         pos = start.long()[:, None] + self.steps[:T]
-        self.lens_after.copy_(self.seqlens + 1)
+        a.cache.seqlens.copy_(self.seqlens + 1)       # every cache layer: len + 1 keys
         x = W.embed[tokens]
         for layer in range(s.layers):
+            kc, vc = a.kv(layer)
             q = self.rest.pre(x, W.ln, W.wqkv[layer], self.cos, self.sin, pos, s.heads,
-                              s.kv_heads, self.k[layer], self.v[layer], self.rows)
+                              s.kv_heads, kc, vc, self.rows)
             if mode == "rect":               # (a sparse step refreshes in select_blocks)
-                ops.update_block_summaries(self.kmin[layer], self.kmax[layer], self.k[layer],
-                                           start, T, self.cfg.block_size)
+                a.update_summaries(layer, start, T)
             o = self.attention(layer, q, mode)
             x = self.rest.post(x, o, W.wo[layer], W.ln, W.wgu[layer], W.wdown[layer])
         return self.rest.head(x, W.ln, W.lm_head)
@@ -209,10 +269,9 @@ class Decoder:
         """Only the selection or only the sparse attention of a sparse step, all layers."""
         for layer in range(self.s.layers):
             if which == "select":
-                self.select(layer, q)
+                self.attn.select(layer, q)
             else:
-                ops.sparse_decode(q, self.k[layer], self.v[layer], self._idx[layer],
-                                  self.lens_after, block_size=self.cfg.block_size)
+                self.attn.sparse_only(layer, q, self._idx[layer])
 
 
 def kernel_group(name: str) -> str:
@@ -234,7 +293,7 @@ def kernel_group(name: str) -> str:
 
 def profile_step(step, label, trace_dir):
     """Per kernel class of one captured step: launches, kernel time and frontier time (its
-    share of the step's span, _measure.frontier_us: with PDL on, the kernel time of a class
+    share of the step's span, _timing.frontier_us: with PDL on, the kernel time of a class
     includes the waits of its early-launched kernels, the frontier does not)."""
     path = f"{trace_dir}/{label}.json" if trace_dir else None
     rows, span = graph_kernel_table([step], trace_path=path)
@@ -269,7 +328,7 @@ def run_one(s, W, context, batch, cfg, free_bytes, rest, profile=False, trace_di
     except Exception as e:
         row["rect"], row["rect-error"] = float("nan"), repr(e)[:200]
     q = torch.randn(batch, s.heads, s.head_dim, device="cuda", dtype=torch.bfloat16)
-    dec._idx = [dec.select(layer, q) for layer in range(s.layers)]
+    dec._idx = [dec.attn.select(layer, q) for layer in range(s.layers)]
     row["select"] = graph_ms([lambda: dec.parts(q, "select")], replays=10, samples=5)
     row["sparse_attn"] = graph_ms([lambda: dec.parts(q, "sparse")], replays=10, samples=5)
     if profile:
@@ -279,7 +338,7 @@ def run_one(s, W, context, batch, cfg, free_bytes, rest, profile=False, trace_di
         row["profile"]["rect"] = profile_step(lambda: dec.step(tokf, "rect"), f"{tag}_rect",
                                               trace_dir)
     f = cfg.rectify_every
-    row["resa_per_token"] = (f * row["resa"] + row["rect"]) / (f + 1)
+    row["resa_per_token"] = per_token_time(row["resa"], row["rect"], f)
     row["rest"] = row["resa"] - row["select"] - row["sparse_attn"]
     row["rect_amortized"] = row["rect"] / (f + 1)
     best_dense = min(row["dense-sdpa"], row["dense-tl"])
@@ -295,28 +354,25 @@ def run_one(s, W, context, batch, cfg, free_bytes, rest, profile=False, trace_di
 
 
 def precompile(s: Qwen7BShape, cfg: ReSAConfig, contexts, batches):
-    """CPU: compile every TileLang kernel that run_one launches (see _precompile)."""
-    from _precompile import fake_hopper
+    """CPU: compile every TileLang kernel that run_one launches, into TileLang's disk cache:
+    the decoder's own attention (DecoderAttention: the ReSA cache, its summaries, the decode
+    cycle's plans) built on meta tensors under resa_tl.precompile.fake_hopper, each of its
+    calls run once (the launches skipped)."""
+    from resa_tl.precompile import fake_hopper
     f = cfg.rectify_every
     with fake_hopper():
         for context in contexts:
             for B in batches:
-                cap = cache_capacity(context, cfg)
-                kv = dict(device="meta", dtype=torch.bfloat16)
-                k = torch.empty(B, cap, s.kv_heads, s.head_dim, **kv)
-                lens = torch.empty(B, device="meta", dtype=torch.int32)
-                kmin, kmax = ops.block_summaries(k, lens, cfg.block_size,
-                                                 summary_dtype=cfg.summary_dtype)
-                ops.update_block_summaries(kmin, kmax, k, lens, f + 1, cfg.block_size)
-                q = torch.empty(B, s.heads, s.head_dim, **kv)
-                idx = ops.select_blocks(q, kmin, kmax, lens, block_size=cfg.block_size,
-                                        sparse_ratio=cfg.sparse_ratio, min_blocks=cfg.min_blocks,
-                                        local_blocks=cfg.local_blocks,
-                                        sink_blocks=cfg.sink_blocks, k_cache=k)
-                ops.sparse_decode(q, k, k, idx, lens, block_size=cfg.block_size)
-                ops.dense_decode(q, k, k, lens)
-                ops.rectify_attention(torch.empty(B, f + 1, s.heads, s.head_dim, **kv), k, k,
-                                      lens)
+                a = DecoderAttention(s, B, context, cfg, share_kv=True, device="meta",
+                                     fill=False)
+                meta = dict(device="meta", dtype=torch.bfloat16)
+                q = torch.empty(B, s.heads, s.head_dim, **meta)
+                start = torch.empty(B, device="meta", dtype=torch.int32)
+                a.sparse(0, q)                                   # "resa"
+                a.dense(0, q)                                    # "dense-tl"
+                a.update_summaries(0, start, f + 1)              # "rect"
+                a.rectify(0, torch.empty(B, f + 1, s.heads, s.head_dim, **meta))
+                a.sparse_only(0, q, a.select(0, q))              # the parts of a sparse step
                 print(f"compiled the kernels of {context} x {B}", flush=True)
 
 
