@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
 """Tune the resa_tl TileLang kernels for one GPU architecture and write its schedule.
+(Over ~450 lines: the command line, the compile / validate / time pipeline across a compile
+pool and a GPU worker process, interruption and the report hand-off are one program.)
 
     python autotune/run.py --arch sm90                       # default workload (common models)
     python autotune/run.py --arch sm90 --model qwen2.5-7b    # one model's shapes (preset or

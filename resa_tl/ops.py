@@ -158,7 +158,10 @@ def select_blocks(q, kmin, kmax, cache_seqlens, *, block_size: int = 16, sparse_
     ----------
     q : Tensor [B, H, D], float16 / bfloat16 / float32 — the decode query (after RoPE).
     kmin, kmax : Tensor [B, NB_max, Hkv, D], dtype of q or an fp8 one — from
-        :func:`block_summaries`.
+        :func:`block_summaries` with the same ``block_size``. Summaries of another block size
+        cannot be told apart by shape alone: pass ``k_cache`` (NB_max is then checked against
+        ceil(S_max / block_size)), and with value checks on (CPU tensors, or
+        RESA_TL_CHECK_VALUES=1) lengths past NB_max * block_size are rejected.
     cache_seqlens : Tensor [B], int32 / int64.
     block_size, sparse_ratio, min_blocks, local_blocks, sink_blocks : as in
         :class:`resa_tl.ReSAConfig` (sink_blocks + local_blocks <= min_blocks).

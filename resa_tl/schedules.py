@@ -1,5 +1,8 @@
 """Tuned kernel schedules: which TileLang config each op uses for a given problem shape.
 
+(One module, over ~450 lines, because the file format, its validation with a clear message per
+field, the nearest-shape lookup and the run-time resolution rules describe one artefact.)
+
 A schedule is one JSON file per GPU architecture (``schedules/<arch>.json`` at the repository
 root, shipped in the package as ``resa_tl/schedule_data/``), written by ``autotune/run.py``:
 

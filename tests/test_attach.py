@@ -4,7 +4,8 @@ Small random Llama, Qwen2, Qwen3 and Mistral models with a large init std (so gr
 decided by clear margins): ratio 1 is token-identical to the unattached model; with real sparsity,
 after every rectification each layer's K/V equal a teacher-forced dense pass over the same
 tokens; detach restores the model exactly; unsupported uses fail with clear errors.
-"""
+
+(Over ~450 lines: one model-building fixture set serves every generate() scenario.)"""
 import copy
 
 import pytest

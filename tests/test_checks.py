@@ -140,3 +140,14 @@ def test_package_exports_what_the_readme_names():
     assert resa_tl.ReSACache is __import__("resa_tl.cache").cache.ReSACache
     assert callable(resa_tl.reference_cycle.run_decode_cycle)
     assert callable(resa_tl.attach) and callable(resa_tl.detach)
+
+
+def test_summaries_of_another_block_size_are_caught_where_the_cache_is_known():
+    q, k, _, _ = base(S=64)
+    L = torch.tensor([64, 40])
+    kmin, kmax = ops.block_summaries(k, L, 16)                  # NB = 4 blocks of 16
+    with pytest.raises(ValueError, match=r"ceil\(S_max / block_size\) = NB"):
+        ops.select_blocks(q, kmin, kmax, L, block_size=32, k_cache=k)
+    coarse = ops.block_summaries(k, L, 32)                      # NB = 2 blocks of 32
+    with pytest.raises(ValueError, match="cache_seqlens must lie in"):
+        ops.select_blocks(q, *coarse, L, block_size=16)         # 2 * 16 < 64: lengths too long

@@ -1,7 +1,8 @@
 """Schedules (resa_tl/schedules.py) and the autotuner's CPU-side parts (autotune/): parsing and
 validation, provenance, rejection of corrupt / other-arch / other-TileLang files with one
 warning and the heuristic, nearest-shape lookup, dispatch memoisation, workloads, search spaces,
-validation logic, winner selection, and ``--compile-only`` on a tiny workload."""
+validation logic, winner selection, and ``--compile-only`` on a tiny workload. (Over ~450
+lines: it covers the schedule format and the tuner's CPU side, which share fixtures.)"""
 import copy
 import dataclasses
 import json

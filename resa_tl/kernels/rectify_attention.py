@@ -1,5 +1,9 @@
 """Rectification attention: the last T tokens of each row (their K/V already in the cache)
-attend densely to the cache, causally within the chunk. Prefill uses it too."""
+attend densely to the cache, causally within the chunk. Prefill uses it too.
+
+Longer than ~450 lines because it holds two schedules of the split kernel (TileLang's
+automatic pipeline, and the hand-written sm_90a ping-pong that is faster for 128-row tiles at
+head_dim 128) plus their combine kernel; both must stay in step with the same reference."""
 # (no `from __future__ import annotations`: TileLang evaluates the prim_func annotations)
 
 import torch

@@ -1,5 +1,9 @@
 """Block selection: score every valid block against the group-mean query with the min/max upper
-bound, always keep the newest ``local_blocks``, keep the top n overall, emit them sorted."""
+bound, always keep the newest ``local_blocks``, keep the top n overall, emit them sorted.
+
+Longer than the other kernel modules because one program holds two kernels (a memory-bound
+scoring kernel and a one-CTA-per-row radix select with ordered compaction and the optional
+summary refresh), launched by one host call, and the torch references of both live beside it."""
 # (no `from __future__ import annotations`: TileLang evaluates the prim_func annotations)
 
 import torch
