@@ -82,14 +82,9 @@ class DenseDecodePlan:
         if num_splits is None:
             num_splits = heuristics.decode_num_splits(batch, shape.heads_kv, tiles, device)
         self.shape, self.config, self.pdl = shape, config, pdl
-        self.num_splits = max(1, min(int(num_splits), tiles))
         self.kernel = dd.compile_kernel(shape, config, arch, pdl)
-        self.o_part = torch.empty(batch, shape.heads, self.num_splits, shape.dim_v,
-                                  dtype=torch.float32, device=device)
-        self.lse_part = torch.empty(batch, shape.heads, self.num_splits, dtype=torch.float32,
-                                    device=device)
-        self.out = torch.empty(batch, shape.heads, shape.dim_v,
-                               dtype=_torch_dtype(shape.dtype), device=device)
+        self.num_splits, self.o_part, self.lse_part, self.out = _split_buffers(
+            shape, batch, num_splits, tiles, device)
 
     def run(self, q, k_cache, v_cache, cache_seqlens, softmax_scale: float, out=None):
         if out is None:
@@ -119,14 +114,9 @@ class SparseDecodePlan:
             num_splits = heuristics.decode_num_splits(batch, shape.heads_kv, tiles, device,
                                                       ctas_per_sm=config.ctas_per_sm)
         self.shape, self.config, self.pdl = shape, config, pdl
-        self.num_splits = max(1, min(int(num_splits), tiles))
         self.kernel = sd.compile_kernel(shape, config, arch, pdl)
-        self.o_part = torch.empty(batch, shape.heads, self.num_splits, shape.dim_v,
-                                  dtype=torch.float32, device=device)
-        self.lse_part = torch.empty(batch, shape.heads, self.num_splits, dtype=torch.float32,
-                                    device=device)
-        self.out = torch.empty(batch, shape.heads, shape.dim_v,
-                               dtype=_torch_dtype(shape.dtype), device=device)
+        self.num_splits, self.o_part, self.lse_part, self.out = _split_buffers(
+            shape, batch, num_splits, tiles, device)
 
     def run(self, q, k_cache, v_cache, block_indices, cache_seqlens, softmax_scale: float,
             out=None):
@@ -134,6 +124,17 @@ class SparseDecodePlan:
             out = torch.empty_like(self.out)
         return sd.launch(self.kernel, q, k_cache, v_cache, block_indices, cache_seqlens,
                          self.o_part, self.lse_part, out, softmax_scale * common.LOG2E)
+
+
+def _split_buffers(shape, batch: int, num_splits: int, tiles: int, device: torch.device):
+    """(split count clamped to [1, tiles], O_part [B, H, NS, Dv] f32, LSE_part [B, H, NS] f32,
+    out [B, H, Dv]) of a split-KV decode plan: every split gets at least one tile."""
+    ns = max(1, min(int(num_splits), tiles))
+    return (ns,
+            torch.empty(batch, shape.heads, ns, shape.dim_v, dtype=torch.float32, device=device),
+            torch.empty(batch, shape.heads, ns, dtype=torch.float32, device=device),
+            torch.empty(batch, shape.heads, shape.dim_v, dtype=_torch_dtype(shape.dtype),
+                        device=device))
 
 
 def dense_decode(shape: dd.DenseDecodeShape, batch: int, s_max: int, device: torch.device, *,

@@ -152,21 +152,31 @@ def alloc_flash_tiles(block_h: int, block_n: int, dim: int, dim_v: int, dtype: s
             *alloc_flash_state(block_h, block_n, dim_v, dtype))
 
 
-def make_softmax_update(block_h: int, block_n: int, dim_v: int, dtype: str):
-    """One online-softmax step over a [block_h, block_n] score tile that is already scaled to
-    log2 units and masked with -inf. Rows whose running max is still -inf (nothing valid yet)
-    are guarded so that no NaN appears (exp2(-inf - -inf))."""
+def make_softmax_update(block_h: int, block_n: int, dim_v: int, dtype: str,
+                        scale: float = None):
+    """One online-softmax step over a [block_h, block_n] score tile masked with -inf: scores
+    already in log2 units (``scale`` None, the decode kernels), or raw ones that the step scales
+    by ``scale`` = softmax_scale * log2(e) inside its exponentials (rectify_attention: one FMA
+    per score, the running max kept unscaled). Rows whose running max is still -inf (nothing
+    valid yet) are guarded so that no NaN appears (exp2(-inf - -inf))."""
     import tilelang.language as T
 
     @T.macro
     def update(Sc, P, acc, m, m_prev, m_use, alpha, rsum, lsum):
         T.copy(m, m_prev)
         T.reduce_max(Sc, m, dim=1, clear=False)
-        for i in T.Parallel(block_h):
-            m_use[i] = T.if_then_else(m[i] == -T.infinity(ACC), 0.0, m[i])
-            alpha[i] = T.exp2(m_prev[i] - m_use[i])
-        for i, j in T.Parallel(block_h, block_n):
-            Sc[i, j] = T.exp2(Sc[i, j] - m_use[i])
+        if scale is None:
+            for i in T.Parallel(block_h):
+                m_use[i] = T.if_then_else(m[i] == -T.infinity(ACC), 0.0, m[i])
+                alpha[i] = T.exp2(m_prev[i] - m_use[i])
+            for i, j in T.Parallel(block_h, block_n):
+                Sc[i, j] = T.exp2(Sc[i, j] - m_use[i])
+        else:
+            for i in T.Parallel(block_h):
+                m_use[i] = T.if_then_else(m[i] == -T.infinity(ACC), 0.0, m[i] * scale)
+                alpha[i] = T.exp2(m_prev[i] * scale - m_use[i])
+            for i, j in T.Parallel(block_h, block_n):
+                Sc[i, j] = T.exp2(Sc[i, j] * scale - m_use[i])
         T.reduce_sum(Sc, rsum, dim=1)
         for i in T.Parallel(block_h):
             lsum[i] = lsum[i] * alpha[i] + rsum[i]

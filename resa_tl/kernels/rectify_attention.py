@@ -180,6 +180,7 @@ def program(shape: RectifyShape, config: RectifyConfig, pdl: bool = False):
     neg_inf = -T.infinity(acc_t)
 
     B, S, NS = T.dynamic("B S NS")
+    update = common.make_softmax_update(BM, BN, DV, dt, scale=c)
 
     @T.prim_func
     def split_prog(
@@ -226,19 +227,7 @@ def program(shape: RectifyShape, config: RectifyConfig, pdl: bool = False):
                         Sc[i, j] = T.if_then_else(
                             kb * BN + j < first_masked + T.min((rt * BM + i) // G, TQ - 1),
                             Sc[i, j], neg_inf)
-                T.copy(m, m_prev)
-                T.reduce_max(Sc, m, dim=1, clear=False)
-                for i in T.Parallel(BM):
-                    mc[i] = T.if_then_else(m[i] == neg_inf, 0.0, m[i] * c)
-                    alpha[i] = T.exp2(m_prev[i] * c - mc[i])
-                for i, j in T.Parallel(BM, BN):
-                    Sc[i, j] = T.exp2(Sc[i, j] * c - mc[i])
-                T.reduce_sum(Sc, rsum, dim=1)
-                for i in T.Parallel(BM):
-                    l[i] = l[i] * alpha[i] + rsum[i]
-                T.copy(Sc, P)
-                for i, d in T.Parallel(BM, DV):
-                    acc[i, d] *= alpha[i]
+                update(Sc, P, acc, m, m_prev, mc, alpha, rsum, l)
                 T.copy(V[b, kb * BN:(kb + 1) * BN, hkv, :], V_s)
                 T.gemm(P, V_s, acc, policy=T.GemmWarpPolicy.FullRow)
 
