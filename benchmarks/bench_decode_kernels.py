@@ -104,9 +104,10 @@ def sweep_configs(arch):
 
 
 def precompile(arch: str, workers: int, contexts, batches):
-    """Compile the kernels of the GPU tests (tests/gpu/test_decode_gpu.py KERNEL_SPECS, with
-    the heuristic configs of ``arch``) and of this benchmark (every plan of every shape; on
-    sm_90a only, resolved under resa_tl.precompile.fake_hopper) into the TileLang cache."""
+    """Compile the kernels of the GPU tests (KERNEL_SPECS of tests/gpu/test_sparse_decode_gpu.py
+    and test_dense_decode_gpu.py, with the heuristic configs of ``arch``) and of this benchmark
+    (every plan of every shape; on sm_90a only, resolved under resa_tl.precompile.fake_hopper)
+    into the TileLang cache."""
     from concurrent.futures import ThreadPoolExecutor
     sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
     sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -114,10 +115,13 @@ def precompile(arch: str, workers: int, contexts, batches):
     from resa_tl.kernels import dense_decode as dd
     from resa_tl.kernels import sparse_decode as sd
     from resa_tl.precompile import fake_hopper
-    import test_decode_gpu as t
+    import test_dense_decode_gpu
+    import test_sparse_decode_gpu
     pdl = heuristics.use_pdl(arch)
     jobs = []                                  # (label, thunk)
-    for op, h, hkv, d, dv, bs, dt, it, lt, sched in t.KERNEL_SPECS():
+    specs = dict.fromkeys(test_sparse_decode_gpu.KERNEL_SPECS()         # no duplicates
+                          + test_dense_decode_gpu.KERNEL_SPECS())
+    for op, h, hkv, d, dv, bs, dt, it, lt, sched in specs:
         g = h // hkv
         if op == "sparse":
             cfg = heuristics.sparse_decode_config(hkv, g, d, dt, bs, arch)

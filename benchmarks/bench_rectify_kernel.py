@@ -39,8 +39,9 @@ from resa_tl.kernels.rectify_attention import (RectifyConfig,  # noqa: E402
 
 
 def compile_rectify_kernel(T, g, Hkv, D, Dv, dtype, scale, config, arch):
-    """The (split, combine) kernels of one spec, as tests/gpu/test_rectify_gpu.py KERNEL_SPECS
-    lists them (programmatic dependent launch as resa_tl.plan decides for ``arch``)."""
+    """The (split, combine) kernels of one spec, as tests/gpu/test_rectify_attention_gpu.py
+    KERNEL_SPECS lists them (programmatic dependent launch as resa_tl.plan decides for
+    ``arch``)."""
     return ra.compile_kernel(ra.RectifyShape(T, g, Hkv, D, Dv, dtype, float(scale)), config,
                              arch, heuristics.use_pdl(arch))
 
@@ -78,7 +79,7 @@ def precompile(specs, workers=None):
 
 def test_specs(arch):
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "tests", "gpu", "test_rectify_gpu.py")
+                        "tests", "gpu", "test_rectify_attention_gpu.py")
     spec = importlib.util.spec_from_file_location("_rectify_gpu_tests", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -270,7 +271,7 @@ def main():
     p.add_argument("--rotate-bytes", type=float, default=256e6)
     p.add_argument("--no-precompile", dest="precompile", action="store_false")
     p.add_argument("--precompile-tests", action="store_true",
-                   help="also pre-compile the kernels of tests/gpu/test_rectify_gpu.py")
+                   help="also pre-compile the kernels of tests/gpu/test_rectify_attention_gpu.py")
     p.add_argument("--precompile-only", action="store_true")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args()

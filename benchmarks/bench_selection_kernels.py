@@ -82,11 +82,12 @@ def precompile(workers=1, contexts=CONTEXTS, batches=BATCHES):
     sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from resa_tl import heuristics
-    import test_selection_gpu as tg
+    import test_block_summaries_gpu as tb
+    import test_select_blocks_gpu as tg
     name = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int32: "int32",
             torch.int64: "int64"}
     jobs = []
-    for hkv, d, bs, dt, it, mode in tg.summary_specs():
+    for hkv, d, bs, dt, it, mode in tb.summary_specs():
         jobs.append(("summ", summ.SummariesShape(hkv, d, bs, name[dt], name[it], mode),
                      heuristics.summaries_config(hkv, d, bs)))
     for nb, hkv, g, d, bs, ratio, minb, local, k, dt, it, variant in tg.select_specs():

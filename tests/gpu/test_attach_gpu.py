@@ -291,7 +291,7 @@ def test_static_cache_generate_compiles_with_cuda_graphs():
     for token, logits within launch-to-launch rounding.
 
     Eager is not the yardstick for the compiled steps: inductor fuses the rest of the bf16 model
-    differently. `python3 examples/compiled_vs_eager.py` on the H100 (2026-11-27, commit 472b5fa,
+    differently. `python3 benchmarks/compiled_vs_eager.py` on the H100 (2026-11-27, commit 472b5fa,
     docs/data/compiled_vs_eager_h100.json), this model: at ratio 1 (dense attention) compiled
     logits differ from eager ones by up to 6% of the logit scale, and at 20% kept a selection
     parting at a near-tie makes it 13% at step 3; with and without CUDA graphs the compiled runs

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kernel_calls as kc
-from test_selection_gpu import check_selection
+from gpu_helpers import check_selection
 
 from resa_tl import ops
 from resa_tl.kernels import select_blocks as sel

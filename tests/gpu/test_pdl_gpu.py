@@ -3,8 +3,8 @@ a chain of every kernel family, each layer's output feeding the next layer's que
 kernel boundary carries a read-after-write), must give bit-identical results with PDL on and
 off, eagerly and replayed as one CUDA graph, and match the torch references.
 
-``chain`` also runs on meta tensors, so examples/_precompile.py style code can fill the kernel
-cache for it on a machine without a GPU (``precompile()`` below)."""
+``chain`` also runs on meta tensors, so ``precompile()`` below can fill the kernel cache for it
+on a machine without a GPU (under resa_tl.precompile.fake_hopper)."""
 import os
 import sys
 
@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tolerance import assert_close_to_reference  # noqa: E402
-from test_selection_gpu import check_selection  # noqa: E402
+from gpu_helpers import check_selection  # noqa: E402
 
 from resa_tl import ops  # noqa: E402
 from resa_tl.kernels.dense_decode import dense_decode_reference  # noqa: E402

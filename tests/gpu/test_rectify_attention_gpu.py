@@ -1,4 +1,5 @@
-"""GPU correctness of the TileLang rectify_attention kernel against the fp32 torch reference.
+"""GPU correctness of the TileLang rectify_attention kernel (resa_tl/kernels/rectify_attention.py)
+against the fp32 torch reference.
 
 Every case: fresh random inputs, keys/values past each row's length set to large values (so a
 masking bug shows), the output buffer poisoned with NaN before the call, tolerance from
@@ -6,7 +7,9 @@ tests/tolerance.py (kernel error vs fp32 <= 2 x the error of the same torch math
 
 The kernels compile once per static spec (T, g, Hkv, D, Dv, dtype, scale, config);
 ``KERNEL_SPECS`` lists them so a script can pre-compile them in parallel into the TileLang
-disk cache (examples/bench_rectify_kernel.py --precompile-tests)."""
+disk cache (benchmarks/bench_rectify_kernel.py --precompile-tests).
+
+test_rectify_t1_equals_dense_decode compares T = 1 with the dense decode torch reference."""
 import dataclasses
 import os
 import sys

@@ -1,19 +1,27 @@
-"""GPU tests of the TileLang block_summaries / update_block_summaries / select_blocks kernels
-against the torch references (resa_tl/kernels/summaries.py, selection.py).
+"""GPU tests of the TileLang select_blocks kernel (resa_tl/kernels/select_blocks.py) against
+the torch reference, including its refresh of the newest block summary (k_cache=...), sink
+blocks, every histogram mode and CUDA graphs.
 
-- Summaries are min/max of the input values, so they must match the reference EXACTLY
-  (including zeros for blocks with no valid key); outputs are poisoned before every call.
-- Selection: the reference uses torch.topk, which is arbitrary among equal scores, and the
-  kernel's fp32 sums run in another order, so the tests check the SET: count == n, ascending,
-  -1 padding, in range, locals kept, and every kept block's reference score >= every dropped
-  valid block's score minus a tiny tolerance; and it must equal the reference exactly except
-  for blocks whose score is within that tolerance of the threshold (none on random data,
-  in practice). Exact ties resolve to the lower block ids (tested on constructed ties).
-"""
+The reference uses torch.topk, which is arbitrary among equal scores, and the kernel's fp32 sums
+run in another order, so the tests check the SET (gpu_helpers.check_selection): count == n,
+ascending, -1 padding, in range, locals kept, and every kept block's reference score >= every
+dropped valid block's score minus a tiny tolerance; and it must equal the reference exactly
+except for blocks whose score is within that tolerance of the threshold (none on random data,
+in practice). Exact ties resolve to the lower block ids (tested on constructed ties).
+
+``select_specs`` / ``sink_specs`` (with ``variant_config``) list the static kernels these tests
+build, so a script can pre-compile them into the TileLang disk cache
+(benchmarks/bench_selection_kernels.py --precompile).
+
+Tests here that also run block_summaries: test_select_blocks_end_to_end_from_keys (summaries
+built by the kernel, then selection; its summaries kernel is among test_block_summaries_gpu.py's
+``summary_specs``) and test_unsupported_shapes_raise_before_launch (both ops reject an
+unsupported head_dim before launching)."""
 import pytest
 import torch
 
 import kernel_calls as kc
+from gpu_helpers import BF16, F16, I32, I64, LENGTHS, _dev, _lens, check_selection
 
 from resa_tl import ops
 from resa_tl.kernels import select_blocks as sel
@@ -21,148 +29,7 @@ from resa_tl.kernels import block_summaries as summ
 
 pytestmark = pytest.mark.gpu
 
-LENGTHS = [1, 15, 16, 17, 1000, 4103, 65536]
-F16, BF16 = torch.float16, torch.bfloat16
-I32, I64 = torch.int32, torch.int64
-POISON_F = 1234.0           # finite sentinel (fp16-representable) for "not written" checks
 
-
-def _dev():
-    return torch.device("cuda")
-
-
-def _lens(values, dtype=I32):
-    return torch.tensor(values, dtype=dtype, device=_dev())
-
-
-# ------------------------------------------------------------------------------------------
-# block_summaries
-# ------------------------------------------------------------------------------------------
-# (B, lengths, S_max, Hkv, D, block_size, dtype, index dtype)
-SUMMARY_CASES = [
-    (8, LENGTHS + [0], 65536, 4, 128, 16, BF16, I32),
-    (3, [4103, 17, 1000], 4103, 2, 64, 16, F16, I64),
-    (1, [999], 1000, 1, 128, 64, F16, I32),
-    (3, [4200, 129, 1], 4200, 8, 64, 128, BF16, I32),
-    (2, [77, 33], 100, 3, 128, 32, BF16, I64),       # Hkv*D/8 does not divide the CTA
-]
-
-
-def summary_specs():
-    """(Hkv, D, bs, dtype, index dtype, mode) of every summaries kernel these tests build."""
-    out = set()
-    for _, _, _, hkv, d, bs, dt, it in SUMMARY_CASES:
-        out.add((hkv, d, bs, dt, it, "build"))
-    for _, _, hkv, d, bs, dt, it in UPDATE_CASES:
-        out.add((hkv, d, bs, dt, it, "build"))
-        out.add((hkv, d, bs, dt, it, "update"))
-    return sorted(out, key=str)
-
-
-@pytest.mark.parametrize("case", SUMMARY_CASES, ids=lambda c: f"B{c[0]}-S{c[2]}-h{c[3]}-d{c[4]}"
-                         f"-bs{c[5]}-{str(c[6])[6:]}-{str(c[7])[6:]}")
-def test_block_summaries_exact(case):
-    B, lens, S, Hkv, D, bs, dt, it = case
-    torch.manual_seed(0)
-    k = torch.randn(B, S, Hkv, D, device=_dev()).to(dt)
-    sl = _lens(lens, it)
-    nb = -(-S // bs)
-    kmin = torch.full((B, nb, Hkv, D), float("nan"), dtype=dt, device=_dev())
-    kmax = torch.full_like(kmin, float("nan"))
-    kc.block_summaries(k, sl, bs, out=(kmin, kmax))
-    rmin, rmax = summ.block_summaries_reference(k, sl, bs)
-    assert torch.equal(kmin, rmin), "kmin differs from the reference"
-    assert torch.equal(kmax, rmax), "kmax differs from the reference"
-    # the public op dispatches to the same kernel
-    omin, omax = ops.block_summaries(k, sl, bs, backend="tilelang")
-    assert torch.equal(omin, rmin) and torch.equal(omax, rmax)
-
-
-# ------------------------------------------------------------------------------------------
-# update_block_summaries: random appends and rewinds == rebuilt summaries
-# ------------------------------------------------------------------------------------------
-# (B, S_max, Hkv, D, block_size, dtype, index dtype)
-UPDATE_CASES = [
-    (3, 4200, 4, 128, 16, BF16, I32),
-    (8, 1100, 2, 64, 32, F16, I64),
-    (1, 70000, 4, 128, 16, BF16, I32),
-]
-
-
-@pytest.mark.parametrize("case", UPDATE_CASES, ids=lambda c: f"B{c[0]}-S{c[1]}-h{c[2]}-d{c[3]}"
-                         f"-bs{c[4]}-{str(c[5])[6:]}-{str(c[6])[6:]}")
-def test_update_block_summaries_random_appends_rewinds(case):
-    B, S, Hkv, D, bs, dt, it = case
-    g = torch.Generator().manual_seed(1)
-    dev = _dev()
-    k = torch.randn(B, S, Hkv, D, device=dev).to(dt)
-    cur = torch.randint(1, min(S, 66000) // 2, (B,), generator=g)
-    if S > 65536:
-        cur[0] = 65530                                   # crosses 65536 while appending
-    kmin, kmax = kc.block_summaries(k, cur.to(device=dev, dtype=it), bs)
-    nb = kmin.shape[1]
-    for step, length in enumerate([1, 33, 1, 5, 16, 17, 64, 1, 2, 33, 1, 100]):
-        # rewind some rows (start < current length), append on the others
-        rewind = torch.rand(B, generator=g) < 0.35
-        back = torch.randint(0, 40, (B,), generator=g)
-        start = torch.where(rewind, (cur - back).clamp(min=0), cur)
-        start = start.clamp(max=S - length)
-        end = start + length
-        for b in range(B):                               # fresh keys at the written positions
-            k[b, int(start[b]):int(end[b])] = torch.randn(length, Hkv, D, device=dev).to(dt)
-        # poison every block past the last one any row touches: the kernel must not write there
-        hi_blk = int(((end - 1) // bs).max()) + 1
-        kmin[:, hi_blk:] = POISON_F
-        kmax[:, hi_blk:] = POISON_F
-        rmin, rmax = kmin.clone(), kmax.clone()
-        st = start.to(device=dev, dtype=it)
-        out = kc.update_block_summaries(kmin, kmax, k, st, length, bs)
-        assert out[0] is kmin and out[1] is kmax, "update must be in place"
-        summ.update_block_summaries_reference(rmin, rmax, k, st, length, bs)
-        assert torch.equal(kmin, rmin), f"step {step}: kmin differs from the reference update"
-        assert torch.equal(kmax, rmax), f"step {step}: kmax differs from the reference update"
-        assert (kmin[:, hi_blk:] == POISON_F).all(), "update wrote past the touched blocks"
-        # == summaries rebuilt from scratch over every row's valid blocks
-        bmin, bmax = summ.block_summaries_reference(k, end.to(dev), bs)
-        nvalid = (end + bs - 1) // bs
-        for b in range(B):
-            nv = int(nvalid[b])
-            assert torch.equal(kmin[b, :nv], bmin[b, :nv]), f"step {step} row {b}: kmin != rebuilt"
-            assert torch.equal(kmax[b, :nv], bmax[b, :nv]), f"step {step} row {b}: kmax != rebuilt"
-        cur = end
-    assert nb == -(-S // bs)
-
-
-def test_update_block_summaries_cuda_graph():
-    B, S, Hkv, D, bs, dt = 3, 3000, 4, 128, 16, BF16
-    dev = _dev()
-    torch.manual_seed(2)
-    k = torch.randn(B, S, Hkv, D, device=dev).to(dt)
-    lens = _lens([100, 1, 2047])
-    kmin, kmax = kc.block_summaries(k, lens, bs)
-    start = lens.clone()
-    kc.update_block_summaries(kmin, kmax, k, start, 1, bs)       # warm-up
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        kc.update_block_summaries(kmin, kmax, k, start, 1, bs)
-    cur = lens.clone() + 1
-    for _ in range(40):                                  # decode steps: write a key, replay
-        for b in range(B):
-            k[b, int(cur[b])] = torch.randn(Hkv, D, device=dev).to(dt)
-        start.copy_(cur)
-        graph.replay()
-        cur += 1
-    torch.cuda.synchronize()
-    bmin, bmax = summ.block_summaries_reference(k, cur, bs)
-    for b in range(B):
-        nv = int((cur[b] + bs - 1) // bs)
-        assert torch.equal(kmin[b, :nv], bmin[b, :nv])
-        assert torch.equal(kmax[b, :nv], bmax[b, :nv])
-
-
-# ------------------------------------------------------------------------------------------
-# select_blocks
-# ------------------------------------------------------------------------------------------
 # (B, lengths or None = random ragged, S_max, Hkv, g, D, dtype, index dtype, block_size,
 #  sparse_ratio, min_blocks, local_blocks, max_selected or None = default)
 SELECT_CASES = [
@@ -227,60 +94,6 @@ def _random_summaries(B, nb, Hkv, D, dt, seed):
     kmin = torch.randn(B, nb, Hkv, D, device=_dev(), generator=g)
     kmax = kmin + torch.rand(B, nb, Hkv, D, device=_dev(), generator=g) * 2
     return kmin.to(dt), kmax.to(dt)
-
-
-def check_selection(out, q, kmin, kmax, lens, *, block_size, sparse_ratio, min_blocks,
-                    local_blocks, max_selected, ref=None, sink_blocks=0):
-    """Asserts that ``out`` is a valid selection (see the module docstring); returns the number
-    of rows that differ from ``ref`` (only allowed within the fp32 tolerance)."""
-    B, NB, Hkv, D = kmin.shape
-    K = max_selected
-    assert out.dtype == torch.int32 and tuple(out.shape) == (B, Hkv, K)
-    s = sel.block_scores_reference(q, kmin, kmax, lens, block_size, local_blocks,
-                                   sink_blocks).cpu()
-    # tolerance: a few fp32 ulps of the sum of |terms| of the score
-    qm = q.float().view(B, Hkv, -1, D).mean(2) * D ** -0.5
-    mag = torch.maximum(kmin.float().abs(), kmax.float().abs()).permute(0, 2, 1, 3)
-    tol = ((qm.abs()[:, :, None] * mag).sum(-1).amax(-1) * 1e-5 + 1e-6).cpu()   # [B, Hkv]
-    out_c = out.cpu().long()
-    nvalid = (lens.cpu().long() + block_size - 1) // block_size
-    n = sel.blocks_to_keep(nvalid, sparse_ratio, min_blocks).clamp(max=K)
-    ref_c = None if ref is None else ref.cpu().long()
-    differing = 0
-    for b in range(B):
-        nv, nn = int(nvalid[b]), int(n[b])
-        for h in range(Hkv):
-            row = out_c[b, h]
-            where = f"row b={b} h={h} (nvalid={nv}, n={nn})"
-            assert (row[nn:] == -1).all(), f"{where}: tail must be -1 padding, got {row[nn:][:8]}"
-            kept = row[:nn]
-            assert ((kept >= 0) & (kept < nv)).all(), f"{where}: ids out of [0, nvalid)"
-            assert (kept[1:] > kept[:-1]).all(), f"{where}: ids not strictly ascending"
-            if nn == 0:
-                continue
-            sc = s[b, h]
-            is_kept = torch.zeros(NB, dtype=torch.bool)
-            is_kept[kept] = True
-            valid = torch.arange(NB) < nv
-            nloc = min(local_blocks, nv)
-            if nloc <= nn:
-                assert is_kept[nv - nloc:nv].all(), f"{where}: local blocks not kept"
-            assert is_kept[:min(sink_blocks, nv)].all(), f"{where}: sink blocks not kept"
-            dropped = valid & ~is_kept
-            if dropped.any():
-                lo_kept = sc[is_kept].min()
-                hi_drop = sc[dropped].max()
-                assert lo_kept >= hi_drop - tol[b, h], \
-                    f"{where}: kept score {lo_kept} < dropped score {hi_drop} - tol {tol[b, h]}"
-            if ref_c is not None and not torch.equal(row, ref_c[b, h]):
-                differing += 1
-                ref_kept = torch.zeros(NB, dtype=torch.bool)
-                ref_kept[ref_c[b, h][:nn]] = True
-                thr = sc[ref_kept].min()
-                diff = is_kept ^ ref_kept
-                assert ((sc[diff] - thr).abs() <= 2 * tol[b, h]).all(), \
-                    f"{where}: differs from the reference away from the threshold"
-    return differing
 
 
 @pytest.mark.parametrize("case", SELECT_CASES, ids=lambda c: (

@@ -1,39 +1,37 @@
-"""GPU correctness of the TileLang sparse_decode / dense_decode kernels against the fp32 torch
-reference.
+"""GPU correctness of the TileLang sparse_decode kernel (resa_tl/kernels/sparse_decode.py)
+against the fp32 torch reference.
 
 Every case: fresh random inputs (keys/values past each row's length are set to large values,
 so a masking bug shows), the output buffer poisoned with NaN before the call, tolerance from
 tests/tolerance.py (kernel error vs fp32 <= 2 x the error of the same torch math in q.dtype).
 
-The first test runs the pipelined loop with 0, 1 and 2 iterations per split (warp-specialised
-loops with one iteration hung on Hopper in TileLang issue #2566) in a subprocess with a
-timeout; if it hangs, the other tests are skipped instead of hanging the session.
+Before this file's first test, the trip-count hang probe (gpu_helpers.trip_count_probe: the
+sparse and dense loops with 0, 1 and 2 iterations per split, in a subprocess with a timeout;
+warp-specialised loops with one iteration hung on Hopper in TileLang issue #2566) runs, once per
+test process (test_dense_decode_gpu.py shares it); test_trip_counts_0_1_2_no_hang reports its
+result, and if it hung, the other tests are skipped instead of hanging the session.
 
-``KERNEL_SPECS`` lists the static kernels the tests use, so a script can pre-compile them into
-the TileLang disk cache (examples/bench_decode_kernels.py --precompile)."""
-import os
-import subprocess
-import sys
-import textwrap
-import zlib
+Tests here that also run dense_decode: test_sparse_full_density_equals_dense (full density ==
+dense) and test_cuda_graph_replay (both kernels in one CUDA graph).
 
+``KERNEL_SPECS`` lists the static kernels this file's tests use (the sparse ones, plus the one
+dense kernel of the two tests above; test_dense_decode_gpu.py lists the dense ones), so a script
+can pre-compile them into the TileLang disk cache (benchmarks/bench_decode_kernels.py
+--precompile)."""
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tolerance import assert_close_to_reference  # noqa: E402
+from gpu_helpers import (BF16, F16, I32, I64, _check, _gen, _inputs, _lengths, _poisoned,
+                         probe_hung, trip_count_probe)
 
-from resa_tl import ops  # noqa: E402
-from kernel_calls import dense_decode as dense_decode_tilelang  # noqa: E402
-from kernel_calls import sparse_decode as sparse_decode_tilelang  # noqa: E402
-from resa_tl.kernels.dense_decode import dense_decode_reference  # noqa: E402
-from resa_tl.kernels.select_blocks import blocks_to_keep  # noqa: E402
-from resa_tl.kernels.sparse_decode import sparse_decode_reference  # noqa: E402
+from resa_tl import ops
+from kernel_calls import dense_decode as dense_decode_tilelang
+from kernel_calls import sparse_decode as sparse_decode_tilelang
+from resa_tl.kernels.dense_decode import dense_decode_reference
+from resa_tl.kernels.select_blocks import blocks_to_keep
+from resa_tl.kernels.sparse_decode import sparse_decode_reference
 
 pytestmark = pytest.mark.gpu
-
-F16, BF16 = torch.float16, torch.bfloat16
-I32, I64 = torch.int32, torch.int64
 
 # sparse: (g, Hkv, D, dtype, block_size, index dtype, lengths dtype, [(lengths, K or None), ...])
 # K None: the selection formula's n for the cache capacity (select_blocks' default width)
@@ -48,15 +46,9 @@ SPARSE_CASES = [
     (8, 1, 64, F16, 128, I32, I32, [([1, 129, 4103], None)]),
     (7, 4, 128, F16, 16, I64, I64, [([17, 4103, 1000], None)]),
 ]
-DENSE_CASES = [
-    (7, 4, 128, BF16, I32, [[1], [15], [16], [17], [1000], [4103], [65536], [17, 4103, 1000],
-                            "rand8"]),
-    (1, 8, 64, F16, I32, [[1, 15, 16], [17, 1000, 4103]]),
-    (6, 2, 128, F16, I32, [[63, 64, 65], "rand8"]),
-    (8, 1, 64, BF16, I32, [[1, 4103, 65536]]),
-    (2, 4, 128, BF16, I64, [[1, 17, 1000]]),
-    (4, 2, 64, F16, I32, ["rand8"]),
-]
+
+# cases also run with the other sm_90a schedule (see SparseDecodeConfig.schedule)
+OTHER_SCHEDULE_CASES = (0, 2, 3, 5, 6)
 
 
 def KERNEL_SPECS():
@@ -68,34 +60,11 @@ def KERNEL_SPECS():
     out += [("sparse", g * h, h, d, d, bs, name[dt], name[it], name[lt], "other")
             for ci, (g, h, d, dt, bs, it, lt, _) in enumerate(SPARSE_CASES)
             if ci in OTHER_SCHEDULE_CASES]
-    out += [("dense", g * h, h, d, d, None, name[dt], None, name[lt], None)
-            for g, h, d, dt, lt, _ in DENSE_CASES]
     out.append(("sparse", 28, 4, 128, 128, 64, "bfloat16", "int32", "int32", None))  # full density
+    # the dense kernel of test_sparse_full_density_equals_dense / test_cuda_graph_replay (also
+    # among test_dense_decode_gpu.py's)
+    out.append(("dense", 28, 4, 128, 128, None, "bfloat16", None, "int32", None))
     return out
-
-
-def _gen(*key):
-    g = torch.Generator(device="cuda")
-    g.manual_seed(zlib.crc32(repr(key).encode()))
-    return g
-
-
-def _lengths(spec, gen):
-    if spec == "rand8":
-        return torch.randint(1, 5000, (8,), generator=gen, device="cuda").tolist()
-    return list(spec)
-
-
-def _inputs(B, S, H, Hkv, D, dtype, lens, len_dtype, gen):
-    q = torch.randn(B, H, D, generator=gen, device="cuda").to(dtype)
-    k = torch.randn(B, S, Hkv, D, generator=gen, device="cuda").to(dtype)
-    v = torch.randn(B, S, Hkv, D, generator=gen, device="cuda").to(dtype)
-    L = torch.tensor(lens, dtype=len_dtype, device="cuda")
-    pos = torch.arange(S, device="cuda")[None, :, None, None]
-    past = pos >= L.long()[:, None, None, None]
-    k = torch.where(past, torch.full_like(k, 30.0), k)          # masking bugs show
-    v = torch.where(past, torch.full_like(v, 1000.0), v)
-    return q, k, v, L
 
 
 def _kept(nb):
@@ -128,98 +97,30 @@ def _indices(lens, Hkv, bs, K, gen, mode="sorted"):
     return idx.cuda()
 
 
-def _check(out, q, ref_fn, name):
-    ref32 = ref_fn(torch.float32)
-    reflp = ref_fn(q.dtype)
-    assert_close_to_reference(out, ref32, reflp, name=name)
-
-
-def _poisoned(B, H, D, dtype):
-    return torch.full((B, H, D), float("nan"), dtype=dtype, device="cuda")
-
-
 # ------------------------------------------------------------------------------------------
-# Hang probe: 0 / 1 / 2 pipeline iterations per split, in a subprocess with a timeout
+# Hang probe (gpu_helpers): runs before this file's first test; reported by the test below
 # ------------------------------------------------------------------------------------------
 
-_HANG = {"failed": None}
-
-_PROBE = textwrap.dedent("""
-    import dataclasses, torch
-    from resa_tl import heuristics
-    from kernel_calls import sparse_decode as sparse_decode_tilelang
-    from kernel_calls import dense_decode as dense_decode_tilelang
-    from resa_tl.kernels.sparse_decode import sparse_decode_reference
-    from resa_tl.kernels.dense_decode import dense_decode_reference
-    torch.manual_seed(0)
-    H, Hkv, D, bs = 28, 4, 128, 16
-    dt = torch.bfloat16
-    arch = heuristics.arch_of(torch.device("cuda"))
-    base = heuristics.sparse_decode_config(Hkv, H // Hkv, D, "bfloat16", bs, arch)
-    cfgs = [dataclasses.replace(base, schedule=s) for s in
-            (("auto", "ws") if arch.startswith("sm_9") else ("auto",))]
-    for S, lens in [(64, [64]), (512, [1, 64, 65, 128, 129, 512])]:
-        B = len(lens)
-        q = torch.randn(B, H, D, device="cuda", dtype=dt)
-        k = torch.randn(B, S, Hkv, D, device="cuda", dtype=dt)
-        v = torch.randn(B, S, Hkv, D, device="cuda", dtype=dt)
-        L = torch.tensor(lens, dtype=torch.int32, device="cuda")
-        for ns in (1, 2, 3, 8):          # tiles of 64 keys: 0, 1, 2 ... per split
-            o = dense_decode_tilelang(q, k, v, L, softmax_scale=D ** -0.5, num_splits=ns)
-            r = dense_decode_reference(q, k, v, L, softmax_scale=D ** -0.5)
-            torch.cuda.synchronize()
-            assert (o.float() - r.float()).abs().max().item() < 3e-2, ("dense", S, ns)
-        nb = S // bs
-        for K in (4, 8, 12, 32):         # 4 blocks per tile: 1, 2, 3, 8 tiles
-            idx = torch.arange(K, device="cuda", dtype=torch.int32) % nb
-            idx = torch.where(idx < nb, idx, -1)[None, None].expand(B, Hkv, K).contiguous()
-            if K > nb:
-                idx = torch.where(torch.arange(K, device="cuda") < nb, idx, -1)
-            for ns in (1, 2, 4, 8):
-                r = sparse_decode_reference(q, k, v, idx, L, block_size=bs,
-                                            softmax_scale=D ** -0.5)
-                for cfg in cfgs:
-                    o = sparse_decode_tilelang(q, k, v, idx, L, block_size=bs,
-                                               softmax_scale=D ** -0.5, num_splits=ns,
-                                               config=cfg)
-                    torch.cuda.synchronize()
-                    assert (o.float() - r.float()).abs().max().item() < 3e-2, \
-                        ("sparse", cfg.schedule, S, K, ns)
-    print("PROBE-OK")
-""")
-
-
-def test_trip_counts_0_1_2_no_hang():
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "tests"),
-                                         env.get("PYTHONPATH", "")])
-    try:
-        res = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
-                             text=True, timeout=float(os.environ.get("RESA_TL_PROBE_TIMEOUT",
-                                                                     "240")))
-    except subprocess.TimeoutExpired:
-        _HANG["failed"] = "timeout"
-        pytest.fail("sparse/dense decode with 0/1/2 iterations per split did not finish "
-                    "(warp-specialised loop hang, TileLang issue #2566?)")
-    if "PROBE-OK" not in res.stdout:
-        _HANG["failed"] = "error"
-        pytest.fail(f"probe failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+@pytest.fixture(autouse=True, scope="module")
+def _trip_count_probe_first():
+    trip_count_probe()                     # runs once per process, then returns its result
 
 
 @pytest.fixture(autouse=True)
 def _skip_after_hang(request):
-    if request.node.name != "test_trip_counts_0_1_2_no_hang" and _HANG["failed"] == "timeout":
+    if request.node.name != "test_trip_counts_0_1_2_no_hang" and probe_hung():
         pytest.skip("the decode kernels hung in the trip-count probe")
+
+
+def test_trip_counts_0_1_2_no_hang():
+    failed, message = trip_count_probe()
+    if failed:
+        pytest.fail(message)
 
 
 # ------------------------------------------------------------------------------------------
 # sparse_decode
 # ------------------------------------------------------------------------------------------
-
-# cases also run with the other sm_90a schedule (see SparseDecodeConfig.schedule)
-OTHER_SCHEDULE_CASES = (0, 2, 3, 5, 6)
-
 
 def _arch():
     from resa_tl import heuristics
@@ -310,43 +211,6 @@ def test_sparse_full_density_equals_dense(bs):
                                                      compute_dtype=cd), "full density")
     dense = dense_decode_tilelang(q, k, v, L, softmax_scale=D ** -0.5)
     assert (out.float() - dense.float()).abs().max().item() < 2e-2
-
-
-# ------------------------------------------------------------------------------------------
-# dense_decode
-# ------------------------------------------------------------------------------------------
-
-def _dense_params():
-    for case in DENSE_CASES:
-        g, Hkv, D, dt, lt, runs = case
-        for lens in runs:
-            yield pytest.param(g, Hkv, D, dt, lt, lens,
-                               id=f"g{g}-hkv{Hkv}-d{D}-{str(dt)[6:]}-{str(lt)[6:]}-"
-                                  f"{lens if isinstance(lens, str) else '_'.join(map(str, lens))}")
-
-
-@pytest.mark.parametrize("g,Hkv,D,dtype,len_dtype,lens", list(_dense_params()))
-def test_dense_decode(g, Hkv, D, dtype, len_dtype, lens):
-    gen = _gen("dense", g, Hkv, D, dtype, lens)
-    lens = _lengths(lens, gen)
-    B, H = len(lens), g * Hkv
-    S = max(lens) + 5
-    q, k, v, L = _inputs(B, S, H, Hkv, D, dtype, lens, len_dtype, gen)
-    for ns in (None, 3):
-        out = _poisoned(B, H, D, dtype)
-        dense_decode_tilelang(q, k, v, L, softmax_scale=D ** -0.5, out=out, num_splits=ns)
-        _check(out, q, lambda cd: dense_decode_reference(q, k, v, L, softmax_scale=D ** -0.5,
-                                                         compute_dtype=cd), f"dense ns={ns}")
-
-
-def test_dense_zero_length_row():
-    gen = _gen("dense-zero")
-    q, k, v, L = _inputs(2, 300, 8, 2, 64, F16, [0, 300], I32, gen)
-    out = _poisoned(2, 8, 64, F16)
-    dense_decode_tilelang(q, k, v, L, softmax_scale=0.125, out=out)
-    assert out[0].abs().max().item() == 0
-    _check(out, q, lambda cd: dense_decode_reference(q, k, v, L, softmax_scale=0.125,
-                                                     compute_dtype=cd), "dense len 0")
 
 
 # ------------------------------------------------------------------------------------------
