@@ -56,7 +56,8 @@ def sparse_decode_reference(q, k_cache, v_cache, block_indices, cache_seqlens, *
 #   >= 0 and its position block * block_size + j % block_size < cache_seqlens[b] (the last
 #   selected block may be partial). Rows whose running max is still -inf are guarded (no
 #   NaN); a row with no valid key ends with O = 0, LSE = -inf and the combine returns 0.
-# * Trip count 1 (issue #2566, WS loops with one iteration) is exercised by the GPU tests.
+# * Trip count 1 (warp-specialised loops with one iteration hung on Hopper in TileLang
+#   tile-ai/tilelang#2566) is exercised by the GPU tests.
 
 
 @dataclass(frozen=True)

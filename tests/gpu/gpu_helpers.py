@@ -6,7 +6,7 @@
   tails (``_gen``, ``_lengths``, ``_inputs``, ``_poisoned``), the tolerance check ``_check``,
   and the trip-count hang probe ``trip_count_probe`` / ``probe_hung``: the sparse and dense
   decode kernels with 0, 1 and 2 pipelined iterations per split (warp-specialised loops with one
-  iteration hung on Hopper in TileLang issue #2566), run once per test process in a subprocess
+  iteration hung on Hopper in tile-ai/tilelang#2566), run once per test process in a subprocess
   with a timeout, before the first test of either decode file; if it hangs, their other tests
   are skipped instead of hanging the session.
 
@@ -202,7 +202,7 @@ def _run_probe():
     except subprocess.TimeoutExpired:
         return {"failed": "timeout",
                 "message": "sparse/dense decode with 0/1/2 iterations per split did not finish "
-                           "(warp-specialised loop hang, TileLang issue #2566?)"}
+                           "(warp-specialised loop hang, tile-ai/tilelang#2566?)"}
     except Exception as e:  # noqa: BLE001 - reported by test_trip_counts_0_1_2_no_hang
         return {"failed": "error", "message": f"probe could not run: {e!r}"}
     if "PROBE-OK" not in res.stdout:

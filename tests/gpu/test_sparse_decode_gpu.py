@@ -7,7 +7,7 @@ tests/tolerance.py (kernel error vs fp32 <= 2 x the error of the same torch math
 
 Before this file's first test, the trip-count hang probe (gpu_helpers.trip_count_probe: the
 sparse and dense loops with 0, 1 and 2 iterations per split, in a subprocess with a timeout;
-warp-specialised loops with one iteration hung on Hopper in TileLang issue #2566) runs, once per
+warp-specialised loops with one iteration hung on Hopper in tile-ai/tilelang#2566) runs, once per
 test process (test_dense_decode_gpu.py shares it); test_trip_counts_0_1_2_no_hang reports its
 result, and if it hung, the other tests are skipped instead of hanging the session.
 
