@@ -6,11 +6,13 @@ wrappers are plain Python that torch.compile cannot (and need not) trace. As cus
 implementations they stay single opaque nodes in a compiled graph: no graph break inside
 attention, and a CUDA graph captures the TileLang launches they make.
 
-Callers use :func:`sparse_attention`, :func:`dense_attention` and :func:`update_summaries`, which
-go through the registered op only while torch.compile traces (or where autograd could record).
-Otherwise they call the plain function: the custom-op dispatcher (default filling, autograd and
-version-counter layers) costs ~0.1 ms of host time per call, which an eager decode step would
-pay in every layer.
+The attention function (resa_tl.integration.hf) uses the registered ops only where
+:func:`use_registered_op` says so (while torch.compile traces, or where autograd could record);
+an eager step launches through its cache's resa_tl.cycle.StepAttention instead, whose plans are
+resolved once per cache. :func:`sparse_attention`, :func:`dense_attention` and
+:func:`update_summaries` make the same choice for the other callers (the cache's warm-up and
+summary updates): the custom-op dispatcher (default filling, autograd and version-counter
+layers) costs ~0.1 ms of host time per call, which an eager step would pay in every layer.
 """
 from __future__ import annotations
 
