@@ -85,6 +85,24 @@ def alloc_stage_barriers(stages: int, consumers: int):
             T.alloc_barrier([consumers] * stages), T.alloc_barrier([consumers] * stages))
 
 
+def producer_handoff(consumers: int):
+    """Macro of the hand-written producer/consumer schedules: make the shared-memory stores
+    done so far (the Q tile) visible to the async proxy (TMA, wgmma) and to every thread, then
+    give the producer warpgroup (threads >= ``consumers``) its small register budget, so that
+    the consumers' setmaxnreg can take the rest."""
+    import tilelang.language as T
+
+    @T.macro
+    def handoff(tx):
+        T.fence_proxy_async()
+        T.sync_threads()
+
+        if tx >= consumers:
+            T.set_max_nreg(24, 0)
+
+    return handoff
+
+
 def check_decode_tile(cfg, group: int) -> None:
     """The tile rules both split-KV decode configs share (``cfg``: SparseDecodeConfig or
     DenseDecodeConfig): the g query heads of a KV group fit the padded row tile, each warp owns

@@ -302,6 +302,7 @@ def _split_pingpong(TQ, G, HKV, D, DV, dt, c, config, B, S, NS, wait):
     HM = 64                                      # rows per consumer warpgroup
     NRT = -(-R // (2 * HM))
     NMMA = 256                                   # consumer threads
+    handoff = common.producer_handoff(NMMA)
     neg_inf = -T.infinity(acc_t)
 
     @T.macro
@@ -358,11 +359,7 @@ def _split_pingpong(TQ, G, HKV, D, DV, dt, c, config, B, S, NS, wait):
                     Q[b, (rt * 2 * HM + w * HM + i) // G,
                       hkv * G + (rt * 2 * HM + w * HM + i) % G, d],
                     T.cast(0, dt))
-            T.fence_proxy_async()
-            T.sync_threads()
-
-            if tx >= NMMA:
-                T.set_max_nreg(24, 0)
+            handoff(tx)
             if tx >= NMMA and tx < NMMA + 32:
                 for it in T.serial(n):
                     st = it % NST

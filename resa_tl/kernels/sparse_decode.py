@@ -262,6 +262,7 @@ def _program_ws(shape: SparseDecodeShape, cfg: SparseDecodeConfig, pdl: bool):
     G = shape.group
     BN = tile_keys(shape, cfg)
     BH, NST, NMMA = cfg.block_H, cfg.num_stages, 128
+    handoff = skv.producer_handoff(NMMA)
     bpt = BN // bs
     SU = 4
     ACC = skv.ACC
@@ -313,11 +314,7 @@ def _program_ws(shape: SparseDecodeShape, cfg: SparseDecodeConfig, pdl: bool):
 
             for i, d in T.Parallel(BH, dim):
                 Q_s[i, d] = T.if_then_else(i < G, Q[b, hk * G + i, d], T.cast(0, dtype))
-            T.fence_proxy_async()
-            T.sync_threads()
-
-            if tx >= NMMA:
-                T.set_max_nreg(24, 0)
+            handoff(tx)
             if tx >= NMMA and tx < NMMA + 32:
                 for it in T.serial(n):
                     st = it % NST
