@@ -78,6 +78,31 @@ def per_token_time(t_sparse: float, t_dense: float, rectify_every: int) -> float
     return (f * t_sparse + t_dense) / (f + 1) if f else t_sparse
 
 
+def sparse_step(q, k_cache, v_cache, kmin, kmax, cache_seqlens, config, softmax_scale: float,
+                backend: str = "auto", refresh: bool = False):
+    """One sparse decode step through :mod:`resa_tl.ops` (arguments checked): select blocks
+    from the summaries (with ``refresh``, also rewrite each row's newest block summary from
+    k_cache), attend to them. q [B, H, D] -> [B, H, Dv].
+
+    ``config.sparse_ratio >= 1`` keeps every block, which is dense attention: dense_decode runs
+    instead (no selection to pay, and the dense kernel rather than a gather of every block), so
+    a full-density configuration is a dense baseline in the same loop. It refreshes no summary:
+    the caller updates them at the write."""
+    if config.sparse_ratio >= 1:
+        if refresh:
+            raise ValueError("sparse_ratio >= 1 runs dense_decode, which does not refresh the "
+                             "summaries; update them at the write instead")
+        return ops.dense_decode(q, k_cache, v_cache, cache_seqlens, softmax_scale=softmax_scale,
+                                backend=backend)
+    idx = ops.select_blocks(q, kmin, kmax, cache_seqlens, block_size=config.block_size,
+                            sparse_ratio=config.sparse_ratio, min_blocks=config.min_blocks,
+                            local_blocks=config.local_blocks, sink_blocks=config.sink_blocks,
+                            k_cache=k_cache if refresh else None, backend=backend)
+    return ops.sparse_decode(q, k_cache, v_cache, idx, cache_seqlens,
+                             block_size=config.block_size, softmax_scale=softmax_scale,
+                             backend=backend)
+
+
 class StepAttention:
     """The attention of ReSA steps over one :class:`ReSACache`, for ``num_heads`` query heads.
 
@@ -134,18 +159,9 @@ class StepAttention:
         c = self.cache
         k, v, lens = c.k[layer], c.v[layer], c.seqlens[layer]
         if not self.tilelang:
-            if self.full_density:
-                return ops.dense_decode(q, k, v, lens, softmax_scale=softmax_scale,
-                                        backend=self.backend)
-            cfg = self.config
-            idx = ops.select_blocks(q, c.kmin[layer], c.kmax[layer], lens,
-                                    block_size=cfg.block_size, sparse_ratio=cfg.sparse_ratio,
-                                    min_blocks=cfg.min_blocks, local_blocks=cfg.local_blocks,
-                                    sink_blocks=cfg.sink_blocks,
-                                    k_cache=k if self.refresh else None, backend=self.backend)
-            return ops.sparse_decode(q, k, v, idx, lens, block_size=cfg.block_size,
-                                     softmax_scale=softmax_scale, backend=self.backend)
-        if self.full_density:
+            return sparse_step(q, k, v, c.kmin[layer], c.kmax[layer], lens, self.config,
+                               softmax_scale, self.backend, self.refresh)
+        if self.full_density:                  # every block kept: see sparse_step
             p = self._dense
             return p.run(q, k, v, lens, softmax_scale, p.out if self.reuse_outputs else None)
         s = self._select

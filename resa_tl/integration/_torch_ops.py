@@ -30,28 +30,14 @@ def _sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       block_size: int, sparse_ratio: float, min_blocks: int, local_blocks: int,
                       sink_blocks: int, softmax_scale: float, backend: str,
                       refresh: bool) -> torch.Tensor:
-    """One decode step: select blocks from the summaries, attend to them. q [B, H, D] ->
-    [B, H, Dv]. ``refresh``: the selection also rewrites the newest block's kmin/kmax from
-    k_cache (the step's one appended token; see :func:`resa_tl.ops.select_blocks`).
-
-    ``sparse_ratio >= 1`` keeps every block, which is dense attention: then dense_decode runs
-    instead (no selection to pay, and the dense kernel rather than the gather of all blocks),
-    so a full-density configuration is a dense baseline (up to ReSAHFCache's summary update at
-    each write, one small kernel per layer and step, and the rectification unless
-    rectify_every=0). The caller must not ask for the refresh then (ReSAHFCache does not: it
-    updates the summaries at the write)."""
-    if sparse_ratio >= 1.0:
-        if refresh:
-            raise ValueError("sparse_ratio >= 1 runs dense_decode, which does not refresh the "
-                             "summaries; update them at the write instead")
-        return ops.dense_decode(q, k_cache, v_cache, cache_seqlens, softmax_scale=softmax_scale,
-                                backend=backend).contiguous()
-    idx = ops.select_blocks(q, kmin, kmax, cache_seqlens, block_size=block_size,
-                            sparse_ratio=sparse_ratio, min_blocks=min_blocks,
-                            local_blocks=local_blocks, sink_blocks=sink_blocks,
-                            k_cache=k_cache if refresh else None, backend=backend)
-    out = ops.sparse_decode(q, k_cache, v_cache, idx, cache_seqlens, block_size=block_size,
-                            softmax_scale=softmax_scale, backend=backend)
+    """:func:`resa_tl.cycle.sparse_step` as one opaque op (its configuration as scalars, which
+    a custom op can take). q [B, H, D] -> [B, H, Dv], contiguous."""
+    from ..config import ReSAConfig
+    from ..cycle import sparse_step
+    config = ReSAConfig(block_size=block_size, sparse_ratio=sparse_ratio, min_blocks=min_blocks,
+                        local_blocks=local_blocks, sink_blocks=sink_blocks)
+    out = sparse_step(q, k_cache, v_cache, kmin, kmax, cache_seqlens, config, softmax_scale,
+                      backend, refresh)
     return out.contiguous()                      # the fake below promises a contiguous tensor
 
 
