@@ -49,6 +49,7 @@ class ReSACache:
         self.v_head_dim = v_head_dim or head_dim
         self.backend = backend
         self._tilelang = ops.resolve_backend(backend, torch.device(device), dtype) == "tilelang"
+        self._update_plans = {}              # summary-update plans by positions written per row
         self.num_blocks = -(-max_seq_len // self.block_size)
         dev = torch.device(device)
         shape = (batch_size, max_seq_len, num_kv_heads)
@@ -153,8 +154,11 @@ class ReSACache:
             from .integration._torch_ops import update_summaries
             update_summaries(kmin, kmax, k, start, n, self.block_size, self.backend)
         elif self._tilelang:                   # storage is ours: contiguous, aligned, checked
-            plan.summaries_like(k, start, self.block_size, kmin.dtype, "update", n).run(
-                k, start, kmin, kmax, n)
+            p = self._update_plans.get(n)       # every layer has the same shapes
+            if p is None:
+                p = self._update_plans[n] = plan.summaries_like(k, start, self.block_size,
+                                                                kmin.dtype, "update", n)
+            p.run(k, start, kmin, kmax, n)
         else:
             ops.update_block_summaries(kmin, kmax, k, start, n, self.block_size,
                                        backend=self.backend)
