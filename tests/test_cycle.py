@@ -59,3 +59,32 @@ def test_sparse_only_never_rectifies():
     model, prompt = setup()
     res = run_decode_cycle(model, prompt, LENGTHS, 20, ReSAConfig(rectify_every=0, min_blocks=2))
     assert res.dense_steps == [] and res.tokens.shape == (3, 20)
+
+
+def test_decode_cycle_rewinds_when_rectification_is_due():
+    from resa_tl.cycle import DecodeCycle
+    c = DecodeCycle(rectify_every=3)
+    c.advance(50)                                   # prompt: dense
+    assert c.pending == 0 and c.rewind_before(1) == 0
+    for n in (1, 2, 3):
+        c.advance(1)                                # sparse steps
+        assert c.pending == n
+    assert c.rewind_before(1) == 3                  # due: rewind 3, feed 4 densely
+    assert c.rewind_before(1, can_refeed=False) == 0
+    c.advance(4)
+    assert c.pending == 0
+    c.advance(1)
+    assert c.rewind_before(5) == 1                  # a dense chunk folds pending tokens in
+    sparse_only = DecodeCycle(rectify_every=0)
+    for _ in range(100):
+        sparse_only.advance(1)
+    assert sparse_only.rewind_before(1) == 0 and sparse_only.rewind_before(2) == 100
+
+
+def test_cycle_spans_and_per_token_time():
+    from resa_tl.cycle import cycle_spans, per_token_time
+    assert cycle_spans(10, 3) == [(0, 4, 3), (4, 8, 3), (8, 10, 2)]
+    assert cycle_spans(6, 0) == [(0, 6, 6)]
+    assert cycle_spans(0, 32) == []
+    assert per_token_time(1.0, 5.0, 3) == (3 * 1.0 + 5.0) / 4
+    assert per_token_time(1.0, 5.0, 0) == 1.0
