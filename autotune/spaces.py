@@ -215,7 +215,7 @@ class RectifyAdapter(Adapter):
 
     def default_config(self, key, target):
         D = key["head_dim"]
-        return heuristics.rectify_config(key["T"], key["g"], D, D, target)
+        return heuristics.rectify_config(key["T"], key["g"], D, target)
 
     def axes(self, key, target, default):
         if is_hopper(target):
@@ -301,7 +301,7 @@ class SummariesAdapter(Adapter):
     max_candidates = 8
 
     def default_config(self, key, target):
-        return heuristics.summaries_config(key["hkv"], key["head_dim"], key["block_size"])
+        return heuristics.summaries_config(key["hkv"], key["head_dim"])
 
     def axes(self, key, target, default):
         return {"threads": [128, 256, 512], "blocks_per_cta": [1, 2, 4, 8, 16, 32]}
@@ -576,8 +576,7 @@ class DenseDecodeAdapter(_DecodeAdapter):
     config_class = dense_decode.DenseDecodeConfig
 
     def default_config(self, key, target):
-        return heuristics.dense_decode_config(key["hkv"], key["g"], key["head_dim"],
-                                              key["dtype"], target)
+        return heuristics.dense_decode_config(target)
 
     def kernel_shape(self, key):
         D, H = key["head_dim"], key["hkv"] * key["g"]
@@ -620,8 +619,7 @@ class SparseDecodeAdapter(_DecodeAdapter):
     dynamic_fields = ("batch",)
 
     def default_config(self, key, target):
-        return heuristics.sparse_decode_config(key["hkv"], key["g"], key["head_dim"],
-                                               key["dtype"], key["block_size"], target)
+        return heuristics.sparse_decode_config(key["block_size"], target)
 
     def kernel_shape(self, key):
         D, H = key["head_dim"], key["hkv"] * key["g"]

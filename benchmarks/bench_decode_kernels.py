@@ -90,8 +90,8 @@ def shape_plans(S, B, variants, dev):
 def sweep_configs(arch):
     """(label, sparse config or None, dense config or None) variants timed with --sweep."""
     from resa_tl import heuristics
-    s0 = heuristics.sparse_decode_config(HKV, H // HKV, D, "bfloat16", BS, arch)
-    d0 = heuristics.dense_decode_config(HKV, H // HKV, D, "bfloat16", arch)
+    s0 = heuristics.sparse_decode_config(BS, arch)
+    d0 = heuristics.dense_decode_config(arch)
     out = [("default", s0, d0)]
     if arch.startswith("sm_9"):
         rep = dataclasses.replace
@@ -122,9 +122,8 @@ def precompile(arch: str, workers: int, contexts, batches):
     specs = dict.fromkeys(test_sparse_decode_gpu.KERNEL_SPECS()         # no duplicates
                           + test_dense_decode_gpu.KERNEL_SPECS())
     for op, h, hkv, d, dv, bs, dt, it, lt, sched in specs:
-        g = h // hkv
         if op == "sparse":
-            cfg = heuristics.sparse_decode_config(hkv, g, d, dt, bs, arch)
+            cfg = heuristics.sparse_decode_config(bs, arch)
             if sched == "other":
                 if not arch.startswith("sm_9"):
                     continue
@@ -133,7 +132,7 @@ def precompile(arch: str, workers: int, contexts, batches):
             jobs.append((f"sparse {shape} {cfg}", functools.partial(sd.compile_kernel, shape,
                                                                      cfg, arch, pdl)))
         else:
-            cfg = heuristics.dense_decode_config(hkv, g, d, dt, arch)
+            cfg = heuristics.dense_decode_config(arch)
             shape = dd.DenseDecodeShape(h, hkv, d, dv, dt, lt)
             jobs.append((f"dense {shape} {cfg}", functools.partial(dd.compile_kernel, shape,
                                                                     cfg, arch, pdl)))

@@ -103,14 +103,14 @@ def build_variants(args, arch):
     g, D = args.hq // args.hkv, args.d
     variants = []
     for T in args.T:
-        base = heuristics.rectify_config(T, g, D, D, arch)
+        base = heuristics.rectify_config(T, g, D, arch)
         if "auto" in args.schedules:
             variants.append((f"T{T}", T, dataclasses.replace(base, schedule="auto"), None))
         if arch.startswith("sm_9") and T * g > 64 and "pingpong" in args.schedules:
             variants.append((f"T{T}-pp", T, dataclasses.replace(
                 base, schedule="pingpong", block_M=128, threads=256), None))
     if args.t1 and "auto" in args.schedules:
-        variants.append(("T1", 1, heuristics.rectify_config(1, g, D, D, arch), None))
+        variants.append(("T1", 1, heuristics.rectify_config(1, g, D, arch), None))
     sweep = []
     if args.sweep:
         T = args.T[0]

@@ -89,7 +89,7 @@ def precompile(workers=1, contexts=CONTEXTS, batches=BATCHES):
     jobs = []
     for hkv, d, bs, dt, it, mode in tb.summary_specs():
         jobs.append(("summ", summ.SummariesShape(hkv, d, bs, name[dt], name[it], mode),
-                     heuristics.summaries_config(hkv, d, bs)))
+                     heuristics.summaries_config(hkv, d)))
     for nb, hkv, g, d, bs, ratio, minb, local, k, dt, it, variant in tg.select_specs():
         jobs.append(("sel", sel.SelectShape(nb, hkv, g, d, bs, float(ratio), minb, local, k,
                                             name[dt], name[it]),

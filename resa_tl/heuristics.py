@@ -72,7 +72,7 @@ def _has_griddepcontrol(arch: str) -> bool:
 
 # --- rectify_attention (resa_tl/kernels/rectify.py) ------------------------------------------
 
-def rectify_config(num_q: int, group: int, head_dim: int, head_dim_v: int, arch: str):
+def rectify_config(num_q: int, group: int, head_dim: int, arch: str):
     """Tile config of the rectify kernel for T = num_q queries and GQA group g.
 
     Reasons: the R = T * g query rows of a KV head share every K/V tile. Per key the kernel
@@ -134,7 +134,7 @@ def rectify_num_splits(batch: int, num_kv_heads: int, row_tiles: int, s_max: int
 
 # --- block summaries / selection (resa_tl/kernels/summaries.py, selection.py) ----------------
 
-def summaries_config(num_kv_heads: int, head_dim: int, block_size: int):
+def summaries_config(num_kv_heads: int, head_dim: int):
     """Launch shape of block_summaries / update_block_summaries.
 
     Reason: the op streams K once, so what matters is bytes in flight. A thread owns one
@@ -194,7 +194,7 @@ def selection_config_for_summaries(config, summary_dtype, dtype):
 
 # --- sparse_decode / dense_decode (resa_tl/kernels/sparse_decode.py, dense_decode.py) --------
 
-def _decode_tile(arch: str, block_size: int = 16, head_dim: int = 128):
+def _decode_tile(arch: str, block_size: int = 16):
     """(block_N, num_stages) of the split-KV decode kernels.
 
     Reasons: decode is memory-bound (g <= 8 query rows per KV head: ~4 flop/byte), so a tile
@@ -208,8 +208,7 @@ def _decode_tile(arch: str, block_size: int = 16, head_dim: int = 128):
     return max(64, block_size), (2 if hopper else 1)
 
 
-def sparse_decode_config(num_kv_heads: int, group: int, head_dim: int, dtype: str,
-                         block_size: int, arch: str):
+def sparse_decode_config(block_size: int, arch: str):
     """Default SparseDecodeConfig (see _decode_tile for block_N / stages). block_H = 64 with
     128 consumer threads: wgmma needs M = 64 per warpgroup, and the g <= 8 heads of a KV group
     are padded to it (compute is not the bottleneck).
@@ -223,14 +222,14 @@ def sparse_decode_config(num_kv_heads: int, group: int, head_dim: int, dtype: st
     3 stages and block_N 128 were within +-5% of this default, block_N 32 with 4 stages up to
     19% slower, 2 CTAs per SM -2% at 256K batch 8 but +9% at 64K batch 1.
     "auto" elsewhere (sm_80: cp.async)."""
-    bn, st = _decode_tile(arch, block_size, head_dim)
+    bn, st = _decode_tile(arch, block_size)
     return SparseDecodeConfig(block_N=bn, block_H=64, threads=128, num_stages=st,
                               schedule="ws" if arch.startswith("sm_9") else "auto")
 
 
-def dense_decode_config(num_kv_heads: int, group: int, head_dim: int, dtype: str, arch: str):
+def dense_decode_config(arch: str):
     """Default DenseDecodeConfig: the same tile as sparse decode (see _decode_tile)."""
-    bn, st = _decode_tile(arch, 64, head_dim)
+    bn, st = _decode_tile(arch, 64)
     return DenseDecodeConfig(block_N=bn, block_H=64, threads=128, num_stages=st)
 
 

@@ -72,8 +72,7 @@ class DenseDecodePlan:
         arch, pdl = _arch_pdl(device)
         g = shape.group
         if config is None:
-            default = heuristics.dense_decode_config(shape.heads_kv, g, shape.dim, shape.dtype,
-                                                     arch)
+            default = heuristics.dense_decode_config(arch)
             config = schedules.config_for("dense_decode", default, arch=arch, dtype=shape.dtype,
                                           head_dim=shape.dim, g=g, hkv=shape.heads_kv,
                                           context=max(s_max, 1), batch=max(batch, 1))
@@ -102,8 +101,7 @@ class SparseDecodePlan:
         arch, pdl = _arch_pdl(device)
         g = shape.group
         if config is None:
-            default = heuristics.sparse_decode_config(shape.heads_kv, g, shape.dim,
-                                                      shape.dtype, shape.block_size, arch)
+            default = heuristics.sparse_decode_config(shape.block_size, arch)
             config = schedules.config_for("sparse_decode", default, arch=arch,
                                           dtype=shape.dtype, head_dim=shape.dim, g=g,
                                           hkv=shape.heads_kv, block_size=shape.block_size,
@@ -169,8 +167,7 @@ class RectifyPlan:
         arch, pdl = _arch_pdl(device)
         ra.check_shape(shape)
         if config is None:   # the tuned schedule's entry for this shape, else the heuristic
-            default = heuristics.rectify_config(shape.num_q, shape.group, shape.dim,
-                                                shape.dim_v, arch)
+            default = heuristics.rectify_config(shape.num_q, shape.group, shape.dim, arch)
             config = schedules.config_for(
                 "rectify_attention", default, arch=arch, dtype=shape.dtype, head_dim=shape.dim,
                 g=shape.group, hkv=shape.heads_kv, T=shape.num_q, context=max(s_max, 1),
@@ -223,7 +220,7 @@ class SummariesPlan:
             build = shape.mode == "build"
             config = schedules.config_for(
                 "block_summaries" if build else "update_block_summaries",
-                heuristics.summaries_config(shape.heads_kv, shape.head_dim, shape.block_size),
+                heuristics.summaries_config(shape.heads_kv, shape.head_dim),
                 arch=arch, dtype=shape.dtype, head_dim=shape.head_dim, hkv=shape.heads_kv,
                 block_size=shape.block_size, batch=max(batch, 1),
                 **({"context": max(extent, 1)} if build else {"length": max(extent, 1)}))

@@ -29,12 +29,12 @@ CASES = [
 
 def _compile(op, arch, g, Hkv, D, dtype, bs):
     if op.startswith("sparse"):
-        cfg = heuristics.sparse_decode_config(Hkv, g, D, dtype, bs, arch)
+        cfg = heuristics.sparse_decode_config(bs, arch)
         if op in ("sparse-ws", "sparse-auto"):
             cfg = dataclasses.replace(cfg, schedule=op.split("-")[1])
         shape = sd.SparseDecodeShape(g * Hkv, Hkv, D, D, bs, dtype)
         return cfg, sd.compile_kernel(shape, cfg, arch, heuristics.use_pdl(arch))
-    cfg = heuristics.dense_decode_config(Hkv, g, D, dtype, arch)
+    cfg = heuristics.dense_decode_config(arch)
     shape = dd.DenseDecodeShape(g * Hkv, Hkv, D, D, dtype)
     return cfg, dd.compile_kernel(shape, cfg, arch, heuristics.use_pdl(arch))
 
@@ -89,12 +89,12 @@ def test_split_heuristic():
 def test_default_configs():
     for arch in ("sm_90a", "sm_80"):
         for bs in (16, 32, 64, 128):
-            c = heuristics.sparse_decode_config(4, 7, 128, "bfloat16", bs, arch)
+            c = heuristics.sparse_decode_config(bs, arch)
             assert isinstance(c, SparseDecodeConfig)
             assert c.block_N % bs == 0 and c.threads == 2 * c.block_H and c.block_H >= 7
             assert c.num_stages == (2 if arch == "sm_90a" else 1)
             assert c.schedule == ("ws" if arch == "sm_90a" else "auto")
-        d = heuristics.dense_decode_config(4, 7, 128, "bfloat16", arch)
+        d = heuristics.dense_decode_config(arch)
         assert isinstance(d, DenseDecodeConfig) and d.block_N % 16 == 0
 
 

@@ -25,7 +25,7 @@ CASES = [
 
 
 def _cfg(arch, T, g, D, Dv, schedule):
-    cfg = heuristics.rectify_config(T, g, D, Dv, arch)
+    cfg = heuristics.rectify_config(T, g, D, arch)
     if schedule is not None:
         cfg = dataclasses.replace(cfg, schedule=schedule)
     return cfg
@@ -54,18 +54,18 @@ def test_rectify_compiles(case):
 
 def test_config_heuristic():
     # > 64 rows per KV head: two consumer warpgroups; <= 64: one; sm_80: one stage
-    c = heuristics.rectify_config(32, 7, 128, 128, "sm_90a")
+    c = heuristics.rectify_config(32, 7, 128, "sm_90a")
     assert (c.block_M, c.threads) == (128, 256) and c.num_stages >= 2
     assert c.schedule == "pingpong"                 # measured faster on the H100 at d=128
-    assert heuristics.rectify_config(32, 7, 64, 64, "sm_90a").schedule == "auto"
-    c = heuristics.rectify_config(8, 8, 128, 128, "sm_90a")
+    assert heuristics.rectify_config(32, 7, 64, "sm_90a").schedule == "auto"
+    c = heuristics.rectify_config(8, 8, 128, "sm_90a")
     assert (c.block_M, c.threads, c.schedule) == (64, 128, "auto")
-    c = heuristics.rectify_config(33, 7, 128, 128, "sm_80")
+    c = heuristics.rectify_config(33, 7, 128, "sm_80")
     assert c.num_stages == 1 and c.block_N % 16 == 0 and c.schedule == "auto"
 
 
 def test_split_heuristic_fills_device():
-    cfg = heuristics.rectify_config(32, 7, 128, 128, "sm_90a")
+    cfg = heuristics.rectify_config(32, 7, 128, "sm_90a")
     for sms in (132, 114, 78):
         for B in (1, 4, 8):
             ns = heuristics.rectify_num_splits(B, 4, 2, 262144, cfg, num_sms=sms)

@@ -43,7 +43,7 @@ SUMMARY_SHAPES = [
 @pytest.mark.parametrize("mode", ["build", "update"])
 def test_compile_summaries(arch, shape, mode):
     hkv, d, bs, dt, it = shape
-    cfg = heuristics.summaries_config(hkv, d, bs)
+    cfg = heuristics.summaries_config(hkv, d)
     kern = summaries_kernel(hkv, d, bs, dt, it, mode, cfg, arch)
     src = kern.get_kernel_source()
     assert "uint4" in src, "expected 16-byte vector loads of K"
@@ -154,8 +154,8 @@ def test_heuristics_are_sane():
         assert 128 <= cfg.select_threads <= 1024 and cfg.select_threads % 32 == 0
         assert cfg.score_rows_per_cta >= 1
     assert heuristics.selection_config(16384, 4, 128).select_threads == 1024
-    assert heuristics.summaries_config(4, 128, 16).blocks_per_cta == 4
-    assert heuristics.summaries_config(32, 128, 16).blocks_per_cta == 1
+    assert heuristics.summaries_config(4, 128).blocks_per_cta == 4
+    assert heuristics.summaries_config(32, 128).blocks_per_cta == 1
 
 
 FP8_NAMES = ["float8_e4m3fn", "float8_e5m2"]
@@ -170,7 +170,7 @@ def test_compile_fp8_summaries(arch, sdt):
     kernel (with the refresh) reads them 16 per 16-byte load and stores the refreshed block;
     the default (None) builds exactly the fp16/bf16 program, so compiled kernels stay valid."""
     hkv, d, bs, dt, it = SUMMARY_SHAPES[0]
-    cfg = heuristics.summaries_config(hkv, d, bs)
+    cfg = heuristics.summaries_config(hkv, d)
     fp8_ptr = re.compile(r"(?<!const )fp8_e[45]_t\* (__restrict__ )?Km(in|ax)\b")
     for mode in ("build", "update"):
         src = summaries_kernel(hkv, d, bs, dt, it, mode, cfg, arch, sdt).get_kernel_source()

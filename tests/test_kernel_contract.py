@@ -87,25 +87,25 @@ def _programs():
             ("sparse-ws", 7, 4, 128, "bfloat16", 16, "sm_90a", "ws", True),
             ("sparse-auto", 7, 4, 128, "bfloat16", 16, "sm_90a", "auto", True),
             ("sparse-sm80", 6, 2, 64, "float16", 32, "sm_80", "auto", False)]:
-        cfg = dataclasses.replace(heuristics.sparse_decode_config(hkv, g, d, dt, bs, arch),
+        cfg = dataclasses.replace(heuristics.sparse_decode_config(bs, arch),
                                   schedule=sched)
         out[name] = sd.program(sd.SparseDecodeShape(g * hkv, hkv, d, d, bs, dt), cfg, pdl)
     for name, g, hkv, d, dt, arch, pdl in [("dense", 7, 4, 128, "bfloat16", "sm_90a", True),
                                            ("dense-sm80", 8, 1, 64, "float16", "sm_80", False)]:
-        cfg = heuristics.dense_decode_config(hkv, g, d, dt, arch)
+        cfg = heuristics.dense_decode_config(arch)
         out[name] = dd.program(dd.DenseDecodeShape(g * hkv, hkv, d, d, dt), cfg, pdl)
     for name, T, g, hkv, d, dt, arch, pdl in [
             ("rectify-pp", 33, 7, 4, 128, "bfloat16", "sm_90a", True),
             ("rectify-auto", 8, 4, 2, 64, "float16", "sm_90a", True),
             ("rectify-sm80", 5, 6, 1, 64, "bfloat16", "sm_80", False)]:
-        cfg = heuristics.rectify_config(T, g, d, d, arch)
+        cfg = heuristics.rectify_config(T, g, d, arch)
         split, combine = ra.program(ra.RectifyShape(T, g, hkv, d, d, dt, d ** -0.5), cfg, pdl)
         out[name + "-split"], out[name + "-combine"] = split, combine
     for mode in ("build", "update"):
         for sdt in (None, "float8_e4m3fn"):
             out[f"summ-{mode}-{sdt}"] = summ.program(
                 summ.SummariesShape(4, 128, 16, "bfloat16", "int32", mode, sdt),
-                heuristics.summaries_config(4, 128, 16), True)
+                heuristics.summaries_config(4, 128), True)
     nb, hkv, g, d = 2048, 4, 7, 128
     K = sel.default_max_selected(nb, 0.1, 16)
     cfg = heuristics.selection_config(nb, hkv, d)

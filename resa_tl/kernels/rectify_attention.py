@@ -69,7 +69,6 @@ def rectify_attention_reference(q, k_cache, v_cache, cache_seqlens, *, softmax_s
 
 import dataclasses
 import functools
-import math
 
 from . import common
 

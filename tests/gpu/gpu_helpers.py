@@ -156,7 +156,7 @@ _PROBE = textwrap.dedent("""
     H, Hkv, D, bs = 28, 4, 128, 16
     dt = torch.bfloat16
     arch = heuristics.arch_of(torch.device("cuda"))
-    base = heuristics.sparse_decode_config(Hkv, H // Hkv, D, "bfloat16", bs, arch)
+    base = heuristics.sparse_decode_config(bs, arch)
     cfgs = [dataclasses.replace(base, schedule=s) for s in
             (("auto", "ws") if arch.startswith("sm_9") else ("auto",))]
     for S, lens in [(64, [64]), (512, [1, 64, 65, 128, 129, 512])]:

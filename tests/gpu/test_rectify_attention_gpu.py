@@ -68,13 +68,13 @@ def _pingpong_ok(T, g, arch):
 
 def _other_schedule(T, g, D, Dv, arch):
     from resa_tl import heuristics
-    return "auto" if heuristics.rectify_config(T, g, D, Dv, arch).schedule == "pingpong" \
+    return "auto" if heuristics.rectify_config(T, g, D, arch).schedule == "pingpong" \
         else "pingpong"
 
 
 def _config(T, g, D, Dv, arch, schedule):
     from resa_tl import heuristics
-    cfg = heuristics.rectify_config(T, g, D, Dv, arch)
+    cfg = heuristics.rectify_config(T, g, D, arch)
     if schedule is not None and schedule != cfg.schedule:
         cfg = dataclasses.replace(cfg, schedule=schedule, block_M=128, threads=256,
                                   num_stages=max(cfg.num_stages, 2))

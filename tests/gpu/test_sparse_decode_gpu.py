@@ -130,8 +130,7 @@ def _arch():
 def _sparse_config(g, Hkv, D, dtype, bs, schedule):
     import dataclasses
     from resa_tl import heuristics
-    dt = {F16: "float16", BF16: "bfloat16"}[dtype]
-    cfg = heuristics.sparse_decode_config(Hkv, g, D, dt, bs, _arch())
+    cfg = heuristics.sparse_decode_config(bs, _arch())
     if schedule == "other":
         cfg = dataclasses.replace(cfg, schedule="auto" if cfg.schedule == "ws" else "ws")
     return cfg
