@@ -45,6 +45,17 @@ SWEEP = {16384: [(t, h) for t in (256, 1024) for h in HISTS],
 ROOFLINE = 3.0e12
 
 
+def _select_inputs(B, nb, K, R, dev, dt):
+    """R rotated input sets of select_blocks (queries and kmin <= kmax summaries of nb blocks)
+    and one int32 output [B, HKV, K]: together they exceed the L2 cache (see rotations)."""
+    qs = [torch.randn(B, HKV * G, D, device=dev, dtype=dt) for _ in range(R)]
+    sums = []
+    for _ in range(R):
+        lo = torch.randn(B, nb, HKV, D, device=dev, dtype=dt)
+        sums.append((lo, lo + torch.rand_like(lo)))
+    return qs, sums, torch.empty(B, HKV, K, dtype=torch.int32, device=dev)
+
+
 def _select_cfgs(nb):
     from resa_tl import heuristics
     base = heuristics.selection_config(nb, HKV, D)
@@ -197,13 +208,8 @@ def bench(args):
             # -- select_blocks
             K = sel.default_max_selected(nb, RATIO, MINB)
             sbytes = 2 * B * nb * HKV * D * 2
-            R = rotations(sbytes)
-            qs = [torch.randn(B, HKV * G, D, device=dev, dtype=dt) for _ in range(R)]
-            sums = []
-            for r in range(R):
-                lo = torch.randn(B, nb, HKV, D, device=dev, dtype=dt)
-                sums.append((lo, lo + torch.rand_like(lo)))
-            out = torch.empty(B, HKV, K, dtype=torch.int32, device=dev)
+            qs, sums, out = _select_inputs(B, nb, K, rotations(sbytes), dev, dt)
+            R = len(qs)
             kw = dict(block_size=BS, sparse_ratio=RATIO, min_blocks=MINB, local_blocks=LOCAL,
                       max_selected=K)
             p_sel = plans["select"]
@@ -241,13 +247,8 @@ def bench(args):
             K = sel.default_max_selected(nb, RATIO, MINB)
             sl = torch.full((B,), ctx, dtype=torch.int32, device=dev)
             sbytes = 2 * B * nb * HKV * D * 2
-            R = rotations(sbytes)
-            qs = [torch.randn(B, HKV * G, D, device=dev, dtype=dt) for _ in range(R)]
-            sums = []
-            for r in range(R):
-                lo = torch.randn(B, nb, HKV, D, device=dev, dtype=dt)
-                sums.append((lo, lo + torch.rand_like(lo)))
-            out = torch.empty(B, HKV, K, dtype=torch.int32, device=dev)
+            qs, sums, out = _select_inputs(B, nb, K, rotations(sbytes), dev, dt)
+            R = len(qs)
             line = []
             for cfg in _select_cfgs(nb)[1]:
                 p = plan.select_blocks(select_shape(nb), B, dev, config=cfg)
