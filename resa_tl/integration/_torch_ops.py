@@ -21,6 +21,7 @@ import functools
 import torch
 
 from .. import ops
+from .chunk_attention import chunk_attention
 
 _NS = "resa_tl"
 
@@ -58,8 +59,8 @@ def dense(q, k_cache, v_cache, cache_seqlens, softmax_scale: float, backend: str
 
     The TileLang rectify kernel takes T <= RECTIFY_MAX_T (64) and compiles once per T, so it runs
     only where ``use_kernel`` (the caller passes it for the rectification length f + 1, the
-    one dense shape inside the decode loop). Prompts and other chunks use torch's fused SDPA
-    (flash attention for a fresh causal prompt), as does the torch backend."""
+    one dense shape inside the decode loop). Prompts and other chunks use torch's flash
+    attention (:func:`sdpa_dense`), as does the torch backend."""
     from ..kernels.rectify_attention import RECTIFY_MAX_T
     T = q.shape[1]
     if use_kernel and T <= RECTIFY_MAX_T and \
@@ -69,24 +70,19 @@ def dense(q, k_cache, v_cache, cache_seqlens, softmax_scale: float, backend: str
     return sdpa_dense(q, k_cache, v_cache, cache_seqlens, softmax_scale)
 
 
-def sdpa_dense(q, k_cache, v_cache, cache_seqlens, softmax_scale: float, chunk: int = 1024):
-    """:func:`dense` with torch SDPA. Reads the lengths on the host (to attend over the valid
-    prefix only, and to take the unmasked causal path when every row is exactly this chunk),
-    except while a CUDA graph is being captured: then it masks the whole cache."""
+def sdpa_dense(q, k_cache, v_cache, cache_seqlens, softmax_scale: float, chunk: int = 256):
+    """:func:`dense` with torch SDPA. Outside CUDA-graph capture: exact chunk attention
+    (:mod:`resa_tl.integration.chunk_attention`: prefix and chunk as two flash calls merged,
+    no mask, no copy of the cache), which reads the lengths on the host. While a CUDA graph is
+    being captured (no host reads) it masks the whole cache instead, ``chunk`` queries at a
+    time."""
+    if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return chunk_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     B, T, H, D = q.shape
     qh = q.transpose(1, 2)                                              # [B, H, T, D]
-    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing:
-        host = cache_seqlens.tolist()
-        if all(n == T for n in host):                # a fresh prompt in every row: plain causal
-            o = sdpa(qh, k_cache[:, :T].transpose(1, 2), v_cache[:, :T].transpose(1, 2),
-                     is_causal=True, scale=softmax_scale, enable_gqa=True)
-            return o.transpose(1, 2)
-        L = max(host)
-    else:
-        L = k_cache.shape[1]
-    kh, vh = k_cache[:, :L].transpose(1, 2), v_cache[:, :L].transpose(1, 2)
+    L = k_cache.shape[1]
+    kh, vh = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
     last = cache_seqlens.long()[:, None] - T + torch.arange(T, device=q.device)     # [B, T]
     keys = torch.arange(L, device=q.device)
     out = q.new_empty(B, T, H, v_cache.shape[-1])
