@@ -273,3 +273,37 @@ def decode_num_splits(batch: int, num_kv_heads: int, num_tiles: int,
     tiles = max(1, num_tiles)
     slots = max(1, (sm_count(device) if num_sms is None else num_sms) * ctas_per_sm)
     return _decode_splits(rows, tiles, slots, float(split_overhead), max_splits)
+
+
+# ---------------------------------------------------------------------------- prefill chunks
+#: Share of the free GPU memory a prefill chunk's activations may take. The per-token estimate
+#: below counts the large live tensors only; the rest (allocator fragmentation, cuBLAS
+#: workspaces, the flash kernels' own buffers, the last chunk's logits) lives in the remainder.
+PREFILL_MEMORY_SHARE = 0.35
+#: Tokens per prefill forward (all rows together) past which a larger chunk buys nothing: the
+#: GEMMs of a 7B-sized layer run at full throughput well below 16K rows, and the chunk's
+#: attention costs the same per token whatever the chunk length.
+PREFILL_MAX_TOKENS = 32768
+#: Chunk length granularity: multiples of a KV block of every supported size.
+PREFILL_CHUNK_QUANTUM = 128
+
+
+def prefill_chunk_tokens(prompt: int, batch: int, *, hidden: int, intermediate: int,
+                         num_heads: int, num_kv_heads: int, head_dim: int, dtype_bytes: int,
+                         free_bytes: int | None) -> int:
+    """Tokens per row in each prefill forward of the transformers integration.
+
+    Peak activations of one decoder layer per token (eager, no autograd): about 4 hidden-sized
+    tensors (residual, norm, attention and MLP outputs), 3 intermediate-sized ones (gate, up
+    and their product), q/k/v with their RoPE copies, and the chunk attention's folded query,
+    its repeated chunk K/V and two partial outputs, plus the merge in fp32. ``free_bytes``
+    None (no CUDA device): only the token cap applies."""
+    qkv = (num_heads + 2 * num_kv_heads) * head_dim
+    per_token = (4 * hidden + 3 * intermediate + 2 * qkv + 6 * num_heads * head_dim) \
+        * dtype_bytes + 2 * num_heads * head_dim * 4
+    tokens = PREFILL_MAX_TOKENS
+    if free_bytes is not None:
+        tokens = min(tokens, int(free_bytes * PREFILL_MEMORY_SHARE) // per_token)
+    chunk = max(tokens // batch, PREFILL_CHUNK_QUANTUM) // PREFILL_CHUNK_QUANTUM \
+        * PREFILL_CHUNK_QUANTUM
+    return max(1, min(prompt, chunk))

@@ -30,4 +30,12 @@ def new_cache(model, batch_size: int, max_cache_len: int, *, compileable: bool =
     return _new_cache(model, batch_size, max_cache_len, compileable=compileable, config=config)
 
 
-__all__ = ["attach", "detach", "new_cache"]
+def warm_up(model, batch_size: int, max_cache_len: int):
+    """Before serving: allocate the cache the default ``generate()`` call reuses, load or
+    compile its kernels and record its CUDA graphs, for ``batch_size`` rows and up to
+    ``max_cache_len`` tokens. Details: :func:`resa_tl.integration.hf.warm_up`."""
+    from .hf import warm_up as _warm_up
+    return _warm_up(model, batch_size, max_cache_len)
+
+
+__all__ = ["attach", "detach", "new_cache", "warm_up"]

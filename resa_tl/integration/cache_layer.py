@@ -263,6 +263,15 @@ class ReSAHFCache(Cache):
         self.seen.sub_(n)
         self._seen_host -= n
 
+    def drop_last(self, n: int):
+        """Forget the last n tokens fed (all rows; none of them padding), as if they had never
+        been: the K/V positions, and the sparse steps among them in the decode cycle. The
+        decode loop undoes the steps it ran past a stop with it."""
+        if n <= 0:
+            return
+        self.rewind(n)
+        self.cycle.pending = max(self.cycle.pending - n, 0)
+
     def reset(self):
         self.store.reset()
         self.seen.zero_()

@@ -9,12 +9,20 @@ How it plugs in (transformers >= 5.17):
   attention function gets the query after RoPE and computes attention itself from the ReSA cache:
   one query token -> block selection + sparse attention; several (prefill, rectification) ->
   dense causal attention. The mask function hands the 2D padding mask through unchanged.
+* ``generate`` is wrapped (instance attribute) to pass resa_tl's decoding loop
+  (:mod:`resa_tl.integration.decode_loop`: chunked prefill, decode steps replayed from CUDA
+  graphs, stop checks that never stall the GPU) as transformers' ``custom_generate``. That loop
+  hands the call back to transformers' own loop where the caller chose one: a
+  ``cache_implementation`` ("dynamic": eager; "static": compiled by transformers), a
+  ``compile_config``, a ``custom_generate``, outputs it does not produce (attentions, hidden
+  states) or a cache that already holds tokens.
 * ``_prepare_cache_for_generation`` is wrapped (instance attribute) to inject a
   :class:`~resa_tl.integration.cache_layer.ReSAHFCache` when the caller passed none (sized like
-  transformers sizes its caches; ``cache_implementation="static"`` gives a compileable one that is
-  reused across calls), and to reject what ReSA cannot do (beam search, assisted decoding, ...).
+  transformers sizes its caches, rounded up to a capacity bucket; the default call's cache and
+  ``cache_implementation="static"``'s are kept and reused by later calls that fit), and to
+  reject what ReSA cannot do (beam search, assisted decoding, ...).
 * ``prepare_inputs_for_generation`` is wrapped (instance attribute, ``functools.wraps``) to fuse
-  rectification into decoding: once ``rectify_every`` tokens were decoded sparsely, the next step
+  rectification into transformers' loop (resa_tl's loop does the same itself): once ``rectify_every`` tokens were decoded sparsely, the next step
   rewinds them and feeds them again together with the new token, densely, in the same forward
   (``generate`` keeps one row of logits: ``logits_to_keep=1``). Inputs, position ids and masks of
   that step are sliced by transformers' own ``prepare_inputs_for_generation`` for the f + 1 tokens.
@@ -34,14 +42,14 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..config import ReSAConfig
-from . import _torch_ops
+from . import _torch_ops, decode_loop
 from ._torch_ops import dense
 from .cache_layer import ACTIVE, ReSAHFCache, head_dim_of, sliding_windows, text_config
 
 IMPLEMENTATION = "resa_tl"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 TILELANG_HEAD_DIMS = (64, 128)
-_WRAPPED = ("prepare_inputs_for_generation", "_prepare_cache_for_generation")
+_WRAPPED = ("generate", "prepare_inputs_for_generation", "_prepare_cache_for_generation")
 _MISSING = object()
 
 
@@ -52,6 +60,7 @@ class AttachState:
     previous_implementation: object
     saved_attributes: dict = field(default_factory=dict)
     static_cache: ReSAHFCache | None = None       # reused by cache_implementation="static"
+    loop_cache: ReSAHFCache | None = None         # reused by the default call (decode_loop)
 
 
 def attached_state(model) -> AttachState | None:
@@ -113,6 +122,35 @@ def new_cache(model, batch_size: int, max_cache_len: int, *, compileable: bool =
     return ReSAHFCache(model.config, batch_size, max_cache_len, config=config or state.config,
                        dtype=model.dtype, device=model.device, backend=state.backend,
                        compileable=compileable, softmax_scale=_attention_scale(model))
+
+
+def warm_up(model, batch_size: int, max_cache_len: int) -> ReSAHFCache:
+    """Prepare an attached model for ``generate()`` calls of ``batch_size`` rows and up to
+    ``max_cache_len`` tokens (prompt + new tokens), once, before serving: allocates the cache
+    that the default call keeps and reuses, loads or compiles its TileLang kernels (from
+    TileLang's disk cache when present) and records the decode loop's CUDA graphs, by
+    generating ``rectify_every + 2`` tokens from a short random prompt. Later calls whose rows
+    match and whose prompt + max_new_tokens fit then compile and record nothing. Returns the
+    cache."""
+    state = attached_state(model)
+    if state is None:
+        raise ValueError("resa_tl is not attached to this model; call resa_tl.attach(model)")
+    for name, val in (("batch_size", batch_size), ("max_cache_len", max_cache_len)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"warm_up: {name} must be an int >= 1, got {val!r}")
+    f = state.config.rectify_every
+    prompt = min(64, max(1, max_cache_len - f - 2))
+    if prompt + f + 2 > max_cache_len + 1:
+        raise ValueError(f"warm_up: max_cache_len={max_cache_len} is too short to run a "
+                         f"rectification (rectify_every={f})")
+    state.loop_cache = None
+    state.loop_cache = new_cache(model, batch_size, bucketed_capacity(model, max_cache_len))
+    vocab = text_config(model.config).vocab_size
+    ids = torch.randint(0, vocab, (batch_size, prompt), device=model.device)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=f + 2,
+                       do_sample=False, eos_token_id=None, pad_token_id=0)
+    return state.loop_cache
 
 
 def _attention_scale(model) -> float | None:
@@ -285,22 +323,59 @@ def _wrap_prepare_cache(model, state: AttachState):
                              "attached; use None (default) or 'static'")
         check_model(model, state.backend)
         capacity = bucketed_capacity(model, max_cache_length)
+        # Which cache: the default call (no cache_implementation, no compile_config) decodes in
+        # resa_tl's loop (decode_loop) and reuses its cache, with the CUDA graphs recorded on
+        # it, while rows and capacity fit; "static" is transformers' compiled loop, also
+        # reused; "dynamic" a fresh cache for transformers' eager loop; a compile_config with
+        # no cache_implementation a fresh compileable one (transformers compiles the step).
         if impl == "static":
             capacity = max(capacity, getattr(generation_config, "max_cache_len", None) or 0)
-            reuse = state.static_cache
-            if (reuse is not None and reuse.store.batch_size == rows
-                    and reuse.max_cache_len >= capacity and reuse.config == state.config
-                    and reuse.store.k[0].dtype == model.dtype
-                    and reuse.store.device == model.device):
+            slot, compileable = "static_cache", True
+        elif impl is None and generation_config.compile_config is None:
+            slot, compileable = "loop_cache", False
+        else:
+            slot, compileable = None, impl is None
+        if slot is not None:
+            reuse = getattr(state, slot)
+            if _fits(reuse, model, state, rows, capacity):
                 reuse.reset()
                 model_kwargs["past_key_values"] = reuse
                 return
-        cache = new_cache(model, rows, capacity, compileable=impl == "static")
-        if impl == "static":
-            state.static_cache = cache
+            setattr(state, slot, None)            # freed before the new one is allocated
+            del reuse
+        cache = new_cache(model, rows, capacity, compileable=compileable)
+        if slot is not None:
+            setattr(state, slot, cache)
         model_kwargs["past_key_values"] = cache
 
     return _prepare_cache_for_generation
+
+
+def _fits(cache, model, state: AttachState, rows: int, capacity: int) -> bool:
+    """Whether a cache kept from an earlier generate() call can serve this one."""
+    return (cache is not None and cache.store.batch_size == rows
+            and cache.max_cache_len >= capacity and cache.config == state.config
+            and cache.store.k[0].dtype == model.dtype and cache.store.device == model.device)
+
+
+def _wrap_generate(model):
+    """generate() with resa_tl's decoding loop (decode_loop.decode) as its decoding method,
+    unless the caller picked one (custom_generate) or passed what a callable custom_generate
+    does not receive (tokenizer, synced_gpus). The streamer travels as ``resa_streamer`` for
+    the same reason. decode_loop.decode itself hands the call to transformers' loop where the
+    generation config asks for it."""
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        if (kwargs.get("custom_generate") is not None or kwargs.get("synced_gpus")
+                or kwargs.get("tokenizer") is not None):
+            return original(*args, **kwargs)
+        streamer = kwargs.pop("streamer", None)
+        return original(*args, custom_generate=decode_loop.decode, resa_streamer=streamer,
+                        **kwargs)
+
+    return generate
 
 
 def _wrap_prepare_inputs(model):
@@ -369,6 +444,7 @@ def attach(model, config: ReSAConfig | None = None, *, backend: str = "auto", **
     state = AttachState(config=config, backend=backend, previous_implementation=previous,
                         saved_attributes={n: model.__dict__.get(n, _MISSING) for n in _WRAPPED})
     model.set_attn_implementation(IMPLEMENTATION)
+    model.__dict__["generate"] = _wrap_generate(model)
     model.__dict__["prepare_inputs_for_generation"] = _wrap_prepare_inputs(model)
     model.__dict__["_prepare_cache_for_generation"] = _wrap_prepare_cache(model, state)
     model.__dict__["_resa_state"] = state
