@@ -12,19 +12,27 @@ prompt of ``context`` tokens in every row (no padding), then ``--new-tokens`` gr
 (``eos_token_id=None``, so every row decodes all of them).
 
 Modes:
+  resa          resa_tl.attach(model) (paper defaults) and the plain call: resa_tl's decoding
+                loop (chunked prefill, decode steps replayed from CUDA graphs)
+  full          resa_tl.attach(sparse_ratio=1.0, rectify_every=0), the plain call: every block
+                kept and no rectification, which the integration runs as dense attention
+                (resa_tl's dense_decode kernel) over the same cache in the same loop: the
+                same-harness dense baseline (it also keeps the block summaries up to date,
+                one small kernel per layer and step)
   dense         attn_implementation="sdpa", the default (dynamic) cache, eager
   dense-static  sdpa, cache_implementation="static": generate() torch.compiles the decode step
                 (mode "reduce-overhead": CUDA graphs)
-  resa          resa_tl.attach(model) (paper defaults), the default cache, eager
-  resa-static   resa_tl.attach, cache_implementation="static", compiled the same way
-  full-static   resa_tl.attach(sparse_ratio=1.0, rectify_every=0), static: every block kept and
-                no rectification, which the integration runs as dense attention (resa_tl's
-                dense_decode kernel) over the same cache in the same compiled generate() loop:
-                the same-harness dense baseline (it also keeps the block summaries up to date,
-                one small kernel per layer and step)
+  (``--stock-prefill-chunk N``: the two dense modes pass prefill_chunk_size=N, transformers'
+  chunked prefill, without which long prompts do not fit)
+  resa-eager    resa_tl.attach, cache_implementation="dynamic": transformers' own loop, eager
+  resa-static   resa_tl.attach, cache_implementation="static": transformers' own loop,
+                torch.compiled the same way as dense-static
 
-Each mode runs generate() twice with the same arguments and times the second (the first
-compiles). A LogitsProcessor records a CUDA event after each step's logits (no host sync;
+Each mode runs generate() ``--calls`` times (default 2) with the same arguments and times the
+last (the first compiles or records). One call is enough for the decode time (recording and
+compiling happen in the first cycle, which the average leaves out), not for the prefill time.
+Peak GPU memory (torch's allocator) is taken for the prefill (up to the first logits) and for
+the decoding after it. A LogitsProcessor records a CUDA event after each step's logits (no host sync;
 _timing.Marks). The default 133 new tokens are a prefill and 132 decode steps = 4 cycles of
 f + 1 = 33 steps for f = 32 (a cycle ends with the rectification step); ms/token is the mean
 step over the last 3 cycles (the first absorbs CUDA-graph recording, if generate() records
@@ -32,7 +40,7 @@ again), which excludes the prefill and weighs ReSA's rectification steps in thei
 proportion. ``ms_per_token_all`` is the mean over all 132 steps. Also reported: the median
 step (a sparse step for ReSA), the slowest step, the prefill (generate() call to the first
 logits) and, for ReSA, how many rectifications ran. Speedups: over the faster stock dense mode (dense,
-dense-static) of the same shape, and over full-static.
+dense-static) of the same shape, and over full.
 
     python benchmarks/bench_generate.py [--contexts 32768] [--batches 8] [--modes ...]
     python benchmarks/bench_generate.py --precompile ...   # CPU: fill TileLang's kernel cache
@@ -54,12 +62,12 @@ import types
 import torch
 
 import resa_tl
-from resa_tl import ReSAConfig, ops
+from resa_tl import ReSAConfig, heuristics, ops
 
 from _timing import Marks, git_commit, trace_events, window_kernels
 from bench_e2e import Qwen7BShape, kernel_group
 
-MODES = ("resa-static", "full-static", "dense", "resa", "dense-static")
+MODES = ("resa", "full", "dense", "dense-static", "resa-eager", "resa-static")
 
 
 def model_config(layers: int, max_positions: int):
@@ -75,16 +83,33 @@ def model_config(layers: int, max_positions: int):
 
 class StepTimer(Marks):
     """LogitsProcessor that stamps each generate() step (_timing.Marks: a CUDA event recorded
-    on the stream, no sync, on CUDA; the host clock elsewhere)."""
+    on the stream, no sync, on CUDA; the host clock elsewhere). At its first call (the
+    prefill's logits are out) it also takes the allocator's peak so far and resets it, so
+    ``peaks`` ends as [prefill peak, decode peak] in bytes (a host query, no sync)."""
+
+    def __init__(self, device):
+        super().__init__(device)
+        self.cuda = torch.device(device).type == "cuda"
+        self.peaks = []
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
 
     def __call__(self, input_ids, scores):
         self.mark()
+        if self.cuda and not self.peaks:
+            self.peaks.append(torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
         return scores
+
+    def decode_peak(self):
+        if self.cuda:
+            self.peaks.append(torch.cuda.max_memory_allocated())
+        return self.peaks
 
 
 def mode_config(mode: str, cfg: ReSAConfig) -> ReSAConfig | None:
     """The ReSAConfig a mode attaches with (None: the model is left alone)."""
-    if mode.startswith("full"):
+    if mode == "full":
         return cfg.replace(sparse_ratio=1.0, rectify_every=0)
     return cfg if mode.startswith("resa") else None
 
@@ -99,7 +124,7 @@ def steady_steps(steps: list, cycle: int) -> list:
 
 
 @contextlib.contextmanager
-def generating_in(model, ids, mode, new_tokens, cfg):
+def generating_in(model, ids, mode, new_tokens, cfg, stock_chunk=None):
     """Inside: the model set up for ``mode`` (attached or not), and a function that runs
     generate() greedily with a LogitsProcessor; detached again on exit."""
     from transformers import LogitsProcessorList
@@ -110,6 +135,10 @@ def generating_in(model, ids, mode, new_tokens, cfg):
               return_dict_in_generate=True)                 # no EOS: every row decodes them all
     if mode.endswith("static"):
         kw["cache_implementation"] = "static"
+    elif mode == "resa-eager":
+        kw["cache_implementation"] = "dynamic"
+    if stock_chunk and mode in ("dense", "dense-static"):
+        kw["prefill_chunk_size"] = stock_chunk              # transformers' chunked prefill
 
     def generate(processor):
         return model.generate(ids, attention_mask=torch.ones_like(ids),
@@ -121,13 +150,14 @@ def generating_in(model, ids, mode, new_tokens, cfg):
             resa_tl.detach(model)
 
 
-def run_mode(model, ids, mode, new_tokens, cfg):
-    """generate() twice in this mode; returns the timings of the second call."""
-    with generating_in(model, ids, mode, new_tokens, cfg) as generate:
-        for attempt in range(2):
+def run_mode(model, ids, mode, new_tokens, cfg, calls=2, stock_chunk=None):
+    """generate() ``calls`` times in this mode; returns the timings of the last call."""
+    with generating_in(model, ids, mode, new_tokens, cfg, stock_chunk) as generate:
+        for attempt in range(calls):
             timer = StepTimer(ids.device)
             timer.mark()                                       # before the prefill
             out = generate(timer)
+            peaks = timer.decode_peak()
             gaps = timer.ms_between()
         rect = getattr(out.past_key_values, "num_rectifications", None)
         generated = out.sequences.shape[1] - ids.shape[1]
@@ -139,7 +169,9 @@ def run_mode(model, ids, mode, new_tokens, cfg):
     return dict(mode=mode, generated=generated, prefill_ms=prefill, ms_per_token=per_token,
                 ms_per_token_all=sum(steps) / len(steps), steady_steps=len(steady),
                 median_step_ms=statistics.median(steps), max_step_ms=max(steps),
-                tokens_per_s=B * 1e3 / per_token, rectifications=rect)
+                tokens_per_s=B * 1e3 / per_token, rectifications=rect, calls=calls,
+                peak_prefill_gib=round(peaks[0] / 2**30, 2) if peaks else None,
+                peak_decode_gib=round(peaks[1] / 2**30, 2) if peaks else None)
 
 
 class StepMarker:
@@ -218,7 +250,7 @@ def precompile(cfg: ReSAConfig, contexts, batches, new_tokens: int, layers: int)
     H, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     with fake_hopper():
         for context, B, cfg in itertools.product(contexts, batches,
-                                                 (cfg, mode_config("full-static", cfg))):
+                                                 (cfg, mode_config("full", cfg))):
             cap = capacity_for(context, new_tokens, layers)
             f = cfg.rectify_every
             kv = dict(device="meta", dtype=torch.bfloat16)
@@ -228,10 +260,15 @@ def precompile(cfg: ReSAConfig, contexts, batches, new_tokens: int, layers: int)
             kmin = torch.empty(B, nb, Hkv, D, **kv)
             kmax = torch.empty_like(kmin)
             full = cfg.sparse_ratio >= 1            # dense_decode; the write updates summaries
-            # the prompt's write; a rectification's rewind (the new last block, 1 position) and
-            # its write of f + 1 tokens; a decode step's write where select_blocks does not
-            # refresh the summaries (full density)
-            for length in dict.fromkeys((context, *((1, f + 1) if f else ()),
+            # the prompt's writes (one prompt, or the default call's chunks: their length as
+            # when memory does not bind, and the last one's); a rectification's rewind (the new
+            # last block, 1 position) and its write of f + 1 tokens; a decode step's write
+            # where select_blocks does not refresh the summaries (full density)
+            chunk = heuristics.prefill_chunk_tokens(
+                context, B, hidden=c.hidden_size, intermediate=c.intermediate_size,
+                num_heads=H, num_kv_heads=Hkv, head_dim=D, dtype_bytes=2, free_bytes=None)
+            prompt = (context, chunk, *((context % chunk,) if context % chunk else ()))
+            for length in dict.fromkeys((*prompt, *((1, f + 1) if f else ()),
                                          *((1,) if full else ()))):
                 ops.update_block_summaries(kmin, kmax, k, lens, length, cfg.block_size)
             q = torch.empty(B, H, D, **kv)
@@ -257,6 +294,11 @@ def main():
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--profile", nargs="*", choices=MODES, default=[],
                     help="also profile these modes (one more generate() each under torch.profiler): GPU busy time per step, kernel time by class")
+    ap.add_argument("--calls", type=int, default=2,
+                    help="generate() calls per mode; the last is timed")
+    ap.add_argument("--stock-prefill-chunk", type=int, default=None,
+                    help="prefill_chunk_size for the stock dense modes (transformers' chunked "
+                         "prefill; without it a long prompt may not fit)")
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="write all rows here")
@@ -298,12 +340,15 @@ def main():
                 for mode in args.modes:
                     t0 = time.perf_counter()
                     try:
-                        row = run_mode(model, ids, mode, args.new_tokens, cfg)
+                        row = run_mode(model, ids, mode, args.new_tokens, cfg, args.calls,
+                                       args.stock_prefill_chunk)
                         if mode in args.profile:
                             row["profile"] = profile_mode(model, ids, mode, args.new_tokens,
                                                           cfg)
                     except Exception as e:                             # report, keep going
                         row = dict(mode=mode, error=repr(e)[:300])
+                        if ids.is_cuda:
+                            torch.cuda.synchronize()
                     row.update(context=context, batch=batch,
                                wall_s=round(time.perf_counter() - t0, 1))
                     rows.append(row)
@@ -318,26 +363,27 @@ def main():
                  (r["context"], r["batch"])]
         if dense and "ms_per_token" in r:
             r["speedup_vs_best_dense"] = min(dense) / r["ms_per_token"]
-        full = [d["ms_per_token"] for d in rows if d["mode"] == "full-static" and "ms_per_token"
+        full = [d["ms_per_token"] for d in rows if d["mode"] == "full" and "ms_per_token"
                 in d and (d["context"], d["batch"]) == (r["context"], r["batch"])]
         if full and "ms_per_token" in r:
-            r["speedup_vs_full_static"] = full[0] / r["ms_per_token"]
+            r["speedup_vs_full"] = full[0] / r["ms_per_token"]
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(header=header, rows=rows), fh, indent=1)
     print(f"\n{header['gpu']}, {header['date']}, commit {header['commit']}, transformers "
           f"{header['transformers']}; {args.new_tokens} new tokens; ms")
     print(f"{'ctx':>7} {'B':>2} {'mode':<13} {'ms/token':>9} {'median':>8} {'max':>8} "
-          f"{'tok/s':>8} {'prefill':>9} {'rect':>4} {'vs best dense':>13} {'vs full-static':>14}")
+          f"{'tok/s':>8} {'prefill':>9} {'rect':>4} {'vs best dense':>13} {'vs full':>8} {'GiB prefill':>11} {'decode':>7}")
     for r in rows:
         if "error" in r:
             print(f"{r['context']:>7} {r['batch']:>2} {r['mode']:<13} error: {r['error']}")
             continue
-        sp, sf = r.get("speedup_vs_best_dense"), r.get("speedup_vs_full_static")
+        sp, sf = r.get("speedup_vs_best_dense"), r.get("speedup_vs_full")
         print(f"{r['context']:>7} {r['batch']:>2} {r['mode']:<13} {r['ms_per_token']:9.3f} "
               f"{r['median_step_ms']:8.3f} {r['max_step_ms']:8.2f} {r['tokens_per_s']:8.1f} "
               f"{r['prefill_ms']:9.1f} {str(r['rectifications']):>4} "
-              f"{(f'{sp:.2f}x' if sp else '-'):>13} {(f'{sf:.2f}x' if sf else '-'):>14}")
+              f"{(f'{sp:.2f}x' if sp else '-'):>13} {(f'{sf:.2f}x' if sf else '-'):>8} "
+              f"{str(r['peak_prefill_gib']):>11} {str(r['peak_decode_gib']):>7}")
     for r in rows:
         p = r.get("profile")
         if p:

@@ -36,8 +36,8 @@ def test_precompiled_capacity_is_what_generate_asks_for():
                                    max_position_embeddings=4096)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
-    resa_tl.attach(model, rectify_every=4)
     for context, new in ((1020, 6), (1020, 5), (300, 3)):
+        resa_tl.attach(model, rectify_every=4)      # a fresh cache (attach replaces the state)
         ids = torch.randint(3, 64, (1, context))
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=None,
