@@ -31,6 +31,16 @@ class ReSAConfig:
     rectify_every : int
         Every ``rectify_every`` sparse steps, a dense pass rewrites the K/V of those tokens.
         0 disables rectification (sparse-only decoding); >= 0. Default 32.
+    lossless : bool
+        Verify every sparse token against dense decoding, as self-speculative decoding does:
+        each dense pass (rectification) also yields the dense logits of the tokens the sparse
+        steps emitted since the last one; they are kept up to the first one dense greedy
+        decoding would not have chosen, which is replaced by the dense choice, and the cache
+        is rewound to it. The output is then exactly dense greedy decoding. The verify window
+        adapts between ``min(4, rectify_every)`` and ``rectify_every`` tokens (halved after a
+        rejection, doubled after a full acceptance). Greedy decoding only, in resa_tl's
+        ``generate()`` loop (a plain call after ``resa_tl.attach``); needs rectify_every >= 1.
+        Default False.
     summary_dtype : str or None
         Storage of the per-block key summaries (kmin/kmax) that selection reads every step.
         None (default): the cache dtype, exact, as in the paper. "float8_e4m3fn" or
@@ -46,6 +56,7 @@ class ReSAConfig:
     rectify_every: int = 32
     sink_blocks: int = 0
     summary_dtype: str | None = None
+    lossless: bool = False
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -77,6 +88,22 @@ class ReSAConfig:
         if not _is_int(f) or f < 0:
             raise ValueError(
                 f"ReSAConfig.rectify_every must be an integer >= 0 (0 disables rectification), got {f!r}")
+        if not isinstance(self.lossless, bool):
+            raise ValueError(f"ReSAConfig.lossless must be a bool, got {self.lossless!r}")
+        if self.lossless and f < 1:
+            raise ValueError("ReSAConfig.lossless verifies sparse tokens at the dense passes; it "
+                             "needs rectify_every >= 1")
+
+    def verify_windows(self) -> tuple:
+        """Verify windows of the lossless mode, largest first: rectify_every, halved down to
+        min(4, rectify_every). () when not lossless."""
+        if not self.lossless:
+            return ()
+        w, low, out = self.rectify_every, min(4, self.rectify_every), []
+        while w >= low:
+            out.append(w)
+            w //= 2
+        return tuple(out)
 
     def replace(self, **overrides) -> "ReSAConfig":
         """A copy with some fields changed; unknown names raise TypeError naming the valid fields."""

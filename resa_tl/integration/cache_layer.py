@@ -182,6 +182,16 @@ class ReSAHFCache(Cache):
                 torch._dynamo.mark_static_address(t)
             self.warm_up()
 
+    @property
+    def chunk_kernel_lengths(self) -> frozenset:
+        """Multi-token forward lengths that run inside decoding (rectification: f + 1; the
+        lossless mode's verify windows + 1): they use the rectify kernel (compiled once per
+        length), no host sync, so a CUDA graph can capture them. Other chunks (prompts) use
+        torch's flash attention."""
+        cfg = self.config
+        lengths = {cfg.rectify_every + 1} | {w + 1 for w in cfg.verify_windows()}
+        return frozenset(lengths)
+
     def _uses_tilelang(self) -> bool:
         return self.attention.tilelang
 

@@ -83,38 +83,38 @@ class StepGraphs:
 
     def __init__(self, model, cache: ReSAHFCache):
         self.model, self.cache = model, cache
-        f = cache.config.rectify_every
-        self.capture_lengths = {1} | ({f + 1} if f and cache.attention.has_chunk_kernel(f + 1)
-                                      else set())
+        self.capture_lengths = {1} | {T for T in cache.chunk_kernel_lengths
+                                      if T > 1 and cache.attention.has_chunk_kernel(T)}
         self.enabled = cache.store.device.type == "cuda" and cache._uses_tilelang()
         self.graphs = {}              # T -> (graph, ids buffer, positions buffer, logits)
         self.calls = collections.Counter()
         self.captures = 0
 
-    def forward(self, ids, positions, attention_mask=None):
+    def forward(self, ids, positions, attention_mask=None, keep=1):
         out = self.model(input_ids=ids, position_ids=positions, attention_mask=attention_mask,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=keep,
                          return_dict=True)
-        return out.logits[:, -1]
+        return out.logits[:, -1] if keep == 1 else out.logits
 
-    def run(self, ids, positions, attention_mask=None):
+    def run(self, ids, positions, attention_mask=None, keep=1):
+        """``keep`` > 1: the logits of the last ``keep`` positions, [B, keep, V]."""
         T = ids.shape[1]
-        entry = self.graphs.get(T)
+        entry = self.graphs.get((T, keep))
         if entry is None:
             self.calls[T] += 1
             if (not self.enabled or attention_mask is not None or T not in self.capture_lengths
                     or (T == 1 and self.calls[T] < 2)):
-                return self.forward(ids, positions, attention_mask)
-            entry = self._capture(ids, positions)
+                return self.forward(ids, positions, attention_mask, keep)
+            entry = self._capture(ids, positions, keep)
             if entry is None:
-                return self.forward(ids, positions)
+                return self.forward(ids, positions, keep=keep)
         graph, ids_buf, pos_buf, logits = entry
         ids_buf.copy_(ids)
         pos_buf.copy_(positions)
         graph.replay()
         return logits
 
-    def _capture(self, ids, positions):
+    def _capture(self, ids, positions, keep):
         """Record the forward of ids' shape; None (and eager from now on) if it cannot be
         captured. Recording runs nothing, so the cache is untouched until the replay."""
         ids_buf, pos_buf = ids.clone(), positions.clone()
@@ -122,7 +122,7 @@ class StepGraphs:
         planned = self.cache._planned
         try:
             with torch.cuda.graph(graph):
-                logits = self.forward(ids_buf, pos_buf)
+                logits = self.forward(ids_buf, pos_buf, keep=keep)
         except Exception as e:                          # a host sync somewhere in the forward
             self.enabled = False
             self.cache._planned = planned               # the eager retry is this same step
@@ -131,7 +131,7 @@ class StepGraphs:
             return None
         self.cache._planned = planned
         self.captures += 1
-        entry = self.graphs[ids.shape[1]] = (graph, ids_buf, pos_buf, logits)
+        entry = self.graphs[ids.shape[1], keep] = (graph, ids_buf, pos_buf, logits)
         return entry
 
 
@@ -216,9 +216,16 @@ def decode(self, input_ids, logits_processor, stopping_criteria, generation_conf
     and result; ``resa_streamer`` carries the caller's streamer (a callable custom_generate
     does not receive ``streamer``). Calls transformers' loop where this one does not apply
     (:func:`unsupported_reason`)."""
-    from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
+    from transformers.generation.utils import GenerationMixin
     streamer = streamer if streamer is not None else resa_streamer
-    if unsupported_reason(self, generation_config, model_kwargs, synced_gpus) is not None:
+    reason = unsupported_reason(self, generation_config, model_kwargs, synced_gpus)
+    given = model_kwargs.get("past_key_values")
+    lossless = isinstance(given, ReSAHFCache) and given.config.lossless
+    if lossless and (reason is not None or generation_config.do_sample):
+        raise ValueError("ReSAConfig(lossless=True) runs greedy decoding in resa_tl's generate() "
+                         "loop only; this call " + (f"would use transformers' loop ({reason})"
+                                                    if reason else "samples (do_sample=True)"))
+    if reason is not None:
         if streamer is not None:                  # generate() left the prompt to us
             streamer.put(input_ids.cpu())
         return GenerationMixin._sample(self, input_ids, logits_processor, stopping_criteria,
@@ -247,6 +254,12 @@ def decode(self, input_ids, logits_processor, stopping_criteria, generation_conf
     if positions is None:
         positions = torch.arange(P, device=device).expand(B, P)
     positions = positions.to(device)
+    if lossless:
+        from .lossless import decode_lossless
+        sequences, scores, raw_logits = decode_lossless(
+            self, steps, input_ids, positions, mask, logits_processor, stopping_criteria,
+            generation_config, streamer)
+        return _finish(sequences, scores, raw_logits, cache, streamer, want_dict)
     seq = input_ids.new_empty(B, max_length)
     seq[:, :P] = input_ids
     next_pos = positions[:, -1].clone()           # position of the newest token
@@ -296,9 +309,14 @@ def decode(self, input_ids, logits_processor, stopping_criteria, generation_conf
         if raw_logits is not None:
             del raw_logits[finished_at + 1:]
     cache.drop_last(cache._seen_host - (cur - 1))  # the cache holds all but the last token
+    return _finish(seq[:, :cur], scores, raw_logits, cache, streamer, want_dict)
+
+
+def _finish(sequences, scores, raw_logits, cache, streamer, want_dict):
+    """What generate() returns, as transformers' loop builds it."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
     if streamer is not None:
         streamer.end()
-    sequences = seq[:, :cur]
     if not want_dict:
         return sequences
     return GenerateDecoderOnlyOutput(

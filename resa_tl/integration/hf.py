@@ -200,7 +200,7 @@ def resa_attention(module, query, key, value, attention_mask, scaling=None, drop
         if not bool(valid.all()):
             return _padded_chunk(cache, i, query, valid, scale), None
     q = query.transpose(1, 2).contiguous()
-    rectification = T == cfg.rectify_every + 1       # the one chunk length inside decoding
+    rectification = T in cache.chunk_kernel_lengths   # the chunk lengths inside decoding
     if _torch_ops.use_registered_op(q):
         out = _torch_ops.hf_dense_attention(q, store.k[i], store.v[i], store.seqlens[i], scale,
                                             cache.backend, rectification)

@@ -1,0 +1,114 @@
+"""ReSAConfig(lossless=True) on CPU (torch backend, fp32): generate() equals dense greedy
+decoding token for token, with left padding, EOS in one row, streamer and scores; a
+teacher-forced dense pass confirms every emitted token is the dense argmax; the verify window
+adapts; clear errors where the mode cannot run."""
+import copy
+
+import pytest
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+import resa_tl
+from resa_tl import ReSAConfig
+
+from test_attach import GEN, left_padded, make_model
+
+# A sparse budget tight enough that sparse and dense often disagree (tiny random models have
+# no long-range structure to keep): the verification then has work to do.
+LOSSY = dict(sparse_ratio=0.1, min_blocks=2, local_blocks=1, rectify_every=8)
+
+
+class Collect(BaseStreamer):
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.reshape(value.shape[0], -1).clone())
+
+    def end(self):
+        pass
+
+
+def dense_and_lossless(arch, lengths, new_tokens, seed=0, **gen):
+    model = make_model(arch, layers=3, seed=seed)
+    dense = copy.deepcopy(model)
+    ids, mask = left_padded(lengths, seed=seed)
+    kw = dict(GEN, **gen)
+    with torch.no_grad():
+        ref = dense.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, **kw)
+        resa_tl.attach(model, lossless=True, **LOSSY)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
+                             return_dict_in_generate=True, **kw)
+        resa_tl.attach(model, **LOSSY)
+        sparse = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, **kw)
+    return dense, ids, mask, ref, out, sparse
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_lossless_equals_dense_greedy(arch):
+    dense, ids, mask, ref, out, sparse = dense_and_lossless(arch, [300, 211, 97], 160)
+    assert not torch.equal(sparse, ref)           # plain ReSA departs from dense here ...
+    assert torch.equal(out.sequences, ref)        # ... the lossless mode does not
+    cache = out.past_key_values
+    assert cache.lengths(0).tolist() == [n + 159 for n in (300, 211, 97)]
+    # teacher-forced: every emitted token is the argmax of a dense pass over its prefix
+    full = torch.cat([mask, mask.new_ones(3, 160)], 1)
+    with torch.no_grad():
+        logits = dense(ref, attention_mask=full,
+                       position_ids=(full.cumsum(-1) - 1).clamp(min=0)).logits
+    assert torch.equal(logits[:, 299:-1].argmax(-1), ref[:, 300:])
+
+
+def test_lossless_with_eos_streamer_and_scores():
+    model = make_model("qwen2", layers=3, seed=4)
+    dense = copy.deepcopy(model)
+    ids, mask = left_padded([120, 77], seed=4)
+    with torch.no_grad():
+        probe = dense.generate(ids, attention_mask=mask, max_new_tokens=60, **GEN)
+    eos = int(probe[1, 120 + 25])                # row 1 stops there (or earlier)
+    kw = dict(do_sample=False, eos_token_id=eos, pad_token_id=0, max_new_tokens=60,
+              return_dict_in_generate=True, output_scores=True)
+    s_ref, s_out = Collect(), Collect()
+    with torch.no_grad():
+        ref = dense.generate(ids, attention_mask=mask, streamer=s_ref, **kw)
+        resa_tl.attach(model, lossless=True, **LOSSY)
+        out = model.generate(ids, attention_mask=mask, streamer=s_out, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert len(out.scores) == len(ref.scores)
+    gen = ref.sequences[:, 120:]
+    for k, (a, b) in enumerate(zip(out.scores, ref.scores)):
+        live = ~(gen[:, :k] == eos).any(1)        # rows still decoding (after EOS: padding)
+        assert torch.equal(a[live].argmax(-1), b[live].argmax(-1))
+        torch.testing.assert_close(a[live], b[live], rtol=1e-4, atol=1e-4)
+    assert torch.equal(torch.cat(s_out.chunks, 1), torch.cat(s_ref.chunks, 1))
+
+
+def test_verify_window_adapts(monkeypatch):
+    from resa_tl.integration import lossless
+    lengths = []
+    original = lossless.StepGraphs.run
+
+    def spy(self, ids, positions, attention_mask=None, keep=1):
+        if keep > 1:
+            lengths.append(keep - 1)
+        return original(self, ids, positions, attention_mask, keep)
+    monkeypatch.setattr(lossless.StepGraphs, "run", spy)
+    dense_and_lossless("llama", [400], 200)
+    # windows 8 and 4 (f = 8); verifications forced by max_new_tokens may be shorter
+    assert lengths[0] == 8 and 4 in lengths and max(lengths) == 8
+    assert ReSAConfig(lossless=True, rectify_every=32).verify_windows() == (32, 16, 8, 4)
+    assert ReSAConfig(lossless=True, rectify_every=3).verify_windows() == (3,)
+
+
+def test_lossless_errors():
+    with pytest.raises(ValueError, match="rectify_every >= 1"):
+        ReSAConfig(lossless=True, rectify_every=0)
+    with pytest.raises(ValueError, match="lossless must be a bool"):
+        ReSAConfig(lossless=1)
+    model = resa_tl.attach(make_model("llama"), lossless=True, **LOSSY)
+    ids, _ = left_padded([50])
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="samples"):
+            model.generate(ids, max_new_tokens=4, do_sample=True, pad_token_id=0)
+        with pytest.raises(ValueError, match="transformers' loop"):
+            model.generate(ids, max_new_tokens=4, cache_implementation="dynamic", **GEN)
