@@ -21,7 +21,27 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
+
 from .decode_loop import StepGraphs, prefill_chunk, run_prefill
+
+
+@dataclass
+class VerifyStats:
+    """What the lossless mode's last generate() call verified (``cache.lossless_stats``)."""
+    verify_passes: int = 0        # dense passes that verified provisional tokens
+    proposed: int = 0             # provisional (sparse) tokens they verified
+    accepted: int = 0             # of those, kept
+    emitted: int = 0              # tokens committed by verify passes (accepted + 1 each)
+
+    @property
+    def acceptance(self) -> float:
+        """Share of the sparse tokens that dense greedy decoding agreed with."""
+        return self.accepted / self.proposed if self.proposed else float("nan")
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.emitted / self.verify_passes if self.verify_passes else float("nan")
 
 
 def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits_processor,
@@ -43,6 +63,7 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
     seq[:, :P] = input_ids
     unfinished = torch.ones(B, dtype=torch.long, device=device)
     arange = torch.arange(max(windows) + 1, device=device)
+    stats = cache.lossless_stats = VerifyStats()
 
     def commit(start: int, end: int, dense_scores, dense_logits) -> int | None:
         """Positions [start, end) of seq are final: stopping criteria, padding of finished
@@ -105,6 +126,10 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
         accepted = int(misses[0]) if misses.numel() else q                # one host read
         seq[:, committed + accepted] = chosen[:, accepted]
         new_cur = committed + accepted + 1
+        stats.verify_passes += 1
+        stats.proposed += q
+        stats.accepted += accepted
+        stats.emitted += accepted + 1
         # the cache holds seq[:cur]; it must hold all but the last token, seq[:new_cur - 1]
         cache.drop_last(cur - new_cur + 1)
         next_pos -= cur - new_cur + 1
