@@ -112,3 +112,21 @@ def test_lossless_errors():
             model.generate(ids, max_new_tokens=4, do_sample=True, pad_token_id=0)
         with pytest.raises(ValueError, match="transformers' loop"):
             model.generate(ids, max_new_tokens=4, cache_implementation="dynamic", **GEN)
+
+
+def test_full_acceptance_up_to_max_length():
+    """Ratio 1 with lossless: sparse steps are dense, every token is accepted, and the last
+    verification ends exactly at max_new_tokens (no room for its extra dense token)."""
+    model = make_model("qwen3", layers=2, seed=8)
+    dense = copy.deepcopy(model)
+    ids, mask = left_padded([64, 40], seed=8)
+    with torch.no_grad():
+        ref = dense.generate(ids, attention_mask=mask, max_new_tokens=21, **GEN)
+        resa_tl.attach(model, lossless=True, sparse_ratio=1.0, min_blocks=1, rectify_every=8)
+        for n in (21, 18, 10):
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=n,
+                                 return_dict_in_generate=True, **GEN)
+            assert torch.equal(out.sequences, ref[:, :64 + n])
+            stats = out.past_key_values.lossless_stats
+            assert stats.accepted == stats.proposed > 0
+            assert out.past_key_values.lengths(0).tolist() == [64 + n - 1, 40 + n - 1]

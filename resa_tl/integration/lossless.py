@@ -124,12 +124,14 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
         agree = (seq[:, committed:cur] == chosen[:, :q]) | (unfinished[:, None] == 0)
         misses = torch.where(~agree.all(0))[0]
         accepted = int(misses[0]) if misses.numel() else q                # one host read
-        seq[:, committed + accepted] = chosen[:, accepted]
-        new_cur = committed + accepted + 1
+        new_cur = committed + accepted
+        if new_cur < max_length:                   # the dense choice after the accepted ones
+            seq[:, new_cur] = chosen[:, accepted]
+            new_cur += 1
         stats.verify_passes += 1
         stats.proposed += q
         stats.accepted += accepted
-        stats.emitted += accepted + 1
+        stats.emitted += new_cur - committed
         # the cache holds seq[:cur]; it must hold all but the last token, seq[:new_cur - 1]
         cache.drop_last(cur - new_cur + 1)
         next_pos -= cur - new_cur + 1
