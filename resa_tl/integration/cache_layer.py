@@ -129,6 +129,8 @@ class ReSAHFCache(Cache):
     backend : "auto" | "tilelang" | "torch" — for every ReSA op.
     compileable : bool — report ``is_compileable`` to transformers (``generate`` then compiles
         the decode step on CUDA, as it does for ``cache_implementation="static"``).
+    heads : (query heads, KV heads) this process attends with, if not the model's (tensor
+        parallelism: each rank's share).
 
     Attributes of interest: ``store`` (the :class:`resa_tl.ReSACache`), ``num_rectifications``,
     ``last_step_rectified`` (the last forward re-fed sparse tokens densely).
@@ -137,8 +139,11 @@ class ReSAHFCache(Cache):
     def __init__(self, model_config, batch_size: int, max_cache_len: int, *,
                  config: ReSAConfig | None = None, dtype=torch.float32, device="cpu",
                  backend: str = "auto", compileable: bool = False,
-                 softmax_scale: float | None = None):
+                 softmax_scale: float | None = None, heads: tuple[int, int] | None = None):
         cfg = text_config(model_config)
+        # (query, KV) heads this process attends with: the model's, or its share under
+        # tensor parallelism (resa_tl.integration.tensor_parallel.local_heads)
+        num_heads, num_kv_heads = heads or (cfg.num_attention_heads, cfg.num_key_value_heads)
         windows = sliding_windows(cfg)
         if windows:
             first, window = min(windows.items())
@@ -157,7 +162,7 @@ class ReSAHFCache(Cache):
         # (dense_decode does the step, see resa_tl.cycle), so the write updates the summaries.
         self.refresh_in_select = self.config.local_blocks >= 1 and self.config.sparse_ratio < 1
         self.store = ReSACache(cfg.num_hidden_layers, batch_size, max_cache_len,
-                               cfg.num_key_value_heads, head_dim_of(cfg), config=self.config,
+                               num_kv_heads, head_dim_of(cfg), config=self.config,
                                dtype=dtype, device=device, backend=backend)
         self.capacity = max_cache_len
         self.seen = torch.zeros(cfg.num_hidden_layers, dtype=torch.int64, device=device)
@@ -169,7 +174,7 @@ class ReSAHFCache(Cache):
         self._planned = False
         self.num_rectifications = 0
         self.last_step_rectified = False
-        self.num_heads = cfg.num_attention_heads
+        self.num_heads = num_heads
         self.softmax_scale = float(softmax_scale or head_dim_of(cfg) ** -0.5)
         # Eager steps run through this (plans resolved once per cache); a compiled step goes
         # through the custom ops of _torch_ops, which resolve the same plans.

@@ -45,6 +45,7 @@ from ..config import ReSAConfig
 from . import _torch_ops, decode_loop
 from ._torch_ops import dense
 from .cache_layer import ACTIVE, ReSAHFCache, head_dim_of, sliding_windows, text_config
+from .tensor_parallel import local_heads
 
 IMPLEMENTATION = "resa_tl"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -96,6 +97,7 @@ def check_model(model, backend: str) -> None:
     if cfg.num_attention_heads % cfg.num_key_value_heads:
         raise ValueError(f"num_attention_heads={cfg.num_attention_heads} must be a multiple of "
                          f"num_key_value_heads={cfg.num_key_value_heads}")
+    local_heads(model)                       # tensor parallelism: a split resa_tl can follow
 
 
 def _check_generation(generation_config, generation_mode) -> None:
@@ -121,7 +123,8 @@ def new_cache(model, batch_size: int, max_cache_len: int, *, compileable: bool =
     check_model(model, state.backend)
     return ReSAHFCache(model.config, batch_size, max_cache_len, config=config or state.config,
                        dtype=model.dtype, device=model.device, backend=state.backend,
-                       compileable=compileable, softmax_scale=_attention_scale(model))
+                       compileable=compileable, softmax_scale=_attention_scale(model),
+                       heads=local_heads(model))
 
 
 def warm_up(model, batch_size: int, max_cache_len: int) -> ReSAHFCache:
