@@ -13,8 +13,9 @@ output) and changes how the work reaches the GPU:
   activation or a score tensor that scales with the whole prompt.
 * **Decode steps replay CUDA graphs** (:class:`StepGraphs`): one for the sparse one-token step
   and one for the rectification step (the f sparse tokens fed again with the new one, f + 1
-  tokens). Each is recorded on its second use (the first runs eagerly and warms up), on the
-  cache's own shapes, so a later ``generate()`` that reuses the cache records nothing. Host
+  tokens; the lossless mode adds its verify windows). The one-token step is recorded on its
+  second use (the first runs eagerly and warms up), the others on their first, on the cache's
+  own shapes, so a later ``generate()`` that reuses the cache records nothing. Host
   work per token: the logits processors, the argmax or sample, two small copies and a replay.
 * **Stop checks lag** ``STOP_CHECK_LAG`` steps: the flags (and, for a streamer, the tokens)
   are copied to pinned memory with an event, and read when that event has long passed, so the
