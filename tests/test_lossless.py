@@ -130,3 +130,20 @@ def test_full_acceptance_up_to_max_length():
             stats = out.past_key_values.lossless_stats
             assert stats.accepted == stats.proposed > 0
             assert out.past_key_values.lengths(0).tolist() == [64 + n - 1, 40 + n - 1]
+
+
+def test_lossless_equals_dense_greedy_over_2048_tokens():
+    """The long form of the proof on a tiny model: a batch with different prompt lengths,
+    2,048 new tokens, equal to dense greedy token for token (fp32: no near-ties at this
+    model's margins)."""
+    model = make_model("llama", layers=2, seed=5)
+    model.config.max_position_embeddings = 4096          # prompt + 2,048 new tokens
+    dense = copy.deepcopy(model)
+    ids, mask = left_padded([200, 131], seed=5)
+    with torch.no_grad():
+        ref = dense.generate(ids, attention_mask=mask, max_new_tokens=2048, **GEN)
+        resa_tl.attach(model, lossless=True, **LOSSY)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=2048,
+                             return_dict_in_generate=True, **GEN)
+    assert torch.equal(out.sequences, ref)
+    assert out.past_key_values.lossless_stats.accepted > 0
