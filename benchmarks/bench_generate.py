@@ -222,6 +222,13 @@ def trace_summary(events, cycle: int, group) -> dict:
                                     sorted(per_step.items(), key=lambda kv: -kv[1])})
 
 
+def random_prompt(vocab: int, batch: int, context: int, device):
+    """Token ids [batch, context] drawn from [3, vocab), seeded by the shape (special ids
+    0-2 left out), the same on every run and every rank."""
+    g = torch.Generator().manual_seed(context + batch)
+    return torch.randint(3, vocab, (batch, context), generator=g).to(device)
+
+
 def free_memory(model):
     """Between modes: drop generate()'s compiled forward (the next mode has another attention
     implementation) and the CUDA-graph memory pools behind it."""
@@ -334,9 +341,7 @@ def main():
     with torch.no_grad():
         for context in args.contexts:
             for batch in args.batches:
-                g = torch.Generator().manual_seed(context + batch)
-                ids = torch.randint(3, model.config.vocab_size, (batch, context),
-                                    generator=g).to(device)
+                ids = random_prompt(model.config.vocab_size, batch, context, device)
                 for mode in args.modes:
                     t0 = time.perf_counter()
                     try:

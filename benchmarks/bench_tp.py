@@ -33,7 +33,7 @@ import resa_tl
 from resa_tl import ReSAConfig
 
 from _timing import git_commit
-from bench_generate import StepTimer, steady_steps
+from bench_generate import StepTimer, random_prompt, steady_steps
 
 SHAPES = {   # layers, hidden, heads, kv heads, head_dim, intermediate, vocab
     "qwen2.5-7b": (28, 3584, 28, 4, 128, 18944, 152064),
@@ -154,9 +154,7 @@ def main():
     rows = []
     for context in args.contexts:
         for batch in args.batches:
-            g = torch.Generator().manual_seed(context + batch)
-            ids = torch.randint(3, model.config.vocab_size, (batch, context),
-                                generator=g).to(device)
+            ids = random_prompt(model.config.vocab_size, batch, context, device)
             for mode in args.modes:
                 try:
                     row = run_mode(model, ids, mode, args, cfg)

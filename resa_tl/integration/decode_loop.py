@@ -257,9 +257,9 @@ def decode(self, input_ids, logits_processor, stopping_criteria, generation_conf
     positions = positions.to(device)
     if lossless:
         from .lossless import decode_lossless
-        sequences, scores, raw_logits = decode_lossless(
+        sequences = decode_lossless(
             self, steps, input_ids, positions, mask, logits_processor, stopping_criteria,
-            generation_config, streamer)
+            generation_config, streamer, scores, raw_logits, has_eos)
         return _finish(sequences, scores, raw_logits, cache, streamer, want_dict)
     seq = input_ids.new_empty(B, max_length)
     seq[:, :P] = input_ids

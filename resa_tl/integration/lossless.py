@@ -45,20 +45,18 @@ class VerifyStats:
 
 
 def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits_processor,
-                    stopping_criteria, generation_config, streamer):
+                    stopping_criteria, generation_config, streamer, scores, raw_logits,
+                    has_eos: bool):
     """Greedy decoding equal to dense greedy decoding (see the module doc). Inputs as
-    :func:`resa_tl.integration.decode_loop.decode` prepared them. Returns
-    (sequences [B, L], scores list or None, logits list or None)."""
+    :func:`resa_tl.integration.decode_loop.decode` prepared them; ``scores`` / ``raw_logits``
+    (lists or None) receive the committed positions' processed and raw dense logits. Returns
+    the sequences [B, L]."""
     cache = steps.cache
     windows = cache.config.verify_windows()
     device = input_ids.device
     B, P = input_ids.shape
     max_length = generation_config.max_length
     pad = generation_config._pad_token_tensor
-    want = generation_config.return_dict_in_generate
-    scores = [] if want and generation_config.output_scores else None
-    raw_logits = [] if want and generation_config.output_logits else None
-    has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     seq = input_ids.new_empty(B, max_length)
     seq[:, :P] = input_ids
     unfinished = torch.ones(B, dtype=torch.long, device=device)
@@ -147,4 +145,4 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
         del scores[cur - P:]
     if raw_logits is not None:
         del raw_logits[cur - P:]
-    return seq[:, :cur], scores, raw_logits
+    return seq[:, :cur]
