@@ -226,6 +226,28 @@ class ReSACache:
             else:
                 self.rebuild_summaries(layer)
 
+    def rewind_rows(self, n: torch.Tensor, n_host: list, lengths_after: list, layers=None):
+        """Drop the last ``n[b]`` positions of row b (int [B] on the cache's device; ``n_host``
+        the same counts on the host, and ``lengths_after`` each row's length afterwards, which
+        the caller knows, so the host mirrors stay exact without a sync) and refresh the block
+        that becomes each row's last, as :meth:`rewind` does. The lossless mode's rows keep
+        different numbers of verified tokens."""
+        B = self.batch_size
+        if len(n_host) != B or len(lengths_after) != B or min(n_host) < 0 or min(lengths_after) < 0:
+            raise ValueError(f"rewind_rows: need {B} counts >= 0 and {B} lengths >= 0, got "
+                             f"{n_host} and {lengths_after}")
+        for layer in range(self.num_layers) if layers is None else layers:
+            if max(n_host) == 0:
+                continue
+            lens = self.seqlens[layer]
+            lens.sub_(n.to(lens.dtype))
+            self._max_len[layer], self._min_len[layer] = max(lengths_after), min(lengths_after)
+            if self._min_len[layer] >= 1:
+                ops.update_block_summaries(self.kmin[layer], self.kmax[layer], self.k[layer],
+                                           lens - 1, 1, self.block_size, backend=self.backend)
+            else:
+                self.rebuild_summaries(layer)
+
     def reset(self):
         self.seqlens.zero_()
         self._max_len = [0] * self.num_layers

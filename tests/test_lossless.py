@@ -108,8 +108,6 @@ def test_lossless_errors():
     model = resa_tl.attach(make_model("llama"), lossless=True, **LOSSY)
     ids, _ = left_padded([50])
     with torch.no_grad():
-        with pytest.raises(ValueError, match="samples"):
-            model.generate(ids, max_new_tokens=4, do_sample=True, pad_token_id=0)
         with pytest.raises(ValueError, match="transformers' loop"):
             model.generate(ids, max_new_tokens=4, cache_implementation="dynamic", **GEN)
 
@@ -147,3 +145,66 @@ def test_lossless_equals_dense_greedy_over_2048_tokens():
                              return_dict_in_generate=True, **GEN)
     assert torch.equal(out.sequences, ref)
     assert out.past_key_values.lossless_stats.accepted > 0
+
+
+def _joint_counts(seqs, P, outcomes):
+    index = {o: i for i, o in enumerate(outcomes)}
+    counts = torch.zeros(len(outcomes) + 1)
+    for row in seqs[:, P:].tolist():
+        counts[index.get(tuple(row), len(outcomes))] += 1      # last bin: outside the support
+    return counts
+
+
+def _chi2_pvalue(counts, probs):
+    """Pearson's test of counts against probs (bins expecting < 5 pooled); the p-value."""
+    n = counts.sum()
+    expected = probs * n
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    stat = ((obs - exp) ** 2 / exp.clamp_min(1e-12))[keep].sum() + obs[~keep].sum() * 1e6
+    dof = torch.tensor(float(keep.sum() - 1))
+    return float(torch.special.gammaincc(dof / 2, stat / 2))
+
+
+def test_lossless_sampling_has_the_dense_distribution():
+    """do_sample=True: the speculative-sampling rule makes the joint distribution of the
+    first three new tokens equal dense sampling's, computed exactly by enumerating the dense
+    model's top-4 continuations. 3,000 rows of one prompt (each row accepts on its own);
+    plain ReSA's samples fail the same test, so it can tell the two apart."""
+    model = make_model("llama", layers=3, seed=11)
+    dense = copy.deepcopy(model)
+    ids, _ = left_padded([320], seed=11)
+    warp = dict(do_sample=True, top_k=4, temperature=1.0, top_p=1.0, pad_token_id=0,
+                eos_token_id=None, max_new_tokens=3)
+    N, P = 3000, ids.shape[1]
+
+    def warped(logits):                                   # what top_k=4 sampling draws from
+        top = logits.topk(4, dim=-1)
+        return top.indices, torch.softmax(top.values.double(), -1)
+
+    with torch.no_grad():                                 # the exact dense distribution
+        outcomes, probs = [], []
+        t1, p1 = warped(dense(ids).logits[0, -1])
+        for a, pa in zip(t1.tolist(), p1.tolist()):
+            x = torch.cat([ids, torch.tensor([[a]])], 1)
+            t2, p2 = warped(dense(x).logits[0, -1])
+            for b, pb in zip(t2.tolist(), p2.tolist()):
+                y = torch.cat([x, torch.tensor([[b]])], 1)
+                t3, p3 = warped(dense(y).logits[0, -1])
+                for c, pc in zip(t3.tolist(), p3.tolist()):
+                    outcomes.append((a, b, c))
+                    probs.append(pa * pb * pc)
+    probs = torch.tensor(probs + [0.0])
+    cfg = dict(sparse_ratio=0.1, min_blocks=1, local_blocks=1, rectify_every=4)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        resa_tl.attach(model, lossless=True, **cfg)
+        out = model.generate(ids.expand(N, P), return_dict_in_generate=True, **warp)
+        stats = out.past_key_values.lossless_stats
+        resa_tl.attach(model, **cfg)
+        sparse = model.generate(ids.expand(N, P), **warp)
+    assert 0 < stats.accepted < stats.proposed                # both outcomes happened
+    assert _chi2_pvalue(_joint_counts(out.sequences, P, outcomes), probs) > 1e-3
+    assert _chi2_pvalue(_joint_counts(sparse, P, outcomes), probs) < 1e-6

@@ -287,6 +287,15 @@ class ReSAHFCache(Cache):
         self.rewind(n)
         self.cycle.pending = max(self.cycle.pending - n, 0)
 
+    def drop_last_rows(self, n: torch.Tensor, n_host: list, lengths_after: list, logical: int):
+        """Forget the last ``n[b]`` tokens fed to row b: ``n`` int [B] on the device, ``n_host``
+        the same on the host, ``lengths_after`` the rows' stored (non-padding) lengths
+        afterwards and ``logical`` the longest row's length with its padding. For the lossless
+        mode, which drives the cycle itself and knows these on the host."""
+        self.store.rewind_rows(n, n_host, lengths_after)
+        self.seen.fill_(logical)
+        self._seen_host = logical
+
     def reset(self):
         self.store.reset()
         self.seen.zero_()

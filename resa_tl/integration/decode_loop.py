@@ -222,10 +222,9 @@ def decode(self, input_ids, logits_processor, stopping_criteria, generation_conf
     reason = unsupported_reason(self, generation_config, model_kwargs, synced_gpus)
     given = model_kwargs.get("past_key_values")
     lossless = isinstance(given, ReSAHFCache) and given.config.lossless
-    if lossless and (reason is not None or generation_config.do_sample):
-        raise ValueError("ReSAConfig(lossless=True) runs greedy decoding in resa_tl's generate() "
-                         "loop only; this call " + (f"would use transformers' loop ({reason})"
-                                                    if reason else "samples (do_sample=True)"))
+    if lossless and reason is not None:
+        raise ValueError("ReSAConfig(lossless=True) runs in resa_tl's generate() loop only; this "
+                         f"call would use transformers' loop ({reason})")
     if reason is not None:
         if streamer is not None:                  # generate() left the prompt to us
             streamer.put(input_ids.cpu())

@@ -325,7 +325,9 @@ def _wrap_prepare_cache(model, state: AttachState):
             raise ValueError(f"cache_implementation={impl!r} is not supported with resa_tl "
                              "attached; use None (default) or 'static'")
         check_model(model, state.backend)
-        capacity = bucketed_capacity(model, max_cache_length)
+        # the lossless mode's rows run up to a verify window ahead of the slowest one
+        slack = max(state.config.verify_windows(), default=-1) + 1
+        capacity = bucketed_capacity(model, max_cache_length + slack)
         # Which cache: the default call (no cache_implementation, no compile_config) decodes in
         # resa_tl's loop (decode_loop) and reuses its cache, with the CUDA graphs recorded on
         # it, while rows and capacity fit; "static" is transformers' compiled loop, also

@@ -1,148 +1,239 @@
 """The lossless mode of resa_tl's ``generate()`` loop (``ReSAConfig(lossless=True)``): sparse
-decoding whose output is exactly dense greedy decoding.
+decoding whose output is exactly dense decoding's, as self-speculative decoding makes it.
 
-Sparse steps emit tokens provisionally. Every verify window (``w`` tokens, see
-:meth:`resa_tl.ReSAConfig.verify_windows`) the dense pass that rectifies the cache (the last
-committed token and the w provisional ones, fed again densely) keeps the logits of all its
-w + 1 positions: the dense model's choice after each prefix. The provisional tokens are
-accepted up to the first one that differs from the dense choice (over the rows still
-decoding: the batch stays in step, so it accepts the smallest count of its rows); that
-position gets the dense choice, and the cache drops the positions after it. After a full
-acceptance the last position's dense choice is one more token. Every token emitted is
-therefore the argmax of the dense model's (processed) logits over the emitted prefix. The
-window halves after a rejection and doubles after a full acceptance, within the configured
-bounds, so a model whose sparse and dense choices often part wastes little.
+Sparse steps propose tokens. Every verify window (``w`` tokens, see
+:meth:`resa_tl.ReSAConfig.verify_windows`) the dense pass that rectifies the cache (each row's
+last committed token and its w proposals, fed again densely) keeps the logits of all its w + 1
+positions: the dense model's distribution after each prefix. Each row then accepts its own
+number of proposals and gets one dense token after them:
 
-Stopping criteria, the padding of finished rows and the streamer see committed tokens only, so
-they behave as in dense greedy decoding. Each verification reads the accepted count on the host
-(one sync per window).
+* **greedy**: proposals are accepted up to the first one that differs from the dense argmax,
+  which replaces it; after a full acceptance the last position's argmax is one more token.
+  Every token emitted is the argmax of the dense model's (processed) logits over its prefix.
+* **sampling** (``do_sample=True``): the speculative-sampling rule (Leviathan et al. 2023;
+  Chen et al. 2023). Proposal x, drawn from the sparse step's distribution p, is kept with
+  probability min(1, q(x) / p(x)), q the dense distribution at the same prefix (both after the
+  logits processors and warpers); the first rejected position draws from max(q - p, 0)
+  renormalised, and a fully accepted window draws one more token from q. Each emitted token is
+  then distributed exactly as dense sampling's.
+
+Rows run ahead of one another (the cache keeps a length per row, and each row is rewound to
+its own accepted prefix). The window halves when fewer than half of the proposals were
+accepted and doubles when every row accepted all, within the configured bounds, so a model
+whose sparse and dense choices often part wastes little.
+
+Logits processors and stopping criteria see each row's committed prefix only: they are called
+once per distinct prefix length among the rows (once per position when the rows are in step;
+processors that do not read the ids, such as the sampling warpers, once per position).
+Finished rows are padded as in transformers' loop. Each verification reads the accepted counts,
+then the stop flags, on the host (two syncs per window).
 """
 from __future__ import annotations
 
-import torch
-
 from dataclasses import dataclass
 
+import torch
+
 from .decode_loop import StepGraphs, prefill_chunk, run_prefill
+
+# Logits processors and warpers that do not read input_ids: one call covers rows whose
+# prefixes have different lengths.
+_PREFIX_FREE = {"TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper",
+                "MinPLogitsWarper", "TypicalLogitsWarper", "EpsilonLogitsWarper",
+                "EtaLogitsWarper", "InfNanRemoveLogitsProcessor", "LogitNormalization",
+                "SuppressTokensLogitsProcessor"}
 
 
 @dataclass
 class VerifyStats:
-    """What the lossless mode's last generate() call verified (``cache.lossless_stats``)."""
-    verify_passes: int = 0        # dense passes that verified provisional tokens
-    proposed: int = 0             # provisional (sparse) tokens they verified
+    """What the lossless mode's last generate() call verified (``cache.lossless_stats``).
+    Counts are summed over the rows that were still decoding."""
+    verify_passes: int = 0        # dense passes that verified proposals (each covers the batch)
+    row_checks: int = 0           # rows verified, summed over the passes
+    proposed: int = 0             # proposals (sparse tokens) verified
     accepted: int = 0             # of those, kept
-    emitted: int = 0              # tokens committed by verify passes (accepted + 1 each)
+    emitted: int = 0              # tokens committed by the verifications (accepted + 1 each)
 
     @property
     def acceptance(self) -> float:
-        """Share of the sparse tokens that dense greedy decoding agreed with."""
+        """Share of the sparse proposals that the dense pass kept."""
         return self.accepted / self.proposed if self.proposed else float("nan")
 
     @property
     def tokens_per_pass(self) -> float:
-        return self.emitted / self.verify_passes if self.verify_passes else float("nan")
+        """Tokens a row commits per dense pass."""
+        return self.emitted / self.row_checks if self.row_checks else float("nan")
+
+
+class RowProcessor:
+    """``logits_processor`` over rows whose prefixes have different lengths."""
+
+    def __init__(self, logits_processor, seq):
+        self.lp, self.seq = logits_processor, seq
+        self.prefix_free = all(type(p).__name__ in _PREFIX_FREE for p in logits_processor)
+
+    def __call__(self, logits, lengths: list):
+        """logits [B, V] fp32 (not modified); row b's prefix is ``seq[b, :lengths[b]]``."""
+        if self.prefix_free or len(set(lengths)) == 1:
+            return self.lp(self.seq[:, :max(lengths)], logits.clone())
+        out = torch.empty_like(logits)
+        for n in sorted(set(lengths)):
+            rows = [b for b, m in enumerate(lengths) if m == n]
+            out[rows] = self.lp(self.seq[:, :n], logits.clone())[rows]
+        return out
 
 
 def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits_processor,
                     stopping_criteria, generation_config, streamer, scores, raw_logits,
                     has_eos: bool):
-    """Greedy decoding equal to dense greedy decoding (see the module doc). Inputs as
+    """Decoding whose output is dense decoding's (see the module doc). Inputs as
     :func:`resa_tl.integration.decode_loop.decode` prepared them; ``scores`` / ``raw_logits``
     (lists or None) receive the committed positions' processed and raw dense logits. Returns
     the sequences [B, L]."""
     cache = steps.cache
     windows = cache.config.verify_windows()
+    W = windows[0]
     device = input_ids.device
     B, P = input_ids.shape
     max_length = generation_config.max_length
+    if cache.max_cache_len < max_length + W:
+        raise ValueError(f"the lossless mode needs a cache of max_length + rectify_every = "
+                         f"{max_length + W} positions (rows run up to a window ahead); this one "
+                         f"holds {cache.max_cache_len}")
+    do_sample = generation_config.do_sample
     pad = generation_config._pad_token_tensor
-    seq = input_ids.new_empty(B, max_length)
+    seq = input_ids.new_zeros(B, max_length + W + 1)      # room for the last window's proposals
     seq[:, :P] = input_ids
-    unfinished = torch.ones(B, dtype=torch.long, device=device)
-    arange = torch.arange(max(windows) + 1, device=device)
+    process = RowProcessor(logits_processor, seq)
+    rows = torch.arange(B, device=device)
+    arange = torch.arange(W + 1, device=device)
+    offset = positions[:, -1] - (P - 1)                   # position of seq[:, j] is j + offset
+    pads = [0] * B if mask is None else (P - mask.sum(1)).tolist()
+    draft = None                                          # sampling: the proposals' p [B, W+1, V]
     stats = cache.lossless_stats = VerifyStats()
-
-    def commit(start: int, end: int, dense_scores, dense_logits) -> int | None:
-        """Positions [start, end) of seq are final: stopping criteria, padding of finished
-        rows, recorded scores, streamer. Returns the position after which every row had
-        finished, if that happened in the range (one host read for the range)."""
-        nonlocal unfinished
-        done = []
-        for p in range(start, end):
-            if has_eos:
-                seq[:, p] = seq[:, p] * unfinished + pad * (1 - unfinished)
-            if scores is not None:
-                scores.append(dense_scores[p - start])
-            if raw_logits is not None:
-                raw_logits.append(dense_logits[p - start])
-            unfinished = unfinished & ~stopping_criteria(seq[:, :p + 1], scores)
-            done.append(unfinished.max() == 0)
-        hit = torch.stack(done).nonzero()
-        stop = start + int(hit[0]) + 1 if hit.numel() else None
-        if streamer is not None:
-            for p in range(start, stop or end):
-                streamer.put(seq[:, p].cpu())
-        return stop
 
     # the prompt: its last position's logits give the first token, densely
     logits = run_prefill(steps, input_ids, positions, mask,
                          prefill_chunk(model, generation_config, B, P, device))
-    next_pos = positions[:, -1].clone()            # position of seq[:, cur - 1]
     first_logits = logits.to(copy=True, dtype=torch.float32)
-    first_scores = logits_processor(seq[:, :P], first_logits)
-    seq[:, P] = torch.argmax(first_scores, dim=-1)
-    cur = committed = P + 1
-    stop = commit(P, cur, [first_scores], [first_logits])
-    window = windows[0]
-    while stop is None and committed < max_length:
-        q = cur - committed                        # provisional tokens
-        if q < window and cur < max_length:        # a sparse step: one more provisional token
+    first = process(first_logits, [P] * B)
+    seq[:, P] = (torch.multinomial(torch.softmax(first, -1), 1).squeeze(1) if do_sample
+                 else torch.argmax(first, -1))
+    c = [P + 1] * B                                # committed tokens per row (host)
+    c_dev = torch.full((B,), P + 1, dtype=torch.long, device=device)
+    flags = stopping_criteria(seq[:, :P + 1], scores).tolist()
+    finished = [bool(f) for f in flags]
+    stop_at = [P + 1 if f else None for f in finished]    # where a finished row's output ends
+    unfinished = torch.tensor([0 if f else 1 for f in finished], device=device)
+    kept_scores = {P: first} if scores is not None else {}        # position -> [B, V]
+    kept_logits = {P: first_logits} if raw_logits is not None else {}
+    streamed = P
+    window = W
+
+    def target():                                  # the output's length, as far as known
+        return max_length if not all(finished) else max(stop_at)
+
+    while min(c) < target():
+        # Rows below the target commit; finished rows (with an EOS criterion) commit padding,
+        # which keeps their scores and cache as transformers' loop has them.
+        active = [c[b] < target() for b in range(B)]
+        padding = [has_eos and finished[b] for b in range(B)]
+        verifying = [b for b in range(B) if active[b] and not padding[b]]
+        # proposals: q sparse steps; row b feeds seq[b, c_b + k - 1], proposes seq[b, c_b + k]
+        q = min(window, max(target() - c[b] for b in range(B) if active[b]))
+        for k in range(q):
             cache.begin_step(1)
-            next_pos += 1                          # position of seq[:, cur - 1], fed now
-            logits = steps.run(seq[:, cur - 1:cur], next_pos[:, None])
-            step_scores = logits_processor(seq[:, :cur],
-                                           logits.to(copy=True, dtype=torch.float32))
-            seq[:, cur] = torch.argmax(step_scores, dim=-1)
-            cur += 1
-            continue
-        # verify (q >= 1): the last committed token and the q provisional ones, fed densely
+            idx = c_dev + (k - 1)
+            logits = steps.run(seq.gather(1, idx[:, None]), (idx + offset)[:, None])
+            s = process(logits.to(copy=True, dtype=torch.float32), [n + k for n in c])
+            if do_sample:
+                if draft is None:
+                    draft = s.new_zeros(B, W + 1, s.shape[-1])
+                draft[:, k] = torch.softmax(s, -1)
+                tok = torch.multinomial(draft[:, k], 1).squeeze(1)
+            else:
+                tok = torch.argmax(s, -1)
+            if has_eos:                            # finished rows propose padding
+                tok = tok * unfinished + pad * (1 - unfinished)
+            seq.scatter_(1, (c_dev + k)[:, None], tok[:, None])
+        # verify: each row's last committed token and its q proposals, fed densely
         T = q + 1
         cache.begin_step(1, rewind=q)
-        next_pos += 1                              # position of seq[:, cur - 1]
-        pos = next_pos[:, None] - q + arange[:T]
-        dense = steps.run(seq[:, committed - 1:cur], pos, keep=T)
+        idx = c_dev[:, None] - 1 + arange[:T]                                  # [B, T]
+        dense = steps.run(seq.gather(1, idx), idx + offset[:, None], keep=T)
         dense = dense.to(copy=True, dtype=torch.float32)
-        proc, chosen = [], []
-        for i in range(T):                         # the dense choice after seq[:committed + i]
-            s_i = logits_processor(seq[:, :committed + i], dense[:, i].clone())
-            proc.append(s_i)
-            chosen.append(torch.argmax(s_i, dim=-1))
-        chosen = torch.stack(chosen, 1)                                   # [B, T]
-        agree = (seq[:, committed:cur] == chosen[:, :q]) | (unfinished[:, None] == 0)
-        misses = torch.where(~agree.all(0))[0]
-        accepted = int(misses[0]) if misses.numel() else q                # one host read
-        new_cur = committed + accepted
-        if new_cur < max_length:                   # the dense choice after the accepted ones
-            seq[:, new_cur] = chosen[:, accepted]
-            new_cur += 1
+        proc = torch.stack([process(dense[:, i], [n + i for n in c]) for i in range(T)], 1)
+        proposals = seq.gather(1, c_dev[:, None] + arange[:q])                 # [B, q]
+        if do_sample:
+            target_p = torch.softmax(proc, -1)                                 # [B, T, V]
+            q_x = target_p[:, :q].gather(-1, proposals[..., None]).squeeze(-1)
+            p_x = draft[:, :q].gather(-1, proposals[..., None]).squeeze(-1)
+            ok = torch.rand(B, q, device=device) * p_x < q_x                  # min(1, q/p)
+        else:
+            ok = proposals == proc[:, :q].argmax(-1)
+        if has_eos:
+            ok |= (unfinished == 0)[:, None]
+        accepted = ok.to(torch.long).cumprod(1).sum(1)                          # [B]
+        if do_sample:
+            draft[:, q] = 0                        # a full acceptance draws from q itself
+            tgt = target_p[rows, accepted]
+            resid = (tgt - draft[rows, accepted]).clamp_min(0)
+            resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, tgt)
+            extra = torch.multinomial(resid, 1).squeeze(1)
+        else:
+            extra = proc[rows, accepted].argmax(-1)
+        if has_eos:
+            extra = extra * unfinished + pad * (1 - unfinished)
+        seq.scatter_(1, (c_dev + accepted)[:, None], extra[:, None])
+        acc = accepted.tolist()                                                # host read 1
+        # commit row b's positions [c_b, new_b); stopping criteria once per position
+        new = [min(c[b] + acc[b] + 1, max_length) if active[b] else c[b] for b in range(B)]
+        span = sorted({p for b in range(B) for p in range(c[b], new[b])})
+        flags = (torch.stack([stopping_criteria(seq[:, :p + 1], scores) for p in span]).tolist()
+                 if span else [])                                              # host read 2
+        for b in range(B):
+            for j, p in enumerate(span):
+                if c[b] <= p < new[b] and not finished[b] and flags[j][b]:
+                    finished[b], stop_at[b] = True, p + 1
+                    new[b] = p + 1                 # later positions: padding, fed next window
         stats.verify_passes += 1
-        stats.proposed += q
-        stats.accepted += accepted
-        stats.emitted += new_cur - committed
-        # the cache holds seq[:cur]; it must hold all but the last token, seq[:new_cur - 1]
-        cache.drop_last(cur - new_cur + 1)
-        next_pos -= cur - new_cur + 1
-        start, cur = committed, new_cur
-        committed = cur
-        stop = commit(start, cur, proc, [dense[:, i] for i in range(T)])
-        window = (min(windows[0], window * 2) if accepted == q
-                  else max(windows[-1], window // 2))
-    if stop is not None and stop < cur:            # every row had finished at stop - 1
-        cache.drop_last(cur - stop)
-        cur = stop
-    if scores is not None:
-        del scores[cur - P:]
-    if raw_logits is not None:
-        del raw_logits[cur - P:]
-    return seq[:, :cur]
+        stats.row_checks += len(verifying)
+        stats.proposed += q * len(verifying)
+        stats.accepted += sum(acc[b] for b in verifying)
+        stats.emitted += sum(new[b] - c[b] for b in verifying)
+        for p in span:
+            ins = [b for b in range(B) if c[b] <= p < new[b]]
+            at = [p - c[b] for b in ins]
+            if scores is not None:
+                kept_scores.setdefault(p, torch.zeros_like(proc[:, 0]))[ins] = proc[ins, at]
+            if raw_logits is not None:
+                kept_logits.setdefault(p, torch.zeros_like(dense[:, 0]))[ins] = dense[ins, at]
+        # row b's cache holds c_b + q tokens; it keeps all but its last committed one
+        drop = [c[b] + q - new[b] + 1 for b in range(B)]
+        cache.drop_last_rows(torch.tensor(drop, device=device), drop,
+                             [new[b] - 1 - pads[b] for b in range(B)], max(new) - 1)
+        c = new
+        c_dev.copy_(torch.tensor(c))
+        unfinished.copy_(torch.tensor([0 if f else 1 for f in finished]))
+        if streamer is not None:                   # positions every row has committed
+            while streamed < min(c):
+                streamer.put(seq[:, streamed].cpu())
+                streamed += 1
+        if verifying:
+            kept = sum(acc[b] for b in verifying)
+            if kept == q * len(verifying):
+                window = min(W, window * 2)
+            elif 2 * kept < q * len(verifying):
+                window = max(windows[-1], window // 2)
+    L = target()
+    if streamer is not None:
+        for p in range(streamed, L):
+            streamer.put(seq[:, p].cpu())
+    over = [c[b] - L for b in range(B)]            # rows that ran past the end
+    if max(over):
+        cache.drop_last_rows(torch.tensor(over, device=device), over,
+                             [L - 1 - pads[b] for b in range(B)], L - 1)
+    for kept, out in ((kept_scores, scores), (kept_logits, raw_logits)):
+        if out is not None:
+            out.extend(kept[p] for p in range(P, L))
+    return seq[:, :L]
