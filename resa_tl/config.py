@@ -34,13 +34,14 @@ class ReSAConfig:
     lossless : bool
         Verify every sparse token against dense decoding, as self-speculative decoding does:
         each dense pass (rectification) also yields the dense logits of the tokens the sparse
-        steps emitted since the last one; they are kept up to the first one dense greedy
+        steps proposed since the last one. Greedy: they are kept up to the first one dense
         decoding would not have chosen, which is replaced by the dense choice, and the cache
-        is rewound to it. The output is then exactly dense greedy decoding. The verify window
-        adapts between ``min(4, rectify_every)`` and ``rectify_every`` tokens (halved after a
-        rejection, doubled after a full acceptance). Greedy decoding only, in resa_tl's
-        ``generate()`` loop (a plain call after ``resa_tl.attach``); needs rectify_every >= 1.
-        Default False.
+        is rewound to it; the output is exactly dense greedy decoding. Sampling: the
+        speculative-sampling rule, so each token is distributed as dense sampling's. Each row
+        accepts its own number of tokens. The verify window adapts between
+        ``min(4, rectify_every)`` and ``rectify_every`` tokens (halved when fewer than half of
+        the proposals were kept, doubled when all were). In resa_tl's ``generate()`` loop
+        only (a plain call after ``resa_tl.attach``); needs rectify_every >= 1. Default False.
     summary_dtype : str or None
         Storage of the per-block key summaries (kmin/kmax) that selection reads every step.
         None (default): the cache dtype, exact, as in the paper. "float8_e4m3fn" or

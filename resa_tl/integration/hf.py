@@ -147,7 +147,8 @@ def warm_up(model, batch_size: int, max_cache_len: int) -> ReSAHFCache:
         raise ValueError(f"warm_up: max_cache_len={max_cache_len} is too short to run a "
                          f"rectification (rectify_every={f})")
     state.loop_cache = None
-    state.loop_cache = new_cache(model, batch_size, bucketed_capacity(model, max_cache_len))
+    state.loop_cache = new_cache(model, batch_size, bucketed_capacity(
+        model, max_cache_len + lossless_slack(state.config)))
     vocab = text_config(model.config).vocab_size
     ids = torch.randint(0, vocab, (batch_size, prompt), device=model.device)
     with torch.no_grad():
@@ -292,6 +293,12 @@ def bucketed_capacity(model, needed: int) -> int:
     return cap
 
 
+def lossless_slack(config: ReSAConfig) -> int:
+    """Positions a cache needs beyond max_length - 1: the lossless mode's rows run up to a
+    verify window (and its dense token) ahead of where the slowest row commits."""
+    return max(config.verify_windows(), default=-1) + 1
+
+
 def _wrap_prepare_cache(model, state: AttachState):
     original = model._prepare_cache_for_generation
 
@@ -325,9 +332,7 @@ def _wrap_prepare_cache(model, state: AttachState):
             raise ValueError(f"cache_implementation={impl!r} is not supported with resa_tl "
                              "attached; use None (default) or 'static'")
         check_model(model, state.backend)
-        # the lossless mode's rows run up to a verify window ahead of the slowest one
-        slack = max(state.config.verify_windows(), default=-1) + 1
-        capacity = bucketed_capacity(model, max_cache_length + slack)
+        capacity = bucketed_capacity(model, max_cache_length + lossless_slack(state.config))
         # Which cache: the default call (no cache_implementation, no compile_config) decodes in
         # resa_tl's loop (decode_loop) and reuses its cache, with the CUDA graphs recorded on
         # it, while rows and capacity fit; "static" is transformers' compiled loop, also

@@ -30,7 +30,7 @@ then the stop flags, on the host (two syncs per window).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,6 +53,7 @@ class VerifyStats:
     proposed: int = 0             # proposals (sparse tokens) verified
     accepted: int = 0             # of those, kept
     emitted: int = 0              # tokens committed by the verifications (accepted + 1 each)
+    trace: list = field(default_factory=list)   # per row: (committed, proposed, accepted) each pass
 
     @property
     def acceptance(self) -> float:
@@ -63,6 +64,18 @@ class VerifyStats:
     def tokens_per_pass(self) -> float:
         """Tokens a row commits per dense pass."""
         return self.emitted / self.row_checks if self.row_checks else float("nan")
+
+    def agreement(self, row: int, prompt_len: int) -> list:
+        """Row ``row``'s verdicts by generated position (0 = the first new token): 0 where a
+        proposal was rejected, 1 elsewhere (accepted proposals, and tokens no proposal was
+        made for). What ``replay_acceptance`` takes."""
+        out = []
+        for c, q, a in self.trace[row]:
+            at = c - prompt_len
+            out.extend([1] * (at + a + 1 - len(out)))
+            if a < q:
+                out[at + a] = 0
+        return out
 
 
 class RowProcessor:
@@ -110,7 +123,10 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
     offset = positions[:, -1] - (P - 1)                   # position of seq[:, j] is j + offset
     pads = [0] * B if mask is None else (P - mask.sum(1)).tolist()
     draft = None                                          # sampling: the proposals' p [B, W+1, V]
-    stats = cache.lossless_stats = VerifyStats()
+    stats = cache.lossless_stats = VerifyStats(trace=[[] for _ in range(B)])
+    # Benchmarks only: per-row 0/1 verdicts by generated position (VerifyStats.agreement of a
+    # real model) that replace the comparison, to time a model whose weights cannot travel.
+    replay = getattr(cache, "replay_acceptance", None)
 
     # the prompt: its last position's logits give the first token, densely
     logits = run_prefill(steps, input_ids, positions, mask,
@@ -171,6 +187,10 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
             ok = torch.rand(B, q, device=device) * p_x < q_x                  # min(1, q/p)
         else:
             ok = proposals == proc[:, :q].argmax(-1)
+        if replay is not None:
+            ok = torch.tensor([[bool(r[p]) if p < len(r) else True
+                                for p in range(c[b] - P, c[b] - P + q)]
+                               for b, r in enumerate(replay)], device=device)
         if has_eos:
             ok |= (unfinished == 0)[:, None]
         accepted = ok.to(torch.long).cumprod(1).sum(1)                          # [B]
@@ -201,6 +221,8 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
         stats.proposed += q * len(verifying)
         stats.accepted += sum(acc[b] for b in verifying)
         stats.emitted += sum(new[b] - c[b] for b in verifying)
+        for b in verifying:
+            stats.trace[b].append((c[b], q, acc[b]))
         for p in span:
             ins = [b for b in range(B) if c[b] <= p < new[b]]
             at = [p - c[b] for b in ins]
