@@ -38,7 +38,9 @@ Modes:
                 times the last: its windows are recorded as they first occur, mid-decode
 
 Each mode runs generate() ``--calls`` times (default 2) with the same arguments and times the
-last (the first compiles or records). One call is enough for the decode time (recording and
+last (the first compiles or records); ``call_wall_s`` is each call's wall time, so the first
+call's one-time cost (cache allocation, kernel loading, graph recording or compiling) is the
+difference between the first two. One call is enough for the decode time (recording and
 compiling happen in the first cycle, which the average leaves out), not for the prefill time.
 Peak GPU memory (torch's allocator) is taken for the prefill (up to the first logits) and for
 the decoding after it. A LogitsProcessor records a CUDA event after each step's logits (no host sync;
@@ -183,12 +185,15 @@ def run_mode(model, ids, mode, new_tokens, cfg, calls=2, stock_chunk=None, repla
         if replay is not None:                  # the cache generate() will reuse, replaying
             from resa_tl.integration import warm_up
             warm_up(model, ids.shape[0], ids.shape[1] + new_tokens).replay_acceptance = replay
+        walls = []
         for attempt in range(calls):
             timer = StepTimer(ids.device)
+            t0 = time.perf_counter()
             timer.mark()                                       # before the prefill
             out = generate(timer)
             peaks = timer.decode_peak()
             gaps = timer.ms_between()
+            walls.append(round(time.perf_counter() - t0, 2))
         rect = getattr(out.past_key_values, "num_rectifications", None)
         stats = getattr(out.past_key_values, "lossless_stats", None) if mode == "lossless" \
             else None
@@ -211,7 +216,8 @@ def run_mode(model, ids, mode, new_tokens, cfg, calls=2, stock_chunk=None, repla
                 median_step_ms=statistics.median(steps), max_step_ms=max(steps),
                 tokens_per_s=B * 1e3 / per_token, rectifications=rect, calls=calls,
                 peak_prefill_gib=round(peaks[0] / 2**30, 2) if peaks else None,
-                peak_decode_gib=round(peaks[1] / 2**30, 2) if peaks else None, **extra)
+                peak_decode_gib=round(peaks[1] / 2**30, 2) if peaks else None,
+                call_wall_s=walls, **extra)
 
 
 class StepMarker:

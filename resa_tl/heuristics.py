@@ -307,3 +307,35 @@ def prefill_chunk_tokens(prompt: int, batch: int, *, hidden: int, intermediate: 
     chunk = max(tokens // batch, PREFILL_CHUNK_QUANTUM) // PREFILL_CHUNK_QUANTUM \
         * PREFILL_CHUNK_QUANTUM
     return max(1, min(prompt, chunk))
+
+
+# ---------------------------------------------------------------- lossless mode: verify window
+#: Prior of the lossless mode's per-row agreement estimate, as (agreements, disagreements)
+#: pseudo-counts: 0.8, worth a few tokens, so the first windows are neither timid nor reckless.
+VERIFY_PRIOR = (4.0, 1.0)
+#: Decay of the agreement counts per verify pass: the estimate follows the last few windows
+#: (a text's passage changes how well sparse attention tracks dense).
+VERIFY_DECAY = 0.8
+
+
+def expected_tokens(alpha: float, window: int) -> float:
+    """Tokens a row commits from one verify pass of ``window`` proposals when each proposal
+    agrees with dense with probability ``alpha`` (independently): the accepted run, expected
+    sum_{k=1..w} alpha^k, plus the dense token after it."""
+    if alpha >= 1.0:
+        return window + 1.0
+    return alpha * (1.0 - alpha ** window) / (1.0 - alpha) + 1.0
+
+
+def verify_window(windows, alphas, step_ms: float, verify_ms: float) -> int:
+    """The lossless mode's next window: of ``windows``, the one that commits the most tokens
+    per unit of time for the batch, a window of w costing w sparse steps (``step_ms`` each)
+    and one dense pass (``verify_ms``) and committing expected_tokens(alpha_b, w) in row b.
+    Low agreement or a cheap dense pass (short context) gives short windows, high agreement
+    and an expensive dense pass (long context) long ones; ties go to the shorter window."""
+    best, best_rate = None, -1.0
+    for w in sorted(windows):
+        rate = sum(expected_tokens(a, w) for a in alphas) / (w * step_ms + verify_ms)
+        if rate > best_rate * (1 + 1e-9):
+            best, best_rate = w, rate
+    return best

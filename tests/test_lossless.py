@@ -208,3 +208,20 @@ def test_lossless_sampling_has_the_dense_distribution():
     assert 0 < stats.accepted < stats.proposed                # both outcomes happened
     assert _chi2_pvalue(_joint_counts(out.sequences, P, outcomes), probs) > 1e-3
     assert _chi2_pvalue(_joint_counts(sparse, P, outcomes), probs) < 1e-6
+
+
+def test_verify_window_follows_agreement_and_costs():
+    """The window maximises expected tokens per unit of time: it shrinks as agreement falls,
+    grows as the dense pass gets dearer relative to a sparse step, and the expected run
+    length is the truncated geometric sum."""
+    from resa_tl.heuristics import expected_tokens, verify_window
+    windows = (32, 16, 8, 4)
+    assert expected_tokens(1.0, 8) == 9
+    assert expected_tokens(0.0, 8) == 1
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert verify_window(windows, [0.99] * 8, 1.0, 10.0) == 32
+    assert verify_window(windows, [0.3] * 8, 1.0, 10.0) == 4
+    picks = [verify_window(windows, [a] * 8, 1.0, 2.0) for a in (0.5, 0.8, 0.9, 0.95, 0.99)]
+    assert picks == sorted(picks) and picks[0] < picks[-1]        # more agreement, longer
+    costs = [verify_window(windows, [0.9] * 8, 1.0, v) for v in (0.5, 2.0, 8.0, 32.0)]
+    assert costs == sorted(costs) and costs[0] < costs[-1]       # dearer pass, longer

@@ -18,9 +18,11 @@ number of proposals and gets one dense token after them:
   then distributed exactly as dense sampling's.
 
 Rows run ahead of one another (the cache keeps a length per row, and each row is rewound to
-its own accepted prefix). The window halves when fewer than half of the proposals were
-accepted and doubles when every row accepted all, within the configured bounds, so a model
-whose sparse and dense choices often part wastes little.
+its own accepted prefix). The window is chosen before each pass among the configured ones to
+commit the most tokens per unit of time (:func:`resa_tl.heuristics.verify_window`), from each
+row's recent agreement with dense and the measured times of a sparse step and of a dense pass:
+it shrinks after rejections and grows after agreement, and grows further where the dense pass
+is dear (long contexts), so a model whose sparse and dense choices often part wastes little.
 
 Logits processors and stopping criteria see each row's committed prefix only: they are called
 once per distinct prefix length among the rows (once per position when the rows are in step;
@@ -30,10 +32,12 @@ then the stop flags, on the host (two syncs per window).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 
+from .. import heuristics
 from .decode_loop import StepGraphs, prefill_chunk, run_prefill
 
 # Logits processors and warpers that do not read input_ids: one call covers rows whose
@@ -76,6 +80,33 @@ class VerifyStats:
             if a < q:
                 out[at + a] = 0
         return out
+
+
+class StepClock:
+    """Times of the proposal steps and of the dense pass of a window: CUDA events (read after
+    the host has waited for the pass anyway), the host clock elsewhere (synchronous)."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if self.cuda \
+            else None
+        self.times, self.n = [0.0] * 3, 0
+
+    def mark(self):
+        if self.cuda:
+            self.events[self.n].record()
+        else:
+            self.times[self.n] = time.perf_counter() * 1e3
+        self.n += 1
+
+    def read(self):
+        """(proposals ms, dense pass ms) of the window whose three marks were taken."""
+        self.n = 0
+        if self.cuda:
+            e = self.events
+            return e[0].elapsed_time(e[1]), e[1].elapsed_time(e[2])
+        t = self.times
+        return t[1] - t[0], t[2] - t[1]
 
 
 class RowProcessor:
@@ -145,6 +176,9 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
     kept_logits = {P: first_logits} if raw_logits is not None else {}
     streamed = P
     window = W
+    agree = [list(heuristics.VERIFY_PRIOR) for _ in range(B)]     # per row: (yes, no) counts
+    clock = StepClock(device)
+    step_ms = verify_ms = None
 
     def target():                                  # the output's length, as far as known
         return max_length if not all(finished) else max(stop_at)
@@ -157,6 +191,7 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
         verifying = [b for b in range(B) if active[b] and not padding[b]]
         # proposals: q sparse steps; row b feeds seq[b, c_b + k - 1], proposes seq[b, c_b + k]
         q = min(window, max(target() - c[b] for b in range(B) if active[b]))
+        clock.mark()
         for k in range(q):
             cache.begin_step(1)
             idx = c_dev + (k - 1)
@@ -172,6 +207,7 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
             if has_eos:                            # finished rows propose padding
                 tok = tok * unfinished + pad * (1 - unfinished)
             seq.scatter_(1, (c_dev + k)[:, None], tok[:, None])
+        clock.mark()
         # verify: each row's last committed token and its q proposals, fed densely
         T = q + 1
         cache.begin_step(1, rewind=q)
@@ -194,6 +230,7 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
         if has_eos:
             ok |= (unfinished == 0)[:, None]
         accepted = ok.to(torch.long).cumprod(1).sum(1)                          # [B]
+        clock.mark()
         if do_sample:
             draft[:, q] = 0                        # a full acceptance draws from q itself
             tgt = target_p[rows, accepted]
@@ -206,6 +243,9 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
             extra = extra * unfinished + pad * (1 - unfinished)
         seq.scatter_(1, (c_dev + accepted)[:, None], extra[:, None])
         acc = accepted.tolist()                                                # host read 1
+        s, v = clock.read()                        # the window's times: the host has waited
+        step_ms = s / q if step_ms is None else 0.5 * (step_ms + s / q)
+        verify_ms = v if verify_ms is None else 0.5 * (verify_ms + v)
         # commit row b's positions [c_b, new_b); stopping criteria once per position
         new = [min(c[b] + acc[b] + 1, max_length) if active[b] else c[b] for b in range(B)]
         span = sorted({p for b in range(B) for p in range(c[b], new[b])})
@@ -241,12 +281,13 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
             while streamed < min(c):
                 streamer.put(seq[:, streamed].cpu())
                 streamed += 1
-        if verifying:
-            kept = sum(acc[b] for b in verifying)
-            if kept == q * len(verifying):
-                window = min(W, window * 2)
-            elif 2 * kept < q * len(verifying):
-                window = max(windows[-1], window // 2)
+        for b in verifying:                        # agreement: a yes per accepted proposal,
+            yes, no = agree[b]                     # a no per rejection
+            d = heuristics.VERIFY_DECAY
+            agree[b] = [d * yes + acc[b], d * no + (acc[b] < q)]
+        if verifying and step_ms is not None:
+            window = heuristics.verify_window(
+                windows, [agree[b][0] / sum(agree[b]) for b in verifying], step_ms, verify_ms)
     L = target()
     if streamer is not None:
         for p in range(streamed, L):

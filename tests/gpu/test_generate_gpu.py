@@ -98,18 +98,21 @@ def test_lossless_tokens_are_dense_argmax():
     up to bf16 noise: its fp32 logit is within 3x the bf16 dense pass's own error of the
     maximum (a near-tie, where dense decoding itself could pick either). And it equals dense
     greedy decoding up to the first step where dense's top-2 margin is within that noise
-    (after which the runs continue from different prefixes)."""
+    (after which the runs continue from different prefixes). 2,048 new tokens, rows of
+    different prompt lengths (each accepts its own count)."""
     import copy
+    N = 2048
     model = make_model("qwen2", head_dim=128, layers=3)
+    model.config.max_position_embeddings = 4096               # 1,500 + 2,048 positions
     dense = copy.deepcopy(model)
     dense32 = copy.deepcopy(model).float()
     ids, mask = left_padded([1500, 900], seed=7)
-    kw = dict(max_new_tokens=200, return_dict_in_generate=True, output_logits=True, **GEN)
+    kw = dict(max_new_tokens=N, return_dict_in_generate=True, output_logits=True, **GEN)
     with torch.no_grad():
         ref = dense.generate(ids, attention_mask=mask, **kw)
         resa_tl.attach(model, lossless=True, sparse_ratio=0.1, min_blocks=2, rectify_every=16)
         out = model.generate(ids, attention_mask=mask, **kw)
-        full = torch.cat([mask, mask.new_ones(2, 200)], 1)
+        full = torch.cat([mask, mask.new_ones(2, N)], 1)
         fwd = dict(attention_mask=full, position_ids=(full.cumsum(-1) - 1).clamp(min=0))
         tf32 = dense32(out.sequences, **fwd).logits[:, 1499:-1]
         tf16 = dense(out.sequences, **fwd).logits[:, 1499:-1].float()
