@@ -98,6 +98,8 @@ class StepTimer(Marks):
     prefill's logits are out) it also takes the allocator's peak so far and resets it, so
     ``peaks`` ends as [prefill peak, decode peak] in bytes (a host query, no sync)."""
 
+    prefix_free = True            # reads no ids: resa_tl's lossless loop calls it once a step
+
     def __init__(self, device):
         super().__init__(device)
         self.cuda = torch.device(device).type == "cuda"

@@ -225,3 +225,13 @@ def test_verify_window_follows_agreement_and_costs():
     assert picks == sorted(picks) and picks[0] < picks[-1]        # more agreement, longer
     costs = [verify_window(windows, [0.9] * 8, 1.0, v) for v in (0.5, 2.0, 8.0, 32.0)]
     assert costs == sorted(costs) and costs[0] < costs[-1]       # dearer pass, longer
+
+
+def test_lossless_with_a_prefix_dependent_processor():
+    """repetition_penalty reads each row's prefix: with rows committed to different lengths
+    it runs once per distinct length, and the output still equals dense greedy decoding."""
+    dense, ids, mask, ref, out, _ = dense_and_lossless("qwen2", [260, 181, 90], 96, seed=9,
+                                                      repetition_penalty=1.3)
+    assert torch.equal(out.sequences, ref)
+    trace = out.past_key_values.lossless_stats.trace
+    assert any(len({row[i][0] for row in trace}) > 1 for i in range(len(trace[0])))

@@ -110,20 +110,25 @@ class StepClock:
 
 
 class RowProcessor:
-    """``logits_processor`` over rows whose prefixes have different lengths."""
+    """``logits_processor`` over rows whose prefixes have different lengths. A processor that
+    does not read input_ids (a sampling warper, or one whose ``prefix_free`` attribute is
+    True) is called once; otherwise once per distinct length, each row taking its own call's
+    result through a device-side mask (no host transfer, so no sync)."""
 
     def __init__(self, logits_processor, seq):
         self.lp, self.seq = logits_processor, seq
-        self.prefix_free = all(type(p).__name__ in _PREFIX_FREE for p in logits_processor)
+        self.prefix_free = all(type(p).__name__ in _PREFIX_FREE or getattr(p, "prefix_free", False)
+                               for p in logits_processor)
 
-    def __call__(self, logits, lengths: list):
-        """logits [B, V] fp32 (not modified); row b's prefix is ``seq[b, :lengths[b]]``."""
+    def __call__(self, logits, lengths: list, lengths_dev):
+        """logits [B, V] fp32 (not modified); row b's prefix is ``seq[b, :lengths[b]]``
+        (``lengths_dev``: the same, int [B] on the device)."""
         if self.prefix_free or len(set(lengths)) == 1:
             return self.lp(self.seq[:, :max(lengths)], logits.clone())
-        out = torch.empty_like(logits)
+        out = logits
         for n in sorted(set(lengths)):
-            rows = [b for b, m in enumerate(lengths) if m == n]
-            out[rows] = self.lp(self.seq[:, :n], logits.clone())[rows]
+            s = self.lp(self.seq[:, :n], logits.clone())
+            out = torch.where((lengths_dev == n)[:, None], s, out)
         return out
 
 
@@ -163,7 +168,7 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
     logits = run_prefill(steps, input_ids, positions, mask,
                          prefill_chunk(model, generation_config, B, P, device))
     first_logits = logits.to(copy=True, dtype=torch.float32)
-    first = process(first_logits, [P] * B)
+    first = process(first_logits, [P] * B, None)
     seq[:, P] = (torch.multinomial(torch.softmax(first, -1), 1).squeeze(1) if do_sample
                  else torch.argmax(first, -1))
     c = [P + 1] * B                                # committed tokens per row (host)
@@ -196,7 +201,8 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
             cache.begin_step(1)
             idx = c_dev + (k - 1)
             logits = steps.run(seq.gather(1, idx[:, None]), (idx + offset)[:, None])
-            s = process(logits.to(copy=True, dtype=torch.float32), [n + k for n in c])
+            s = process(logits.to(copy=True, dtype=torch.float32), [n + k for n in c],
+                        c_dev + k)
             if do_sample:
                 if draft is None:
                     draft = s.new_zeros(B, W + 1, s.shape[-1])
@@ -214,7 +220,8 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
         idx = c_dev[:, None] - 1 + arange[:T]                                  # [B, T]
         dense = steps.run(seq.gather(1, idx), idx + offset[:, None], keep=T)
         dense = dense.to(copy=True, dtype=torch.float32)
-        proc = torch.stack([process(dense[:, i], [n + i for n in c]) for i in range(T)], 1)
+        proc = torch.stack([process(dense[:, i], [n + i for n in c], c_dev + i)
+                            for i in range(T)], 1)
         proposals = seq.gather(1, c_dev[:, None] + arange[:q])                 # [B, q]
         if do_sample:
             target_p = torch.softmax(proc, -1)                                 # [B, T, V]
