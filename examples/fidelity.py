@@ -17,6 +17,7 @@ with ``apt-get download`` when it is not unpacked yet).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import glob
 import importlib.util
@@ -84,19 +85,20 @@ def load_austen(novel: str) -> str:
 
 
 def configs(ratios, fs, pairs=None, selections=("upper_bound",), sink_blocks=0,
-            summary_dtypes=(None,)):
+            summary_dtypes=(None,), sparse_only=True):
     """sparse-only at each ratio, and ReSA at each (ratio, f): the full grid, or ``pairs``; ReSA
     once per selection rule (resa_tl.fidelity.SELECTIONS; names of the diagnostic ones end in
     " sel=<rule>"); ``sink_blocks`` > 0: every configuration keeps that many sink blocks
     (ReSAConfig.sink_blocks; names end in " sink=<n>"); each of ``summary_dtypes``
-    (ReSAConfig.summary_dtype; names of the non-default ones end in " summ=<dtype>"). Returns
+    (ReSAConfig.summary_dtype; names of the non-default ones end in " summ=<dtype>");
+    ``sparse_only=False`` leaves the sparse-only configurations out. Returns
     (name -> ReSAConfig, name -> rule)."""
     pairs = pairs or [(r, f) for r in ratios for f in fs]
     out, rules = {}, {}
     for sdt in summary_dtypes:
         tag = (f" sink={sink_blocks}" if sink_blocks else "") + (f" summ={sdt}" if sdt else "")
         kw = dict(sink_blocks=sink_blocks, summary_dtype=sdt)
-        for r in sorted({r for r, _ in pairs}):
+        for r in sorted({r for r, _ in pairs}) if sparse_only else ():
             out[f"sparse-only r={r}{tag}"] = ReSAConfig(sparse_ratio=r, rectify_every=0, **kw)
         for rule in selections:
             for r, f in pairs:
@@ -179,9 +181,15 @@ def main():
                     help="ratio:f pairs instead of the full grid, e.g. 0.1:16,0.1:32,0.2:32")
     ap.add_argument("--selections", default="upper_bound",
                     help="comma-separated block-selection rules for the ReSA configurations: "
-                         "upper_bound (the paper's), sink, oracle, int8_summaries (diagnostics, see "
+                         "upper_bound (the paper's), sink, oracle, int8_summaries, head_max, "
+                         "head_sum, head_max+sink, head_sum+sink (diagnostics, see "
                          "resa_tl.fidelity); outputs get a _selections suffix unless only "
                          "upper_bound")
+    ap.add_argument("--recall", action="store_true",
+                    help="also record each configuration's attention-mass recall against the "
+                         "oracle and the attention mass it keeps (resa_tl.fidelity, recall=)")
+    ap.add_argument("--no-sparse-only", action="store_true",
+                    help="leave out the sparse-only (no rectification) configurations")
     ap.add_argument("--sink-blocks", type=int, default=0,
                     help="ReSAConfig.sink_blocks for every sparse configuration (default 0: the "
                          "paper's rule); outputs get a _sink<n> suffix")
@@ -207,6 +215,8 @@ def main():
     t0 = time.time()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()                  # the code that runs
+    dirty = subprocess.run(["git", "diff", "--name-only", "HEAD"], capture_output=True,
+                           text=True).stdout.split()       # uncommitted changes to tracked files
     model, tok, path = load_model(args.model)
     text = load_austen(args.novel)
     ids = torch.tensor(tok(text)["input_ids"])
@@ -219,13 +229,15 @@ def main():
         pairs = [(float(a), int(b)) for a, b in (p.split(":") for p in args.pairs.split(","))]
     selections = args.selections.split(",")
     sdts = [None if x == "none" else x for x in args.summary_dtypes.split(",")]
-    cfgs, rules = configs(args.ratios, args.fs, pairs, selections, args.sink_blocks, sdts)
+    cfgs, rules = configs(args.ratios, args.fs, pairs, selections, args.sink_blocks, sdts,
+                          sparse_only=not args.no_sparse_only)
     if args.free_only:
         cfgs = {n: c for n, c in cfgs.items() if rules.get(n, "upper_bound") == "upper_bound"}
         return free_running_only(args, model, ids, cfgs, commit, os.path.basename(path))
     kv = {} if args.kv_drift else None
+    rec = {} if args.recall else None
     logits = teacher_forced_logits(model, ids, args.prompt_len, cfgs, selections=rules,
-                                   kv_errors=kv)
+                                   kv_errors=kv, recall=rec)
     stats = nll_and_agreement(logits, ids, args.prompt_len)
     del logits
     rows = []
@@ -236,9 +248,15 @@ def main():
                          rules.get(name, "upper_bound"),
                          ppl_vs_dense=ppl / dense_ppl - 1,
                          top1_agreement=agree.float().mean().item()))
+        if rec is not None and name in rec:
+            rows[-1].update(recall=rec[name]["recall"], mass_kept=rec[name]["mass"],
+                            recall_per_layer=rec[name]["recall_per_layer"])
     meta = dict(model=os.path.basename(path), novel=args.novel, prompt_len=args.prompt_len,
                 decoded=args.decode, date=datetime.date.today().isoformat(),
-                commit=commit,
+                commit=commit, code_changes=dirty,
+                date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command="python " + " ".join(sys.argv),
+                config={n: dataclasses.asdict(c) for n, c in cfgs.items()},
                 device=str(next(model.parameters()).device), seconds_teacher_forced=None)
     meta["seconds_teacher_forced"] = round(time.time() - t0, 1)
 
@@ -283,9 +301,10 @@ def main():
         json.dump(dict(meta=meta, rows=rows, free_running=free, kv_drift=drift), fh, indent=1)
 
     print(json.dumps(meta))
-    print(f"\n{'config':24s} {'ppl':>8s} {'vs dense':>9s} {'top-1 agree':>11s}")
+    print(f"\n{'config':32s} {'ppl':>8s} {'vs dense':>9s} {'top-1 agree':>11s} {'recall':>7s}")
     for r in rows:
-        print(f"{r['name']:24s} {r['ppl']:8.3f} {r['ppl_vs_dense']:+8.2%} {r['top1_agreement']:11.1%}")
+        print(f"{r['name']:32s} {r['ppl']:8.3f} {r['ppl_vs_dense']:+8.2%} {r['top1_agreement']:11.1%}"
+              + (f" {r['recall']:7.4f}" if "recall" in r else ""))
     for name, d in drift.items():
         print(f"K/V error {name:24s} K {d['k_mean']:.4f} (first window {d['k_windows'][0]:.4f}, "
               f"last {d['k_windows'][-1]:.4f}), V {d['v_mean']:.4f}")

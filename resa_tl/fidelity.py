@@ -26,8 +26,35 @@ part of ReSA's loss comes from its scoring rule rather than from its budget.
   "int8_summaries" the upper bound from summaries stored as int8 with one scale per (block, KV
                  head), max|k| / 127, kmin rounded down and kmax up (a bound still): a storage
                  format the kernels do not implement, to compare with the fp8 summaries they do
-                 (ReSAConfig.summary_dtype).
-All keep the same number of blocks, force the newest ``local_blocks`` and rectify alike.
+                 (ReSAConfig.summary_dtype);
+  "head_max"     the same bound computed for each of the g query heads of a KV head with its own
+                 query, sum_d max(q_hd kmin_d, q_hd kmax_d), folded over the group by max: a
+                 bound on the largest logit any head of the group can reach in the block (the
+                 per-head bound of Quest, folded for GQA). Why: the group mean cancels where the
+                 heads' queries disagree in sign, so a block that one head needs can score low;
+  "head_sum"     the per-head bounds folded by sum: a bound on the group's summed logit
+                 sum_h q_h.k. It is >= g times the group-mean score, with equality only where, in
+                 every dimension, all g heads pick the same end (kmin or kmax), i.e. their
+                 query components agree in sign; the paper's rule is this one with the max/min
+                 choice made once for the group. Why: it separates the looseness of the shared
+                 choice from that of the fold (max vs sum);
+  "head_max+sink", "head_sum+sink"  those two with block 0 always kept inside the budget, as
+                 "sink" does for the upper bound (the sink and the scoring rule are independent
+                 fixes; these measure whether they add up).
+All keep the same number of blocks, force the newest ``local_blocks`` and rectify alike. Per-head
+scoring reads the same summaries as the paper's rule with g times the multiply-adds; the kernels
+implement only "upper_bound" (with ``sink_blocks``) and fp8 summaries.
+
+Attention-mass recall (``recall=`` of :func:`teacher_forced_logits`): for every sparse step,
+layer and KV head, the exact attention mass (:func:`exact_block_mass`, summed over the group's
+query heads) of the blocks the rule selected divided by that of the blocks "oracle" selects at
+the same budget with the same forced blocks; averaged with equal weight over steps x layers x KV
+heads. The oracle maximises that mass over all selections of the same size that keep the forced
+blocks, so recall lies in [0, 1] and is 1 for the oracle, wherever the budget holds the newest
+block and the sink block together (min_blocks >= 2 ensures it; with a budget of one block the
+"+sink" rules keep block 0 instead of the newest, and nothing bounds their recall by 1). The
+fused dense (rectification) steps are not counted. ``mass`` next to it: the mean fraction of the
+group's attention (selected mass / g) that the selection keeps.
 
 Supported: transformers decoder-only models whose attention calls the attention interface with
 ``module.layer_idx`` (Llama, Qwen2, Qwen3, Mistral, ...).
@@ -48,7 +75,8 @@ from .kernels.select_blocks import (block_scores_reference, default_max_selected
                                 select_from_scores_reference)
 
 _IMPL = "resa_tl_teacher_forced"
-SELECTIONS = ("upper_bound", "sink", "oracle", "int8_summaries")
+SELECTIONS = ("upper_bound", "sink", "oracle", "int8_summaries", "head_max", "head_sum",
+              "head_max+sink", "head_sum+sink")
 
 
 class _State:
@@ -62,6 +90,7 @@ class _State:
     chunk: int = 128
     selection: str = "upper_bound"
     kv_rel: dict | None = None  # layer -> [2, N] relative K/V error of the decoded positions
+    recall: dict | None = None  # layer -> [3] (sum of recall, sum of mass kept / g, count)
 
 
 _state = _State()
@@ -121,13 +150,26 @@ def _simulate_layer(layer, q, k_sim, v_sim, scale):
             mn, mx = kmin.expand(R, *kmin.shape[1:]).clone(), kmax.expand(R, *kmax.shape[1:]).clone()
             ops.update_block_summaries(mn, mx, kx, pos, 1, cfg.block_size, backend=_state.backend)
             qr = q[0, :, r0:r1].transpose(0, 1).contiguous()         # [R, H, D]
+            mass = None
+            if _state.recall is not None or _state.selection == "oracle":
+                mass = exact_block_mass(qr, kc[None], lens, cfg.block_size, scale)
             if _state.selection == "upper_bound":
                 idx = ops.select_blocks(qr, mn, mx, lens, block_size=cfg.block_size,
                                         sparse_ratio=cfg.sparse_ratio, min_blocks=cfg.min_blocks,
                                         local_blocks=cfg.local_blocks,
                                         sink_blocks=cfg.sink_blocks, backend=_state.backend)
             else:
-                idx = diagnostic_select(_state.selection, qr, mn, mx, kc[None], lens, cfg, scale)
+                idx = diagnostic_select(_state.selection, qr, mn, mx, kc[None], lens, cfg, scale,
+                                        mass=mass)
+            if _state.recall is not None:
+                best = (idx if _state.selection == "oracle" else
+                        diagnostic_select("oracle", qr, mn, mx, kc[None], lens, cfg, scale,
+                                          mass=mass))
+                got, top = selected_mass(mass, idx), selected_mass(mass, best)
+                acc = _state.recall.setdefault(layer, torch.zeros(3, dtype=torch.float64))
+                acc += torch.tensor([(got / top).double().sum().item(),
+                                     got.double().sum().item() / (q.shape[1] // kc.shape[1]),
+                                     got.numel()], dtype=torch.float64)
             out[0, r0:r1] = ops.sparse_decode(qr, kx, vx, idx, lens, block_size=cfg.block_size,
                                               softmax_scale=scale, backend=_state.backend)
         if n_sparse < c1 - c0:                                      # the fused dense step
@@ -175,26 +217,79 @@ def int8_summaries(kmin, kmax):
     return qlo, qhi
 
 
-def diagnostic_select(rule: str, q, kmin, kmax, k, cache_seqlens, cfg: ReSAConfig, scale: float):
+def head_bound_scores(q, kmin, kmax, fold: str):
+    """Per-query-head upper bounds folded over each KV head's group of g query heads.
+
+    q [R, H, D]; kmin/kmax [R, NB, Hkv, D] (any summary dtype). For query head h of KV head j,
+    b_h(n) = D^-1/2 sum_d max(q_hd kmin_nd, q_hd kmax_nd) >= D^-1/2 q_h.k for every key k of
+    block n (the scale matches block_scores_reference). Returns fp32 [R, Hkv, NB]: max_h b_h
+    (``fold="max"``) or sum_h b_h (``fold="sum"``), unmasked. Computed as
+    q.(kmin+kmax)/2 + |q|.(kmax-kmin)/2, the same quantity."""
+    from .kernels.block_summaries import summary_values
+    R, H, D = q.shape
+    Hkv = kmin.shape[2]
+    lo, hi = summary_values(kmin, kmax)
+    lo, hi = lo.float(), hi.float()
+    qh = q.float().view(R, Hkv, H // Hkv, D) * D ** -0.5
+    b = (torch.einsum("rjgd,rnjd->rjgn", qh, (lo + hi) * 0.5)
+         + torch.einsum("rjgd,rnjd->rjgn", qh.abs(), (hi - lo) * 0.5))    # [R, Hkv, g, NB]
+    if fold == "max":
+        return b.amax(2)
+    if fold == "sum":
+        return b.sum(2)
+    raise ValueError(f"fold must be 'max' or 'sum', got {fold!r}")
+
+
+def selected_mass(mass, idx):
+    """Sum of ``mass`` [R, Hkv, NB] over the blocks of ``idx`` [R, Hkv, K] (-1 = none): the
+    attention mass a selection keeps. Returns fp32 [R, Hkv]."""
+    sel = mass.gather(-1, idx.long().clamp_min(0))
+    return torch.where(idx >= 0, sel, 0).sum(-1)
+
+
+def diagnostic_select(rule: str, q, kmin, kmax, k, cache_seqlens, cfg: ReSAConfig, scale: float,
+                      mass=None):
     """Block indices [R, Hkv, K] int32 (ascending, -1 padded, as ops.select_blocks returns them)
-    chosen by one of the :data:`SELECTIONS`; budget, local blocks and K as in select_blocks."""
+    chosen by one of the :data:`SELECTIONS`; budget, local blocks and K as in select_blocks.
+    ``mass``: :func:`exact_block_mass` of these rows if already computed (the oracle uses it)."""
     if rule not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {rule!r}")
-    sink = max(cfg.sink_blocks, 1) if rule == "sink" else cfg.sink_blocks   # = sink_blocks=1
+    base, plus_sink = rule.removesuffix("+sink"), rule.endswith("+sink")
+    sink = max(cfg.sink_blocks, 1) if rule == "sink" or plus_sink else cfg.sink_blocks
     if rule == "int8_summaries":
         if fp8_name(kmin.dtype):
             raise ValueError("selection 'int8_summaries' re-quantises exact summaries; it cannot "
                              "be combined with fp8 ones (ReSAConfig.summary_dtype)")
         kmin, kmax = int8_summaries(kmin, kmax)
-    s = block_scores_reference(q, kmin, kmax, cache_seqlens, cfg.block_size, cfg.local_blocks,
-                               sink)
+    if base in ("head_max", "head_sum"):
+        s = _masked_scores(head_bound_scores(q, kmin, kmax, base[5:]), cache_seqlens,
+                           cfg.block_size, cfg.local_blocks, sink)
+    elif rule == "oracle" and mass is not None:         # only the masks are needed
+        s = _masked_scores(mass[..., :kmin.shape[1]], cache_seqlens, cfg.block_size,
+                           cfg.local_blocks, sink)
+    else:
+        s = block_scores_reference(q, kmin, kmax, cache_seqlens, cfg.block_size,
+                                   cfg.local_blocks, sink)
     if rule == "oracle":
-        mass = exact_block_mass(q, k, cache_seqlens, cfg.block_size, scale)[..., :s.shape[-1]]
-        s = torch.where(torch.isinf(s), s, mass)          # keeps the -inf / +inf masks
+        if mass is None:
+            mass = exact_block_mass(q, k, cache_seqlens, cfg.block_size, scale)
+        s = torch.where(torch.isinf(s), s, mass[..., :s.shape[-1]])   # keeps the -inf / +inf masks
     K = default_max_selected(kmin.shape[1], cfg.sparse_ratio, cfg.min_blocks)
     return select_from_scores_reference(s, cache_seqlens, block_size=cfg.block_size,
                                         sparse_ratio=cfg.sparse_ratio,
                                         min_blocks=cfg.min_blocks, max_selected=K)
+
+
+def _masked_scores(s, cache_seqlens, block_size: int, local_blocks: int, sink_blocks: int):
+    """block_scores_reference's masks on given scores [R, Hkv, NB]: -inf past a row's end, +inf
+    for its newest ``local_blocks`` and first ``sink_blocks`` blocks."""
+    NB = s.shape[-1]
+    nvalid = (cache_seqlens.long() + block_size - 1) // block_size
+    j = torch.arange(NB, device=s.device)
+    valid = j[None] < nvalid[:, None]
+    local = valid & ((j[None] >= nvalid[:, None] - local_blocks) | (j[None] < sink_blocks))
+    s = torch.where(valid[:, None], s, float("-inf"))
+    return torch.where(local[:, None], float("inf"), s)
 
 
 @contextlib.contextmanager
@@ -210,13 +305,13 @@ def _registered(model):
     finally:
         model.set_attn_implementation(previous)
         _state.mode, _state.dense_k, _state.dense_v = "off", {}, {}
-        _state.selection, _state.kv_rel = "upper_bound", None
+        _state.selection, _state.kv_rel, _state.recall = "upper_bound", None, None
 
 
 @torch.no_grad()
 def teacher_forced_logits(model, token_ids, prompt_len: int, configs: dict, *,
                           backend: str = "auto", chunk: int = 128, selections: dict | None = None,
-                          kv_errors: dict | None = None):
+                          kv_errors: dict | None = None, recall: dict | None = None):
     """Per-position logits of decoding ``token_ids[prompt_len:]`` one at a time after a dense
     prefill of ``token_ids[:prompt_len]``, for dense attention and each ReSA configuration.
 
@@ -234,6 +329,12 @@ def teacher_forced_logits(model, token_ids, prompt_len: int, configs: dict, *,
         Sparse-only keeps that error in the cache for good; ReSA rewrites it at the next
         rectification, and its rectification steps write dense K/V (error 0). This is the
         drift that rectification bounds.
+    recall : optional dict, filled with name -> dict(recall=float, mass=float,
+        recall_per_layer=list, steps=int) for every configuration: the attention-mass recall
+        against the oracle (module doc) averaged over sparse steps x layers x KV heads, the same
+        mean and per layer, and the mean fraction of the group's attention mass that the
+        selection keeps (``mass``, selected mass / g). Costs one exact attention per sparse step
+        and layer (the oracle's own, shared when the rule is "oracle").
 
     Returns
     -------
@@ -263,7 +364,15 @@ def teacher_forced_logits(model, token_ids, prompt_len: int, configs: dict, *,
             _state.backend, _state.chunk = backend, chunk
             _state.selection = selections.get(name, "upper_bound")
             _state.kv_rel = {} if kv_errors is not None else None
+            _state.recall = {} if recall is not None else None
             results[name] = model(decode_ids, position_ids=positions, use_cache=False).logits[0].float()
+            if recall is not None and _state.recall:
+                acc = torch.stack([_state.recall[i] for i in sorted(_state.recall)])   # [layers, 3]
+                n = acc[:, 2]
+                recall[name] = dict(recall=(acc[:, 0].sum() / n.sum()).item(),
+                                    mass=(acc[:, 1].sum() / n.sum()).item(),
+                                    recall_per_layer=(acc[:, 0] / n).tolist(),
+                                    steps=int(acc[0, 2].item()) // model.config.num_key_value_heads)
             if kv_errors is not None:
                 kv_errors[name] = torch.stack([_state.kv_rel[i] for i in sorted(_state.kv_rel)])
     return results

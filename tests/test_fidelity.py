@@ -108,7 +108,8 @@ def test_exact_block_mass():
     assert mass.abs().max() < 1e-5                      # every head's mass, summed per group
 
 
-@pytest.mark.parametrize("rule", ["upper_bound", "sink", "oracle", "int8_summaries"])
+@pytest.mark.parametrize("rule", ["upper_bound", "sink", "oracle", "int8_summaries", "head_max",
+                                  "head_sum", "head_max+sink", "head_sum+sink"])
 def test_diagnostic_select(rule):
     from resa_tl import ops
     from resa_tl.fidelity import diagnostic_select, exact_block_mass
@@ -126,7 +127,7 @@ def test_diagnostic_select(rule):
             assert ids == sorted(set(ids)) and int(nvalid[r]) - 1 in ids    # newest block
             if rule == "upper_bound":
                 assert torch.equal(got[r, h], paper[r, h])
-            if rule == "sink":
+            if rule.endswith("sink"):
                 assert 0 in ids
             if rule == "oracle":                        # the most massive non-local blocks
                 m = exact_block_mass(q, k, lens, 16, 0.25)[r, h, :int(nvalid[r]) - 1]
@@ -140,8 +141,90 @@ def test_diagnostic_select(rule):
         assert torch.equal(got, ops.select_blocks(q, kmin, kmax, lens, block_size=16,
                                                   sparse_ratio=0.2, min_blocks=2, local_blocks=1,
                                                   sink_blocks=1, backend="torch"))
+    if rule in ("head_max", "head_sum"):                # g = 3: not the group-mean rule
+        assert not torch.equal(got, paper)
     with pytest.raises(ValueError, match="selection"):
         diagnostic_select("best", q, kmin, kmax, k, lens, cfg, 0.25)
+
+
+def test_head_rules_with_one_head_per_group_are_the_paper_rule():
+    from resa_tl.fidelity import diagnostic_select, head_bound_scores
+    from resa_tl.kernels.select_blocks import block_scores_reference
+    q, k, kx, kmin, kmax, lens = _selection_inputs(Hkv=3, g=1)
+    cfg = ReSAConfig(sparse_ratio=0.2, min_blocks=2, local_blocks=1)
+    ref = block_scores_reference(q, kmin, kmax, lens, 16, 0)
+    for fold in ("max", "sum"):
+        got = head_bound_scores(q, kmin, kmax, fold)
+        fin = torch.isfinite(ref)
+        assert torch.allclose(got[fin], ref[fin], rtol=1e-5, atol=1e-5)
+    want = diagnostic_select("upper_bound", q, kmin, kmax, k, lens, cfg, 0.25)
+    for rule in ("head_max", "head_sum"):
+        assert torch.equal(diagnostic_select(rule, q, kmin, kmax, k, lens, cfg, 0.25), want)
+    want = diagnostic_select("sink", q, kmin, kmax, k, lens, cfg, 0.25)
+    for rule in ("head_max+sink", "head_sum+sink"):
+        assert torch.equal(diagnostic_select(rule, q, kmin, kmax, k, lens, cfg, 0.25), want)
+
+
+def test_head_bounds_bound_the_logits():
+    """head_max >= every query head's largest logit in the block; head_sum >= the sum over heads
+    of each one's largest logit >= g x the group-mean bound, equal to it where the heads' query
+    signs agree in every dimension."""
+    from resa_tl.fidelity import head_bound_scores
+    from resa_tl.kernels.select_blocks import block_scores_reference
+    q, k, kx, kmin, kmax, lens = _selection_inputs()
+    R, H, D = q.shape
+    Hkv, bs = k.shape[2], 16
+    g = H // Hkv
+    hmax, hsum = head_bound_scores(q, kmin, kmax, "max"), head_bound_scores(q, kmin, kmax, "sum")
+    mean = block_scores_reference(q, kmin, kmax, lens, bs, 0)
+    logits = torch.einsum("rhd,shd->rhs", q.view(R, Hkv, g, D).reshape(R, H, D).double(),
+                          k[0].repeat_interleave(g, dim=1).double()) * D ** -0.5   # [R, H, S]
+    tol = 1e-4
+    strict = 0
+    for r in range(R):
+        n = int(lens[r])
+        for b in range(-(-n // bs)):
+            blk = logits[r, :, b * bs:min(n, (b + 1) * bs)].amax(-1).view(Hkv, g)   # [Hkv, g]
+            assert (hmax[r, :, b] >= blk.amax(-1) - tol).all()
+            assert (hsum[r, :, b] >= blk.sum(-1) - tol).all()
+            assert (hsum[r, :, b] >= g * mean[r, :, b] - tol).all()
+            strict += int((hsum[r, :, b] > g * mean[r, :, b] + 1e-3).sum())
+    assert strict > 0                                   # random signs: the choice differs
+    same = q.abs() * torch.randn(1, Hkv, 1, D).sign().repeat_interleave(g, 1).view(1, H, D)
+    assert torch.allclose(head_bound_scores(same, kmin, kmax, "sum")[torch.isfinite(mean)],
+                          g * block_scores_reference(same, kmin, kmax, lens, bs, 0)[
+                              torch.isfinite(mean)], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="fold"):
+        head_bound_scores(q, kmin, kmax, "min")
+
+
+def test_selected_mass_and_recall_bounds():
+    """No selection of the oracle's size keeps more exact mass than the oracle; the lowest-mass
+    blocks keep less."""
+    from resa_tl.fidelity import SELECTIONS, diagnostic_select, exact_block_mass, selected_mass
+    q, k, kx, kmin, kmax, lens = _selection_inputs()
+    cfg = ReSAConfig(sparse_ratio=0.2, min_blocks=2, local_blocks=1)
+    mass = exact_block_mass(q, k, lens, 16, 0.25)
+    best = selected_mass(mass, diagnostic_select("oracle", q, kmin, kmax, k, lens, cfg, 0.25))
+    assert (best > 0).all() and (best <= 3 + 1e-5).all()        # g = 3 heads, each sums to 1
+    # all blocks: every head's whole softmax
+    full = ReSAConfig(sparse_ratio=1.0, min_blocks=1, local_blocks=1)
+    every = selected_mass(mass, diagnostic_select("oracle", q, kmin, kmax, k, lens, full, 0.25))
+    assert torch.allclose(every, torch.full_like(every, 3.0), atol=1e-5)
+    for rule in SELECTIONS:
+        got = selected_mass(mass, diagnostic_select(rule, q, kmin, kmax, k, lens, cfg, 0.25))
+        assert (got <= best + 1e-6).all() and (got > 0).all()
+    # a deliberately bad rule: the least massive blocks (the newest still forced)
+    bad_scores = torch.where(mass > 0, -mass, float("-inf"))
+    nvalid = (lens.long() + 15) // 16
+    bad_scores[torch.arange(5), :, nvalid - 1] = float("inf")
+    from resa_tl.kernels.select_blocks import default_max_selected, select_from_scores_reference
+    K = default_max_selected(kmin.shape[1], 0.2, 2)
+    bad = select_from_scores_reference(bad_scores, lens, block_size=16, sparse_ratio=0.2,
+                                       min_blocks=2, max_selected=K)
+    recall = selected_mass(mass, bad) / best
+    assert recall[0].max() < 0.9                       # the full rows lose mass
+    assert (recall <= 1 + 1e-6).all() and (recall > 0).all()
 
 
 def test_int8_summaries_bound():
@@ -172,6 +255,31 @@ def test_diagnostic_selections_in_teacher_forcing():
     assert stats["oracle"][1].float().mean() >= stats["paper"][1].float().mean()
     with pytest.raises(ValueError, match="selections"):
         teacher_forced_logits(m, ids, 120, cfgs, selections={"paper": "best"})
+
+
+def test_recall_in_teacher_forcing():
+    m = model()
+    ids = torch.randint(0, 300, (200,), generator=torch.Generator().manual_seed(2))
+    full = ReSAConfig(sparse_ratio=1.0, min_blocks=1)
+    # min_blocks 2: the budget holds the newest block and the sink block
+    part = ReSAConfig(sparse_ratio=0.1, min_blocks=2, rectify_every=8)
+    cfgs = {"full": full, "paper": part, "oracle": part, "head_max": part, "head_sum+sink": part}
+    sels = {"oracle": "oracle", "head_max": "head_max", "head_sum+sink": "head_sum+sink"}
+    rec = {}
+    plain = teacher_forced_logits(m, ids, 120, {"paper": part}, backend="torch")
+    out = teacher_forced_logits(m, ids, 120, cfgs, backend="torch", selections=sels, recall=rec)
+    assert torch.equal(out["paper"], plain["paper"])    # measuring does not change the result
+    assert set(rec) == set(cfgs)
+    for name, r in rec.items():                         # 80 decoded, every (f+1)-th dense
+        f = cfgs[name].rectify_every
+        assert r["steps"] == 80 - 80 // (f + 1) and len(r["recall_per_layer"]) == 3
+        assert 0 < r["recall"] <= 1 + 1e-6 and 0 < r["mass"] <= 1 + 1e-6
+        assert all(0 < x <= 1 + 1e-6 for x in r["recall_per_layer"])
+    assert abs(rec["full"]["recall"] - 1) < 1e-6 and abs(rec["full"]["mass"] - 1) < 1e-5
+    assert abs(rec["oracle"]["recall"] - 1) < 1e-6
+    assert rec["oracle"]["mass"] < 1 - 1e-3              # keep 10%: the oracle drops mass too
+    assert rec["paper"]["recall"] < 1 - 1e-3
+    assert rec["paper"]["mass"] < rec["oracle"]["mass"]
 
 
 # --- K/V drift -----------------------------------------------------------------------------
