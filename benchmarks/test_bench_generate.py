@@ -1,6 +1,7 @@
 """CPU checks of bench_generate.py's bookkeeping: the averaging window covers whole
 rectification cycles, the cache capacity it precompiles for is the one generate() asks for, and
 the profile's busy time counts the steady window only."""
+import json
 import os
 import sys
 
@@ -17,6 +18,16 @@ import bench_generate  # noqa: E402
 import resa_tl  # noqa: E402
 
 
+def tiny_llama(seed: int):
+    """A one-layer Llama (GQA 2:1, head_dim 16), random weights from ``seed``."""
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, head_dim=16,
+                                   max_position_embeddings=4096)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
 def test_steady_window_is_whole_cycles_after_the_first():
     cycle = 5
     steps = list(range(23))                       # 4 whole cycles of 5, then 3 steps
@@ -30,12 +41,7 @@ def test_steady_window_is_whole_cycles_after_the_first():
 def test_precompiled_capacity_is_what_generate_asks_for():
     """capacity_for(context, new_tokens) names the ReSA cache generate() creates: that is the
     shape the TileLang kernels are compiled for (the selection kernel per number of blocks)."""
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=1, num_attention_heads=2,
-                                   num_key_value_heads=1, head_dim=16,
-                                   max_position_embeddings=4096)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(seed=0)
     for context, new in ((1020, 6), (1020, 5), (300, 3)):
         resa_tl.attach(model, rectify_every=4)      # a fresh cache (attach replaces the state)
         ids = torch.randint(3, 64, (1, context))
@@ -79,13 +85,7 @@ def test_lossless_mode_replays_recorded_verdicts(tmp_path):
     """--modes lossless --acceptance: row b replays the b-th stretch of the recorded streams,
     so the rejections land where the file says, whatever the random model would do; the row
     reports acceptance and tokens per dense pass; the capacity includes the lossless slack."""
-    import json
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=1, num_attention_heads=2,
-                                   num_key_value_heads=1, head_dim=16,
-                                   max_position_embeddings=4096)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(seed=0)
     new = 24
     streams = {"a": [1] * 10 + [0] + [1] * 13 + [1] * 5 + [0] * 19,     # 2 stretches of 24
                "b": [1, 0] * 12}
@@ -100,23 +100,16 @@ def test_lossless_mode_replays_recorded_verdicts(tmp_path):
     with torch.no_grad():
         row = bench_generate.run_mode(model, ids, "lossless", new, rcfg, calls=1,
                                       replay=replay)
-        cache = resa_tl.integration.hf.attached_state(model)
     assert row["generated"] == new and row["replayed"]
     assert 0 < row["acceptance"] < 1 and row["tokens_per_pass"] > 1
     assert bench_generate.capacity_for(200, new, 1, rcfg.replace(lossless=True)) == \
         bench_generate.capacity_for(200, new + 9, 1)
-    del cache
 
 
 def test_replayed_rejections_land_where_recorded():
     """The lossless loop with replay_acceptance: each row's rejections are at the recorded
     positions (VerifyStats.agreement gives the same stream back where the row was verified)."""
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=1, num_attention_heads=2,
-                                   num_key_value_heads=1, head_dim=16,
-                                   max_position_embeddings=4096)
-    torch.manual_seed(1)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(seed=1)
     resa_tl.attach(model, sparse_ratio=0.1, min_blocks=1, rectify_every=8, lossless=True)
     cache = resa_tl.integration.warm_up(model, 2, 300)
     streams = [[1] * 40, [1] * 40]
