@@ -34,7 +34,9 @@ Modes:
                 takes the b-th ``--new-tokens`` stretch of the recorded streams. Its ms/token
                 is the decode time (first token to last) over the tokens committed after the
                 first, since its steps are not one per token; also reported: acceptance and
-                tokens committed per dense pass. It always runs at least two calls and
+                tokens committed per dense pass, and a window's time split into its
+                sparse steps, its dense pass and the host-side rest (VerifyStats.time_split).
+                It always runs at least two calls and
                 times the last: its windows are recorded as they first occur, mid-decode
 
 Each mode runs generate() ``--calls`` times (default 2) with the same arguments and times the
@@ -208,7 +210,8 @@ def run_mode(model, ids, mode, new_tokens, cfg, calls=2, stock_chunk=None, repla
         per_token = sum(steps) / (generated - 1)
         steady = steps
         extra = dict(acceptance=stats.acceptance, tokens_per_pass=stats.tokens_per_pass,
-                     verify_passes=stats.verify_passes, replayed=replay is not None)
+                     verify_passes=stats.verify_passes, replayed=replay is not None,
+                     **{k: round(v, 3) for k, v in stats.time_split().items()})
     else:
         steady = steady_steps(steps, cfg.rectify_every + 1)
         per_token = sum(steady) / len(steady)
@@ -449,6 +452,13 @@ def main():
               f"{r['prefill_ms']:9.1f} {str(r['rectifications']):>4} "
               f"{(f'{sp:.2f}x' if sp else '-'):>13} {(f'{sf:.2f}x' if sf else '-'):>8} "
               f"{str(r['peak_prefill_gib']):>11} {str(r['peak_decode_gib']):>7}")
+    for r in rows:
+        if "window_ms" in r:
+            print(f"\n{r['context']} x {r['batch']} lossless: {r['tokens_per_pass']:.2f} tokens "
+                  f"per row per dense pass ({100 * r['acceptance']:.0f}% of proposals kept); a "
+                  f"window took {r['window_ms']:.2f} ms: sparse steps "
+                  f"{r['sparse_step_ms']:.2f} ms each, dense pass {r['verify_ms']:.2f} ms, "
+                  f"rest {r['rest_ms']:.2f} ms")
     for r in rows:
         p = r.get("profile")
         if p:

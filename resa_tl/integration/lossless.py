@@ -58,11 +58,26 @@ class VerifyStats:
     accepted: int = 0             # of those, kept
     emitted: int = 0              # tokens committed by the verifications (accepted + 1 each)
     trace: list = field(default_factory=list)   # per row: (committed, proposed, accepted) each pass
+    # where the time went, summed over the windows (ms; CUDA events on a GPU): the sparse steps
+    # that proposed, the dense passes with their acceptance, and each window's host wall time
+    # from its start to the next one's (so the rest is rewinds, stop checks, syncs and Python)
+    sparse_steps: int = 0
+    proposal_ms: float = 0.0
+    verify_ms: float = 0.0
+    window_ms: float = 0.0
 
     @property
     def acceptance(self) -> float:
         """Share of the sparse proposals that the dense pass kept."""
         return self.accepted / self.proposed if self.proposed else float("nan")
+
+    def time_split(self) -> dict:
+        """ms per sparse step, per dense pass, and per window (and of it, what the two leave:
+        the host-side rest), averaged over the windows."""
+        n = max(self.verify_passes, 1)
+        return dict(sparse_step_ms=self.proposal_ms / max(self.sparse_steps, 1),
+                    verify_ms=self.verify_ms / n, window_ms=self.window_ms / n,
+                    rest_ms=(self.window_ms - self.proposal_ms - self.verify_ms) / n)
 
     @property
     def tokens_per_pass(self) -> float:
@@ -189,6 +204,7 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
         return max_length if not all(finished) else max(stop_at)
 
     while min(c) < target():
+        started = time.perf_counter()
         # Rows below the target commit; finished rows (with an EOS criterion) commit padding,
         # which keeps their scores and cache as transformers' loop has them.
         active = [c[b] < target() for b in range(B)]
@@ -253,6 +269,9 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
         s, v = clock.read()                        # the window's times: the host has waited
         step_ms = s / q if step_ms is None else 0.5 * (step_ms + s / q)
         verify_ms = v if verify_ms is None else 0.5 * (verify_ms + v)
+        stats.sparse_steps += q
+        stats.proposal_ms += s
+        stats.verify_ms += v
         # commit row b's positions [c_b, new_b); stopping criteria once per position
         new = [min(c[b] + acc[b] + 1, max_length) if active[b] else c[b] for b in range(B)]
         span = sorted({p for b in range(B) for p in range(c[b], new[b])})
@@ -295,6 +314,7 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
         if verifying and step_ms is not None:
             window = heuristics.verify_window(
                 windows, [agree[b][0] / sum(agree[b]) for b in verifying], step_ms, verify_ms)
+        stats.window_ms += (time.perf_counter() - started) * 1e3
     L = target()
     if streamer is not None:
         for p in range(streamed, L):
