@@ -394,8 +394,11 @@ def main():
     ap.add_argument("--trace-dir", default=None, help="with --profile: keep Chrome traces here")
     ap.add_argument("--summary-dtype", default=None, choices=SUMMARY_DTYPES,
                     help="ReSAConfig.summary_dtype (default: the cache dtype, as in the paper)")
+    ap.add_argument("--sink-blocks", type=int, default=None,
+                    help="ReSAConfig.sink_blocks (default: the library's, one block; 0: the "
+                         "paper's selection)")
     args = ap.parse_args()
-    cfg = ReSAConfig(summary_dtype=args.summary_dtype)
+    cfg = ReSAConfig(summary_dtype=args.summary_dtype, sink_blocks=args.sink_blocks)
     if args.precompile:
         return precompile(Qwen7BShape(layers=args.layers), cfg, args.contexts, args.batches)
     torch._dynamo.config.cache_size_limit = 64       # one specialisation per (batch, T)

@@ -367,13 +367,14 @@ def main():
                     help="lossless mode: replay these recorded verdicts (lossless_acceptance.py "
                          "--trace-json) instead of the random model's own")
     ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--sink-blocks", type=int, default=None, help="ReSAConfig.sink_blocks (default: the library's, one block; 0: the paper's selection)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="write all rows here")
     ap.add_argument("--precompile", action="store_true",
                     help="no GPU needed: compile the TileLang kernels of these shapes into "
                          "TileLang's cache (copy $TILELANG_CACHE_DIR to the GPU machine)")
     args = ap.parse_args()
-    cfg = ReSAConfig()
+    cfg = ReSAConfig(sink_blocks=args.sink_blocks)
     if args.new_tokens < 2:
         ap.error("--new-tokens must be >= 2 (the decode time is measured between steps)")
     if args.precompile:

@@ -63,12 +63,14 @@ def run_text(model, tok, text, args):
         t0 = time.perf_counter()
         dense = dense_model.generate(ids, **kw)
         row["dense_s"] = time.perf_counter() - t0
-        resa_tl.attach(model, sparse_ratio=args.ratio, rectify_every=args.f, lossless=True)
+        resa_tl.attach(model, sparse_ratio=args.ratio, rectify_every=args.f, lossless=True,
+                   sink_blocks=getattr(args, "sink_blocks", None))
         t0 = time.perf_counter()
         lossless = model.generate(ids, **kw)
         row["lossless_s"] = time.perf_counter() - t0
         stats = lossless.past_key_values.lossless_stats
-        resa_tl.attach(model, sparse_ratio=args.ratio, rectify_every=args.f)
+        resa_tl.attach(model, sparse_ratio=args.ratio, rectify_every=args.f,
+                       sink_blocks=getattr(args, "sink_blocks", None))
         t0 = time.perf_counter()
         resa = model.generate(ids, **kw)
         row["resa_s"] = time.perf_counter() - t0
@@ -95,7 +97,8 @@ def trace_text(model, tok, text, args) -> list:
     ids = tok(text, return_tensors="pt").input_ids[:, :args.prompt_len].to(model.device)
     if ids.shape[1] < args.prompt_len:
         raise ValueError(f"text too short for a {args.prompt_len}-token prompt")
-    resa_tl.attach(model, sparse_ratio=args.ratio, rectify_every=args.f, lossless=True)
+    resa_tl.attach(model, sparse_ratio=args.ratio, rectify_every=args.f, lossless=True,
+                   sink_blocks=getattr(args, "sink_blocks", None))
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False,
                              eos_token_id=None, pad_token_id=0, return_dict_in_generate=True)
@@ -112,6 +115,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=2048)
     ap.add_argument("--ratio", type=float, default=0.1)
     ap.add_argument("--f", type=int, default=32, help="rectify_every: the largest verify window")
+    ap.add_argument("--sink-blocks", type=int, default=None, help="ReSAConfig.sink_blocks (default: the library's, one block; 0: the paper's selection)")
     ap.add_argument("--tie", type=float, default=1e-3,
                     help="dense top-2 logit margin counted as a near-tie")
     ap.add_argument("--device", default="cpu")
@@ -127,7 +131,8 @@ def main():
     print(json.dumps(header), flush=True)
     if args.trace_json:
         header.update(prompt_len=args.prompt_len, new_tokens=args.new_tokens, ratio=args.ratio,
-                      f=args.f)
+                      f=args.f, sink_blocks=resa_tl.ReSAConfig(sink_blocks=args.sink_blocks)
+                      .sink_blocks)
         streams = {}
         for novel in args.novels:
             t0 = time.perf_counter()

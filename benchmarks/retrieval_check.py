@@ -144,15 +144,16 @@ def answer_phases(n_answer: int, f: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------- decoding
-def mode_config(mode: str, ratio: float, f: int):
+def mode_config(mode: str, ratio: float, f: int, sink_blocks=None):
     if mode == "dense":
         return None
     if mode == "resa":
-        return ReSAConfig(sparse_ratio=ratio, rectify_every=f)
+        return ReSAConfig(sparse_ratio=ratio, rectify_every=f, sink_blocks=sink_blocks)
     if mode == "sparse-only":
-        return ReSAConfig(sparse_ratio=ratio, rectify_every=0)
+        return ReSAConfig(sparse_ratio=ratio, rectify_every=0, sink_blocks=sink_blocks)
     if mode == "lossless":
-        return ReSAConfig(sparse_ratio=ratio, rectify_every=f, lossless=True)
+        return ReSAConfig(sparse_ratio=ratio, rectify_every=f, lossless=True,
+                          sink_blocks=sink_blocks)
     raise ValueError(f"unknown mode {mode!r}; modes: {MODES}")
 
 
@@ -218,6 +219,7 @@ def parse_args(argv=None):
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--ratio", type=float, default=0.1, help="ReSAConfig.sparse_ratio")
     ap.add_argument("--f", type=int, default=32, help="ReSAConfig.rectify_every (resa, lossless)")
+    ap.add_argument("--sink-blocks", type=int, default=None, help="ReSAConfig.sink_blocks (default: the library's, one block; 0: the paper's selection)")
     ap.add_argument("--extra-tokens", type=int, default=2,
                     help="tokens generated past the key's length")
     ap.add_argument("--batch", type=int, default=8, help="prompts per generate() call")
@@ -243,7 +245,7 @@ def main(argv=None, *, model=None, tok=None, load_text=None):
     model.eval()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     date = subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
-    cfgs = {m: mode_config(m, args.ratio, args.f) for m in args.modes}
+    cfgs = {m: mode_config(m, args.ratio, args.f, args.sink_blocks) for m in args.modes}
     keys = [make_key(i, args.groups, args.digits) for i in range(args.keys)]
     meta = dict(model=name, texts=args.texts, date=date, commit=git_commit(),
                 resa_tl=os.path.dirname(resa_tl.__file__),

@@ -266,12 +266,14 @@ def load(path: str):
     return model.eval(), tok
 
 
-def teacher_forced(model, ids, prompt_len: int, ratio: float, f: int):
+def teacher_forced(model, ids, prompt_len: int, ratio: float, f: int, sink_blocks=None):
     import torch
     from resa_tl import ReSAConfig
     from resa_tl.fidelity import nll_and_agreement, perplexity, teacher_forced_logits
-    cfgs = {f"sparse-only r={ratio}": ReSAConfig(sparse_ratio=ratio, rectify_every=0),
-            f"ReSA r={ratio} f={f}": ReSAConfig(sparse_ratio=ratio, rectify_every=f)}
+    cfgs = {f"sparse-only r={ratio}": ReSAConfig(sparse_ratio=ratio, rectify_every=0,
+                                                 sink_blocks=sink_blocks),
+            f"ReSA r={ratio} f={f}": ReSAConfig(sparse_ratio=ratio, rectify_every=f,
+                                                sink_blocks=sink_blocks)}
     logits = teacher_forced_logits(model, torch.tensor(ids), prompt_len, cfgs)
     stats = nll_and_agreement(logits, torch.tensor(ids), prompt_len)
     del logits
@@ -294,6 +296,7 @@ def main(argv=None):
                     help="decoded tokens for part (b); 0 skips it")
     ap.add_argument("--ratio", type=float, default=0.1)
     ap.add_argument("--f", type=int, default=32)
+    ap.add_argument("--sink-blocks", type=int, default=None, help="ReSAConfig.sink_blocks (default: the library's, one block; 0: the paper's selection)")
     ap.add_argument("--tie", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(HERE, "..", "docs", "fidelity"))
@@ -340,14 +343,17 @@ def main(argv=None):
                   sha256=hashlib.sha256(text.encode()).hexdigest()),
         prompt_len=P, new_tokens=N, teacher_forced_tokens=D,
         config=dataclasses.asdict(resa_tl.ReSAConfig(sparse_ratio=args.ratio,
-                                                     rectify_every=args.f)),
+                                                     rectify_every=args.f,
+                                                     sink_blocks=args.sink_blocks)),
         tie=args.tie, device="cpu", dtype="float32", torch_threads=args.threads,
         date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         commit=git_commit(), code_changes=dirty,
         command="python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
         times=times)
     os.makedirs(args.out, exist_ok=True)
-    out_json = os.path.join(args.out, f"qwen25coder05b_L{P}.json")
+    sink = resa_tl.ReSAConfig(sink_blocks=args.sink_blocks).sink_blocks
+    out_json = os.path.join(args.out, f"qwen25coder05b_L{P}" + (f"_sink{sink}" if sink else "")
+                            + ".json")
     result = dict(meta=meta, lossless=None, teacher_forced=None)
 
     def save():
@@ -356,7 +362,7 @@ def main(argv=None):
 
     if N:
         ns = types.SimpleNamespace(prompt_len=P, new_tokens=N, ratio=args.ratio, f=args.f,
-                                   tie=args.tie)
+                                   tie=args.tie, sink_blocks=args.sink_blocks)
         t0 = time.perf_counter()
         row = run_text(model, tok, text, ns)
         times["lossless_check_s"] = round(time.perf_counter() - t0, 1)
@@ -365,7 +371,8 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
     if D:
         t0 = time.perf_counter()
-        rows, cfgs = teacher_forced(model, ids[:P + D + 1], P, args.ratio, args.f)
+        rows, cfgs = teacher_forced(model, ids[:P + D + 1], P, args.ratio, args.f,
+                                     args.sink_blocks)
         times["teacher_forced_s"] = round(time.perf_counter() - t0, 1)
         result["teacher_forced"] = dict(rows=rows, configs=cfgs)
         save()

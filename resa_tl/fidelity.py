@@ -17,12 +17,14 @@ sparse-only decoding: one endless cycle.
 
 Diagnostic selection rules (``selections=``; torch only, not something the kernels do): what
 part of ReSA's loss comes from its scoring rule rather than from its budget.
-  "upper_bound"  the paper's (and resa_tl's) rule: the group-mean query against per-block min/max
-                 keys, sum_d max(q_d kmin_d, q_d kmax_d);
+  "upper_bound"  the paper's (and the kernels') rule: the group-mean query against per-block
+                 min/max keys, sum_d max(q_d kmin_d, q_d kmax_d), with the config's sink_blocks
+                 (the paper's rule exactly with ReSAConfig(sink_blocks=0));
   "sink"         the same, with block 0 (the attention-sink tokens) always kept, inside the budget:
-                 the kernels' rule with ReSAConfig(sink_blocks=1);
+                 the kernels' rule with ReSAConfig(sink_blocks=1), resa_tl's default;
   "oracle"       blocks ranked by their exact attention mass: softmax over every valid key of the
-                 K that this step really sees, summed over the group's query heads;
+                 K that this step really sees, summed over the group's query heads (only the
+                 newest blocks forced, whatever the config's sink_blocks);
   "int8_summaries" the upper bound from summaries stored as int8 with one scale per (block, KV
                  head), max|k| / 127, kmin rounded down and kmax up (a bound still): a storage
                  format the kernels do not implement, to compare with the fp8 summaries they do
@@ -256,6 +258,8 @@ def diagnostic_select(rule: str, q, kmin, kmax, k, cache_seqlens, cfg: ReSAConfi
         raise ValueError(f"selection must be one of {SELECTIONS}, got {rule!r}")
     base, plus_sink = rule.removesuffix("+sink"), rule.endswith("+sink")
     sink = max(cfg.sink_blocks, 1) if rule == "sink" or plus_sink else cfg.sink_blocks
+    if rule == "oracle":        # the best selection of this size: nothing forced but the newest
+        sink = 0
     if rule == "int8_summaries":
         if fp8_name(kmin.dtype):
             raise ValueError("selection 'int8_summaries' re-quantises exact summaries; it cannot "

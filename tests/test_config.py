@@ -3,11 +3,27 @@ import pytest
 from resa_tl import ReSAConfig
 
 
-def test_defaults_are_the_papers():
+def test_defaults_are_the_papers_plus_one_sink_block():
     c = ReSAConfig()
     assert (c.block_size, c.sparse_ratio, c.min_blocks, c.local_blocks, c.rectify_every) == \
         (16, 0.1, 16, 1, 32)
-    assert c.sink_blocks == 0                   # not in the paper: off by default
+    assert c.sink_blocks == 1                   # not in the paper; measured better
+    assert c == ReSAConfig(sink_blocks=1)
+    assert ReSAConfig(sink_blocks=0).sink_blocks == 0          # the paper's selection
+
+
+def test_default_sink_fits_the_budget():
+    """The default sink block is dropped where the forced blocks would not fit, and re-resolved
+    by replace() unless it was set explicitly."""
+    assert ReSAConfig(min_blocks=1).sink_blocks == 0           # 1 local block fills it
+    assert ReSAConfig(min_blocks=1, local_blocks=0).sink_blocks == 1
+    c = ReSAConfig(min_blocks=1, local_blocks=0)
+    assert c.replace(local_blocks=1).sink_blocks == 0
+    assert c.replace(min_blocks=4, local_blocks=1).sink_blocks == 1
+    explicit = ReSAConfig(min_blocks=2, local_blocks=0, sink_blocks=2)
+    with pytest.raises(ValueError, match="sink_blocks"):
+        explicit.replace(local_blocks=1)                       # 2 + 1 > 2: not silently changed
+    assert ReSAConfig(sink_blocks=0).replace(min_blocks=32).sink_blocks == 0
 
 
 @pytest.mark.parametrize("field,value", [

@@ -1,5 +1,7 @@
 """resa_tl.fidelity's layer-parallel teacher forcing equals decoding the same tokens one at a
 time through resa_tl.attach + model.generate (forced tokens, logits recorded per step)."""
+import itertools
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
@@ -114,7 +116,7 @@ def test_diagnostic_select(rule):
     from resa_tl import ops
     from resa_tl.fidelity import diagnostic_select, exact_block_mass
     q, k, kx, kmin, kmax, lens = _selection_inputs()
-    cfg = ReSAConfig(sparse_ratio=0.2, min_blocks=2, local_blocks=1)
+    cfg = ReSAConfig(sparse_ratio=0.2, min_blocks=2, local_blocks=1, sink_blocks=0)   # the paper's
     got = diagnostic_select(rule, q, kmin, kmax, k, lens, cfg, 0.25)
     paper = ops.select_blocks(q, kmin, kmax, lens, block_size=16, sparse_ratio=0.2,
                               min_blocks=2, local_blocks=1, backend="torch")
@@ -211,8 +213,8 @@ def test_selected_mass_and_recall_bounds():
     full = ReSAConfig(sparse_ratio=1.0, min_blocks=1, local_blocks=1)
     every = selected_mass(mass, diagnostic_select("oracle", q, kmin, kmax, k, lens, full, 0.25))
     assert torch.allclose(every, torch.full_like(every, 3.0), atol=1e-5)
-    for rule in SELECTIONS:
-        got = selected_mass(mass, diagnostic_select(rule, q, kmin, kmax, k, lens, cfg, 0.25))
+    for rule, c in itertools.product(SELECTIONS, (cfg, cfg.replace(sink_blocks=0))):
+        got = selected_mass(mass, diagnostic_select(rule, q, kmin, kmax, k, lens, c, 0.25))
         assert (got <= best + 1e-6).all() and (got > 0).all()
     # a deliberately bad rule: the least massive blocks (the newest still forced)
     bad_scores = torch.where(mass > 0, -mass, float("-inf"))
@@ -261,8 +263,8 @@ def test_recall_in_teacher_forcing():
     m = model()
     ids = torch.randint(0, 300, (200,), generator=torch.Generator().manual_seed(2))
     full = ReSAConfig(sparse_ratio=1.0, min_blocks=1)
-    # min_blocks 2: the budget holds the newest block and the sink block
-    part = ReSAConfig(sparse_ratio=0.1, min_blocks=2, rectify_every=8)
+    # min_blocks 2: the budget holds the newest block and the sink block; "paper": no sink
+    part = ReSAConfig(sparse_ratio=0.1, min_blocks=2, rectify_every=8, sink_blocks=0)
     cfgs = {"full": full, "paper": part, "oracle": part, "head_max": part, "head_sum+sink": part}
     sels = {"oracle": "oracle", "head_max": "head_max", "head_sum+sink": "head_sum+sink"}
     rec = {}
