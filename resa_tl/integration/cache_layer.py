@@ -168,6 +168,7 @@ class ReSAHFCache(Cache):
         self.seen = torch.zeros(cfg.num_hidden_layers, dtype=torch.int64, device=device)
         super().__init__(layers=[ReSACacheLayer(self, i, compileable)
                                  for i in range(cfg.num_hidden_layers)])
+        self.compileable = compileable
         # host-side state
         self._seen_host = 0          # logical length (tokens fed, padding included)
         self.cycle = DecodeCycle(self.config.rectify_every)
@@ -186,6 +187,14 @@ class ReSAHFCache(Cache):
                       self.store.seqlens, self.seen):
                 torch._dynamo.mark_static_address(t)
             self.warm_up()
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """transformers' Cache.update. Traced by dynamo inside a decoder layer compiled around
+        ReSA (resa_tl.integration.layer_compile), the write stays eager: it launches from
+        host-side plans."""
+        if torch.compiler.is_compiling() and not self.compileable:
+            return _eager_write(self, layer_idx, key_states, value_states)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     @property
     def chunk_kernel_lengths(self) -> frozenset:
@@ -328,3 +337,8 @@ class ReSAHFCache(Cache):
         """Drop the padding of the chunk just written to layer i. valid: bool [B, T] (True =
         real token). Eager only (reads lengths on the host); used for padded prompts."""
         self.store.compact(i, valid)
+
+
+@torch.compiler.disable
+def _eager_write(cache: ReSAHFCache, layer_idx: int, key_states, value_states):
+    return cache._write(layer_idx, key_states, value_states)

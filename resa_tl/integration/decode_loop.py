@@ -13,9 +13,9 @@ output) and changes how the work reaches the GPU:
   activation or a score tensor that scales with the whole prompt.
 * **Decode steps replay CUDA graphs** (:class:`StepGraphs`): one for the sparse one-token step
   and one for the rectification step (the f sparse tokens fed again with the new one, f + 1
-  tokens; the lossless mode adds its verify windows). The one-token step is recorded on its
-  second use (the first runs eagerly and warms up), the others on their first, on the cache's
-  own shapes, so a later ``generate()`` that reuses the cache records nothing. Host
+  tokens; the lossless mode adds its verify windows). Each is recorded on its second use (the
+  first runs eagerly and warms up), on the cache's own shapes, so a later ``generate()`` that
+  reuses the cache records nothing. Host
   work per token: the logits processors, the argmax or sample, two small copies and a replay.
 * **Stop checks lag** ``STOP_CHECK_LAG`` steps: the flags (and, for a streamer, the tokens)
   are copied to pinned memory with an event, and read when that event has long passed, so the
@@ -76,9 +76,10 @@ class StepGraphs:
     ``run(ids, positions)`` feeds ids [B, T] at positions [B, T] (the cache's host bookkeeping,
     ``begin_step``, already done) and returns the last position's logits [B, V]; the tensor is
     overwritten by the next run of the same T. T = 1 and T = f + 1 (when the rectify kernel
-    takes it) are captured, the one-token step on its second call (the first warms up what its
-    path initialises lazily), the rectification on its first (after eager forwards); other T
-    (prompt chunks) run eagerly.
+    takes it; the lossless mode's verify lengths too) are captured on their second call: the
+    first runs eagerly and warms up what its path initialises lazily (kernel modules, and with
+    compiled layers the torch.compile of that shape, which must not happen inside a capture);
+    other T (prompt chunks) run eagerly.
     ``enabled`` False (CPU, the torch backend, or a capture that failed): everything eager.
     """
 
@@ -104,7 +105,7 @@ class StepGraphs:
         if entry is None:
             self.calls[T] += 1
             if (not self.enabled or attention_mask is not None or T not in self.capture_lengths
-                    or (T == 1 and self.calls[T] < 2)):
+                    or self.calls[T] < 2):
                 return self.forward(ids, positions, attention_mask, keep)
             entry = self._capture(ids, positions, keep)
             if entry is None:

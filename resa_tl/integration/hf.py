@@ -45,6 +45,8 @@ from ..config import ReSAConfig
 from . import _torch_ops, decode_loop
 from ._torch_ops import dense
 from .cache_layer import ACTIVE, ReSAHFCache, head_dim_of, sliding_windows, text_config
+from .layer_compile import EAGER_ATTENTION, use_compiled_layers
+from .layer_compile import compile_layers as compile_layers_of
 from .tensor_parallel import local_heads
 
 IMPLEMENTATION = "resa_tl"
@@ -61,6 +63,7 @@ class AttachState:
     previous_implementation: object
     saved_attributes: dict = field(default_factory=dict)
     static_cache: ReSAHFCache | None = None       # reused by cache_implementation="static"
+    compiled_layers: list | None = None           # layer_compile wrappers (compile_layers=True)
     loop_cache: ReSAHFCache | None = None         # reused by the default call (decode_loop)
 
 
@@ -171,6 +174,12 @@ def resa_attention(module, query, key, value, attention_mask, scaling=None, drop
                    **kwargs):
     """AttentionInterface function. query [B, H, T, D] (after RoPE); key/value are the views the
     cache update returned. Returns ([B, T, H, Dv], None)."""
+    if getattr(module, EAGER_ATTENTION, False):       # a layer compiled around it: stays eager
+        return _eager_attention(module, query, key, value, attention_mask, scaling, **kwargs)
+    return _attention(module, query, key, value, attention_mask, scaling, **kwargs)
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     layer = ACTIVE["layer"]
     ACTIVE["layer"] = None
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
@@ -214,6 +223,9 @@ def resa_attention(module, query, key, value, attention_mask, scaling=None, drop
         out = dense(q, store.k[i], store.v[i], store.seqlens[i], scale, cache.backend,
                     use_kernel=rectification)
     return out, None
+
+
+_eager_attention = torch.compiler.disable(_attention)
 
 
 def _padded_chunk(cache, i, query, valid, scale):
@@ -322,6 +334,7 @@ def _wrap_prepare_cache(model, state: AttachState):
                                  f"(max_length - 1) but the ReSA cache holds "
                                  f"{cache.max_cache_len} (max_cache_len); the prompt plus "
                                  "max_new_tokens must fit the cache")
+            use_compiled_layers(model, None if cache.compileable else state.compiled_layers)
             return original(generation_config, model_kwargs, generation_mode, batch_size,
                             max_cache_length, *args, **kwargs)
         if generation_config.use_cache is False:
@@ -345,6 +358,8 @@ def _wrap_prepare_cache(model, state: AttachState):
             slot, compileable = "loop_cache", False
         else:
             slot, compileable = None, impl is None
+        # transformers compiles a compileable cache's forward whole, with resa_tl's custom ops
+        use_compiled_layers(model, None if compileable else state.compiled_layers)
         if slot is not None:
             reuse = getattr(state, slot)
             if _fits(reuse, model, state, rows, capacity):
@@ -427,7 +442,8 @@ def _wrap_prepare_inputs(model):
 
 
 # ------------------------------------------------------------------------------- attach/detach
-def attach(model, config: ReSAConfig | None = None, *, backend: str = "auto", **overrides):
+def attach(model, config: ReSAConfig | None = None, *, backend: str = "auto",
+           compile_layers: bool | None = None, **overrides):
     """Make ``model.generate(...)`` decode with ReSA.
 
     Parameters
@@ -436,6 +452,11 @@ def attach(model, config: ReSAConfig | None = None, *, backend: str = "auto", **
     config : ReSAConfig, optional (paper defaults); ``**overrides`` replace some of its fields,
         e.g. ``attach(model, sparse_ratio=0.1, rectify_every=32)``.
     backend : "auto" (TileLang for fp16/bf16 CUDA models, torch otherwise), "tilelang", "torch".
+    compile_layers : bool, optional — torch.compile each decoder layer around ReSA's cache write
+        and attention (:mod:`resa_tl.integration.layer_compile`): fuses the norms, RoPE and
+        activations that the decode step otherwise runs as dozens of small kernels per layer.
+        The first generate() compiles (tens of seconds). Default: on for a CUDA model with the
+        TileLang backend without tensor parallelism, off otherwise.
 
     Returns the model. Attaching again replaces the configuration. Raises ValueError / TypeError
     for unsupported architectures, dtypes, head dims and backends.
@@ -447,6 +468,11 @@ def attach(model, config: ReSAConfig | None = None, *, backend: str = "auto", **
     if overrides:
         config = config.replace(**overrides)
     check_model(model, backend)
+    if compile_layers is not None and not isinstance(compile_layers, bool):
+        raise TypeError(f"compile_layers must be a bool or None, got {compile_layers!r}")
+    if compile_layers is None:
+        compile_layers = (ops.resolve_backend(backend, model.device, model.dtype) == "tilelang"
+                          and (getattr(model, "tp_size", None) or 1) == 1)
     if attached_state(model) is not None:
         detach(model)
     _register()
@@ -458,6 +484,9 @@ def attach(model, config: ReSAConfig | None = None, *, backend: str = "auto", **
     model.__dict__["prepare_inputs_for_generation"] = _wrap_prepare_inputs(model)
     model.__dict__["_prepare_cache_for_generation"] = _wrap_prepare_cache(model, state)
     model.__dict__["_resa_state"] = state
+    if compile_layers:
+        state.compiled_layers = compile_layers_of(model)
+        use_compiled_layers(model, state.compiled_layers)
     return model
 
 
@@ -469,6 +498,8 @@ def detach(model):
     if state is None:
         raise ValueError("resa_tl is not attached to this model")
     model.set_attn_implementation(state.previous_implementation)
+    if state.compiled_layers is not None:
+        use_compiled_layers(model, None)
     for name, saved in state.saved_attributes.items():
         if saved is _MISSING:
             model.__dict__.pop(name, None)

@@ -1,0 +1,82 @@
+"""attach(compile_layers=True): each decoder layer torch.compiled around ReSA's cache write and
+attention (resa_tl.integration.layer_compile). CPU, torch backend, inductor's CPU code: the same
+tokens and logits as the eager layers, one compiled code for all layers, nothing compiled again
+for a new prompt length, and the layers uncompiled by detach and for transformers' own
+compiled path."""
+import pytest
+import torch
+import torch._dynamo
+
+import resa_tl
+from resa_tl.integration.layer_compile import EAGER_ATTENTION, decoder_layers
+
+from test_attach import GEN, left_padded, make_model
+
+CFG = dict(sparse_ratio=0.25, min_blocks=2, rectify_every=4)
+
+
+def graphs():
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def generate(model, ids, mask=None, n=12):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=n, **GEN,
+                              return_dict_in_generate=True, output_logits=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_compiled_layers_equal_eager_and_share_one_code(arch):
+    torch._dynamo.reset()
+    ids, mask = left_padded([37, 21])
+    counts = []
+    for layers in (2, 4):
+        model = make_model(arch, layers=layers)
+        resa_tl.attach(model, compile_layers=False, **CFG)
+        eager = generate(model, ids, mask)
+        resa_tl.attach(model, compile_layers=True, **CFG)
+        assert all(getattr(layer.self_attn, EAGER_ATTENTION) for layer in decoder_layers(model))
+        before = graphs()
+        out = generate(model, ids, mask)
+        counts.append(graphs() - before)
+        assert torch.equal(out.sequences, eager.sequences)
+        for a, b in zip(out.logits, eager.logits):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        # other prompt lengths, same batch: the dynamic code serves them, no new graph
+        before = graphs()
+        generate(model, *left_padded([29, 33], seed=1), n=9)
+        assert graphs() == before, "a new prompt length compiled again"
+        resa_tl.detach(model)
+        assert all(layer._compiled_call_impl is None and not getattr(
+            layer.self_attn, EAGER_ATTENTION) for layer in decoder_layers(model))
+        torch._dynamo.reset()
+    assert counts[0] > 0 and counts[0] == counts[1], \
+        f"compiled graphs grow with the layer count: {counts} for 2 and 4 layers"
+
+
+def test_compiled_layers_lossless_and_static_path():
+    """The lossless mode through compiled layers gives dense greedy output; the static-cache
+    path (transformers compiles the forward itself) runs the layers uncompiled, and the next
+    default call compiles them again."""
+    torch._dynamo.reset()
+    model = make_model("llama", layers=2)
+    ids = torch.randint(3, 96, (2, 40), generator=torch.Generator().manual_seed(5))
+    dense = generate(model, ids, n=20).sequences
+    resa_tl.attach(model, compile_layers=True, lossless=True, **CFG)
+    assert torch.equal(generate(model, ids, n=20).sequences, dense)
+    resa_tl.attach(model, compile_layers=True, **CFG)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, cache_implementation="static", **GEN)
+    assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
+    generate(model, ids, n=4)
+    assert all(layer._compiled_call_impl is not None for layer in decoder_layers(model))
+    resa_tl.detach(model)
+
+
+def test_compile_layers_default_and_bad_value():
+    model = make_model("llama", layers=1)
+    resa_tl.attach(model)                              # CPU: the torch backend, not compiled
+    assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
+    with pytest.raises(TypeError, match="compile_layers"):
+        resa_tl.attach(model, compile_layers="yes")
+    resa_tl.detach(model)
