@@ -246,7 +246,7 @@ def test_chunk_attention_rejects_short_rows():
 def test_warm_up_prepares_the_cache_later_calls_reuse(monkeypatch):
     model = resa_tl.attach(make_model("qwen2"), min_blocks=2, rectify_every=4)
     cache = resa_tl.integration.warm_up(model, 2, 1500)
-    assert cache.max_cache_len == 2048 and cache.num_rectifications == 1
+    assert cache.max_cache_len == 2048 and cache.num_rectifications == 2
     Forbid(monkeypatch)
     with torch.no_grad():
         out = model.generate(left_padded([1000, 700])[0], max_new_tokens=9,

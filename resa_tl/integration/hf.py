@@ -134,10 +134,11 @@ def warm_up(model, batch_size: int, max_cache_len: int) -> ReSAHFCache:
     """Prepare an attached model for ``generate()`` calls of ``batch_size`` rows and up to
     ``max_cache_len`` tokens (prompt + new tokens), once, before serving: allocates the cache
     that the default call keeps and reuses, loads or compiles its TileLang kernels (from
-    TileLang's disk cache when present) and records the decode loop's CUDA graphs, by
-    generating ``rectify_every + 2`` tokens from a short random prompt. Later calls whose rows
-    match and whose prompt + max_new_tokens fit then compile and record nothing. Returns the
-    cache."""
+    TileLang's disk cache when present), torch.compiles the decoder layers (``compile_layers``)
+    and records the decode loop's CUDA graphs, by generating ``2 * (rectify_every + 1) + 1``
+    tokens from a short random prompt (a step is recorded on its second run). Later calls whose
+    rows match and whose prompt + max_new_tokens fit then compile and record nothing (the
+    lossless mode records each verify length as it first recurs). Returns the cache."""
     state = attached_state(model)
     if state is None:
         raise ValueError("resa_tl is not attached to this model; call resa_tl.attach(model)")
@@ -145,17 +146,18 @@ def warm_up(model, batch_size: int, max_cache_len: int) -> ReSAHFCache:
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ValueError(f"warm_up: {name} must be an int >= 1, got {val!r}")
     f = state.config.rectify_every
-    prompt = min(64, max(1, max_cache_len - f - 2))
-    if prompt + f + 2 > max_cache_len + 1:
-        raise ValueError(f"warm_up: max_cache_len={max_cache_len} is too short to run a "
-                         f"rectification (rectify_every={f})")
+    new = 2 * (f + 1) + 1                     # the one-token step and the rectification, twice
+    prompt = min(64, max(1, max_cache_len - new))
+    if prompt + new > max_cache_len + 1:
+        raise ValueError(f"warm_up: max_cache_len={max_cache_len} is too short to run two "
+                         f"rectifications (rectify_every={f}; needs {new + 1} positions)")
     state.loop_cache = None
     state.loop_cache = new_cache(model, batch_size, bucketed_capacity(
         model, max_cache_len + lossless_slack(state.config)))
     vocab = text_config(model.config).vocab_size
     ids = torch.randint(0, vocab, (batch_size, prompt), device=model.device)
     with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=f + 2,
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
                        do_sample=False, eos_token_id=None, pad_token_id=0)
     return state.loop_cache
 
