@@ -321,7 +321,7 @@ def precompile(cfg: ReSAConfig, contexts, batches, new_tokens: int, layers: int,
         for context, B, cfg in itertools.product(contexts, batches, configs):
             cap = capacity_for(context, new_tokens, layers, cfg)
             f = cfg.rectify_every
-            verify = tuple(w + 1 for w in cfg.verify_windows())
+            verify = tuple(w + 1 for w in cfg.verify_windows()) + ((1,) if cfg.lossless else ())
             kv = dict(device="meta", dtype=torch.bfloat16)
             k = torch.empty(B, cap, Hkv, D, **kv)
             lens = torch.empty(B, device="meta", dtype=torch.int32)

@@ -332,7 +332,9 @@ def verify_window(windows, alphas, step_ms: float, verify_ms: float) -> int:
     per unit of time for the batch, a window of w costing w sparse steps (``step_ms`` each)
     and one dense pass (``verify_ms``) and committing expected_tokens(alpha_b, w) in row b.
     Low agreement or a cheap dense pass (short context) gives short windows, high agreement
-    and an expensive dense pass (long context) long ones; ties go to the shorter window."""
+    and an expensive dense pass (long context) long ones; ties go to the shorter window.
+    A window of 0 (no proposals: one dense step, which commits one token per row) wins where
+    nothing beats plain dense decoding."""
     best, best_rate = None, -1.0
     for w in sorted(windows):
         rate = sum(expected_tokens(a, w) for a in alphas) / (w * step_ms + verify_ms)

@@ -18,6 +18,14 @@ from test_attach import GEN, left_padded, make_model
 LOSSY = dict(sparse_ratio=0.1, min_blocks=2, local_blocks=1, rectify_every=8)
 
 
+@pytest.fixture(autouse=True)
+def always_propose(monkeypatch):
+    """On a CPU the timings of a tiny model would often choose dense steps over proposals;
+    these tests check the speculation, so it always proposes unless a test says otherwise."""
+    from resa_tl.integration import lossless
+    monkeypatch.setattr(lossless, "DENSE_STEPS", False)
+
+
 class Collect(BaseStreamer):
     def __init__(self):
         self.chunks = []
@@ -225,6 +233,32 @@ def test_verify_window_follows_agreement_and_costs():
     assert picks == sorted(picks) and picks[0] < picks[-1]        # more agreement, longer
     costs = [verify_window(windows, [0.9] * 8, 1.0, v) for v in (0.5, 2.0, 8.0, 32.0)]
     assert costs == sorted(costs) and costs[0] < costs[-1]       # dearer pass, longer
+    # window 0 (a dense step, one token per row per pass): where proposals cannot pay
+    assert verify_window(windows + (0,), [0.3] * 8, 1.0, 1.2) == 0     # a sparse step ~ dense
+    assert verify_window(windows + (0,), [0.99] * 8, 0.1, 1.0) == 32
+    assert verify_window(windows + (0,), [0.8] * 8, 0.5, 1.0) == 4
+
+
+def test_dense_steps_between_windows(monkeypatch):
+    """Window 0 (dense one-token steps) mixed with verify windows, by a policy that alternates:
+    the output is still dense greedy decoding, rows at different lengths, EOS in one row."""
+    from resa_tl.integration import lossless
+    monkeypatch.setattr(lossless, "DENSE_STEPS", True)
+    picks = iter([0, 4, 0, 0, 8] * 100)
+    monkeypatch.setattr(lossless.heuristics, "verify_window", lambda *a: next(picks))
+    model = make_model("llama", layers=3, seed=3)
+    dense = copy.deepcopy(model)
+    ids, mask = left_padded([150, 93], seed=3)
+    with torch.no_grad():
+        probe = dense.generate(ids, attention_mask=mask, max_new_tokens=90, **GEN)
+        eos = int(probe[0, 150 + 40])
+        kw = dict(do_sample=False, eos_token_id=eos, pad_token_id=0, max_new_tokens=90)
+        ref = dense.generate(ids, attention_mask=mask, **kw)
+        resa_tl.attach(model, lossless=True, **LOSSY)
+        out = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **kw)
+    assert torch.equal(out.sequences, ref)
+    stats = out.past_key_values.lossless_stats
+    assert stats.dense_steps > 0 and stats.verify_passes > 0 and stats.proposed > stats.accepted
 
 
 def test_lossless_with_a_prefix_dependent_processor():

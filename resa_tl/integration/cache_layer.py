@@ -175,6 +175,10 @@ class ReSAHFCache(Cache):
         self._planned = False
         self.num_rectifications = 0
         self.last_step_rectified = False
+        # one-token forwards attend densely while set (the lossless mode's dense steps, taken
+        # where no verify window would beat plain dense decoding); they then update the
+        # summaries at the write, as no selection follows to refresh them
+        self.dense_one_token = False
         self.num_heads = num_heads
         self.softmax_scale = float(softmax_scale or head_dim_of(cfg) ** -0.5)
         # Eager steps run through this (plans resolved once per cache); a compiled step goes
@@ -204,6 +208,8 @@ class ReSAHFCache(Cache):
         torch's flash attention."""
         cfg = self.config
         lengths = {cfg.rectify_every + 1} | {w + 1 for w in cfg.verify_windows()}
+        if cfg.lossless:
+            lengths.add(1)                    # its dense steps (dense_one_token)
         return frozenset(lengths)
 
     def _uses_tilelang(self) -> bool:
@@ -327,7 +333,8 @@ class ReSAHFCache(Cache):
         T = key_states.shape[-2]
         # one token with refresh_in_select: the sparse attention that follows refreshes
         self.store.write(i, key_states.transpose(1, 2), value_states.transpose(1, 2),
-                         update_summaries=not (T == 1 and self.refresh_in_select))
+                         update_summaries=not (T == 1 and self.refresh_in_select
+                                               and not self.dense_one_token))
         self.seen[i].add_(T)
         layer = self.layers[i]
         ACTIVE["layer"] = layer

@@ -101,11 +101,12 @@ class StepGraphs:
     def run(self, ids, positions, attention_mask=None, keep=1):
         """``keep`` > 1: the logits of the last ``keep`` positions, [B, keep, V]."""
         T = ids.shape[1]
-        entry = self.graphs.get((T, keep))
+        key = (T, keep, "dense") if T == 1 and self.cache.dense_one_token else (T, keep)
+        entry = self.graphs.get(key)
         if entry is None:
-            self.calls[T] += 1
+            self.calls[key] += 1
             if (not self.enabled or attention_mask is not None or T not in self.capture_lengths
-                    or self.calls[T] < 2):
+                    or self.calls[key] < 2):
                 return self.forward(ids, positions, attention_mask, keep)
             entry = self._capture(ids, positions, keep)
             if entry is None:
@@ -133,7 +134,9 @@ class StepGraphs:
             return None
         self.cache._planned = planned
         self.captures += 1
-        entry = self.graphs[ids.shape[1], keep] = (graph, ids_buf, pos_buf, logits)
+        T = ids.shape[1]
+        key = (T, keep, "dense") if T == 1 and self.cache.dense_one_token else (T, keep)
+        entry = self.graphs[key] = (graph, ids_buf, pos_buf, logits)
         return entry
 
 

@@ -197,7 +197,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, **kwargs
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError("resa_tl takes 2D padding masks ([batch, tokens]); got a "
                          f"{attention_mask.dim()}D attention mask")
-    if T == 1:
+    if T == 1 and not cache.dense_one_token:
         q = query[:, :, 0].contiguous()
         if _torch_ops.use_registered_op(q):
             out = _torch_ops.hf_sparse_attention(

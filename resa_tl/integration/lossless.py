@@ -22,7 +22,11 @@ its own accepted prefix). The window is chosen before each pass among the config
 commit the most tokens per unit of time (:func:`resa_tl.heuristics.verify_window`), from each
 row's recent agreement with dense and the measured times of a sparse step and of a dense pass:
 it shrinks after rejections and grows after agreement, and grows further where the dense pass
-is dear (long contexts), so a model whose sparse and dense choices often part wastes little.
+is dear (long contexts). Where no window is predicted to beat plain dense decoding (sparse and
+dense often part, or a sparse step costs nearly what a dense one does), the loop takes dense
+one-token steps instead (window 0: its token is dense decoding's choice, no proposal to check),
+so the mode then runs at about dense decoding's speed; while it does, the agreement estimates
+drift back to their prior, so proposals are tried again now and then.
 
 Logits processors and stopping criteria see each row's committed prefix only: they are called
 once per distinct prefix length among the rows (once per position when the rows are in step;
@@ -40,6 +44,11 @@ import torch
 from .. import heuristics
 from .decode_loop import StepGraphs, prefill_chunk, run_prefill
 
+#: Take dense steps (window 0) where no verify window is predicted to commit tokens faster than
+#: plain dense decoding (heuristics.verify_window): then the mode costs about what dense
+#: decoding costs instead of more. False: always propose (tests of the speculation itself).
+DENSE_STEPS = True
+
 # Logits processors and warpers that do not read input_ids: one call covers rows whose
 # prefixes have different lengths.
 _PREFIX_FREE = {"TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper",
@@ -53,6 +62,7 @@ class VerifyStats:
     """What the lossless mode's last generate() call verified (``cache.lossless_stats``).
     Counts are summed over the rows that were still decoding."""
     verify_passes: int = 0        # dense passes that verified proposals (each covers the batch)
+    dense_steps: int = 0          # one-token dense steps, where proposing would not have paid
     row_checks: int = 0           # rows verified, summed over the passes
     proposed: int = 0             # proposals (sparse tokens) verified
     accepted: int = 0             # of those, kept
@@ -64,6 +74,7 @@ class VerifyStats:
     sparse_steps: int = 0
     proposal_ms: float = 0.0
     verify_ms: float = 0.0
+    dense_ms: float = 0.0
     window_ms: float = 0.0
 
     @property
@@ -72,12 +83,15 @@ class VerifyStats:
         return self.accepted / self.proposed if self.proposed else float("nan")
 
     def time_split(self) -> dict:
-        """ms per sparse step, per dense pass, and per window (and of it, what the two leave:
-        the host-side rest), averaged over the windows."""
-        n = max(self.verify_passes, 1)
+        """ms per sparse step, per verify pass, per dense step, and per window (a verify
+        window or a dense step) with what those leave of it (the host-side rest)."""
+        n = max(self.verify_passes + self.dense_steps, 1)
         return dict(sparse_step_ms=self.proposal_ms / max(self.sparse_steps, 1),
-                    verify_ms=self.verify_ms / n, window_ms=self.window_ms / n,
-                    rest_ms=(self.window_ms - self.proposal_ms - self.verify_ms) / n)
+                    verify_ms=self.verify_ms / max(self.verify_passes, 1),
+                    dense_step_ms=self.dense_ms / max(self.dense_steps, 1),
+                    window_ms=self.window_ms / n,
+                    rest_ms=(self.window_ms - self.proposal_ms - self.verify_ms
+                             - self.dense_ms) / n)
 
     @property
     def tokens_per_pass(self) -> float:
@@ -157,6 +171,7 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
     cache = steps.cache
     windows = cache.config.verify_windows()
     W = windows[0]
+    choices = windows + ((0,) if DENSE_STEPS else ())     # 0: a dense step, no proposals
     device = input_ids.device
     B, P = input_ids.shape
     max_length = generation_config.max_length
@@ -230,12 +245,17 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
                 tok = tok * unfinished + pad * (1 - unfinished)
             seq.scatter_(1, (c_dev + k)[:, None], tok[:, None])
         clock.mark()
-        # verify: each row's last committed token and its q proposals, fed densely
+        # verify: each row's last committed token and its q proposals, fed densely (q = 0: a
+        # dense step, its token committed as dense decoding would choose it)
         T = q + 1
         cache.begin_step(1, rewind=q)
+        cache.dense_one_token = q == 0
         idx = c_dev[:, None] - 1 + arange[:T]                                  # [B, T]
         dense = steps.run(seq.gather(1, idx), idx + offset[:, None], keep=T)
+        cache.dense_one_token = False
         dense = dense.to(copy=True, dtype=torch.float32)
+        if T == 1:
+            dense = dense[:, None]
         proc = torch.stack([process(dense[:, i], [n + i for n in c], c_dev + i)
                             for i in range(T)], 1)
         proposals = seq.gather(1, c_dev[:, None] + arange[:q])                 # [B, q]
@@ -267,11 +287,15 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
         seq.scatter_(1, (c_dev + accepted)[:, None], extra[:, None])
         acc = accepted.tolist()                                                # host read 1
         s, v = clock.read()                        # the window's times: the host has waited
-        step_ms = s / q if step_ms is None else 0.5 * (step_ms + s / q)
+        if q:
+            step_ms = s / q if step_ms is None else 0.5 * (step_ms + s / q)
         verify_ms = v if verify_ms is None else 0.5 * (verify_ms + v)
         stats.sparse_steps += q
         stats.proposal_ms += s
-        stats.verify_ms += v
+        if q:
+            stats.verify_ms += v
+        else:
+            stats.dense_ms += v
         # commit row b's positions [c_b, new_b); stopping criteria once per position
         new = [min(c[b] + acc[b] + 1, max_length) if active[b] else c[b] for b in range(B)]
         span = sorted({p for b in range(B) for p in range(c[b], new[b])})
@@ -282,13 +306,16 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
                 if c[b] <= p < new[b] and not finished[b] and flags[j][b]:
                     finished[b], stop_at[b] = True, p + 1
                     new[b] = p + 1                 # later positions: padding, fed next window
-        stats.verify_passes += 1
-        stats.row_checks += len(verifying)
-        stats.proposed += q * len(verifying)
-        stats.accepted += sum(acc[b] for b in verifying)
-        stats.emitted += sum(new[b] - c[b] for b in verifying)
-        for b in verifying:
-            stats.trace[b].append((c[b], q, acc[b]))
+        if q:
+            stats.verify_passes += 1
+            stats.row_checks += len(verifying)
+            stats.proposed += q * len(verifying)
+            stats.accepted += sum(acc[b] for b in verifying)
+            stats.emitted += sum(new[b] - c[b] for b in verifying)
+            for b in verifying:
+                stats.trace[b].append((c[b], q, acc[b]))
+        else:
+            stats.dense_steps += 1
         for p in span:
             ins = [b for b in range(B) if c[b] <= p < new[b]]
             at = [p - c[b] for b in ins]
@@ -307,13 +334,17 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
             while streamed < min(c):
                 streamer.put(seq[:, streamed].cpu())
                 streamed += 1
+        d = heuristics.VERIFY_DECAY
         for b in verifying:                        # agreement: a yes per accepted proposal,
             yes, no = agree[b]                     # a no per rejection
-            d = heuristics.VERIFY_DECAY
-            agree[b] = [d * yes + acc[b], d * no + (acc[b] < q)]
+            if q:
+                agree[b] = [d * yes + acc[b], d * no + (acc[b] < q)]
+            else:                                  # a dense step tells nothing: drift back to
+                agree[b] = [d * x + (1 - d) * p    # the prior, so proposals get tried again
+                            for x, p in zip(agree[b], heuristics.VERIFY_PRIOR)]
         if verifying and step_ms is not None:
             window = heuristics.verify_window(
-                windows, [agree[b][0] / sum(agree[b]) for b in verifying], step_ms, verify_ms)
+                choices, [agree[b][0] / sum(agree[b]) for b in verifying], step_ms, verify_ms)
         stats.window_ms += (time.perf_counter() - started) * 1e3
     L = target()
     if streamer is not None:
