@@ -316,6 +316,11 @@ VERIFY_PRIOR = (4.0, 1.0)
 #: Decay of the agreement counts per verify pass: the estimate follows the last few windows
 #: (a text's passage changes how well sparse attention tracks dense).
 VERIFY_DECAY = 0.8
+#: Per dense step of the lossless mode (no proposals, so no verdicts), the agreement counts move
+#: this share of the way back to VERIFY_PRIOR, so proposals get tried again: after failures
+#: (about 0 yes, 5 no) it takes some 40 dense steps before a short window looks worth a try at
+#: a sparse/dense cost ratio of 0.5, so retrying costs a few percent where agreement stays low.
+VERIFY_RETRY_DRIFT = 0.05
 
 
 def expected_tokens(alpha: float, window: int) -> float:

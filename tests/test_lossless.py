@@ -92,7 +92,11 @@ def test_lossless_with_eos_streamer_and_scores():
 
 
 def test_verify_window_adapts(monkeypatch):
-    from resa_tl.integration import lossless
+    """The window follows agreement: it starts at the smallest, grows through a stretch where
+    every proposal is kept and shrinks where every other one is rejected. Verdicts replayed
+    (cache.replay_acceptance) and times fixed (a sparse step a tenth of a dense pass), so the
+    policy, not this CPU's timings or a random model's agreement, decides."""
+    from resa_tl.integration import lossless, warm_up
     lengths = []
     original = lossless.StepGraphs.run
 
@@ -101,9 +105,15 @@ def test_verify_window_adapts(monkeypatch):
             lengths.append(keep - 1)
         return original(self, ids, positions, attention_mask, keep)
     monkeypatch.setattr(lossless.StepGraphs, "run", spy)
-    dense_and_lossless("llama", [400], 200)
-    # windows 8 and 4 (f = 8); verifications forced by max_new_tokens may be shorter
-    assert lengths[0] == 8 and 4 in lengths and max(lengths) == 8
+    read = lossless.StepClock.read
+    monkeypatch.setattr(lossless.StepClock, "read", lambda self: (read(self), (1.0, 10.0))[1])
+    model = resa_tl.attach(make_model("llama", layers=2), lossless=True, **LOSSY)
+    ids, _ = left_padded([300])
+    warm_up(model, 1, 300 + 200).replay_acceptance = [[1] * 100 + [1, 0] * 50]
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=200, **GEN)
+    grown = lengths.index(8)
+    assert lengths[0] == 4 and grown > 0 and 4 in lengths[grown:]
     assert ReSAConfig(lossless=True, rectify_every=32).verify_windows() == (32, 16, 8, 4)
     assert ReSAConfig(lossless=True, rectify_every=3).verify_windows() == (3,)
 

@@ -210,7 +210,7 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
     kept_scores = {P: first} if scores is not None else {}        # position -> [B, V]
     kept_logits = {P: first_logits} if raw_logits is not None else {}
     streamed = P
-    window = W
+    window = windows[-1]                   # the cheapest probe: nothing is known yet
     agree = [list(heuristics.VERIFY_PRIOR) for _ in range(B)]     # per row: (yes, no) counts
     clock = StepClock(device)
     step_ms = verify_ms = None
@@ -340,8 +340,8 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
             if q:
                 agree[b] = [d * yes + acc[b], d * no + (acc[b] < q)]
             else:                                  # a dense step tells nothing: drift back to
-                agree[b] = [d * x + (1 - d) * p    # the prior, so proposals get tried again
-                            for x, p in zip(agree[b], heuristics.VERIFY_PRIOR)]
+                r = heuristics.VERIFY_RETRY_DRIFT  # the prior, so proposals get tried again
+                agree[b] = [(1 - r) * x + r * p for x, p in zip(agree[b], heuristics.VERIFY_PRIOR)]
         if verifying and step_ms is not None:
             window = heuristics.verify_window(
                 choices, [agree[b][0] / sum(agree[b]) for b in verifying], step_ms, verify_ms)
