@@ -123,6 +123,10 @@ def main():
     ap.add_argument("--trace-json", default=None,
                     help="run the lossless mode only and write the verdicts per text here")
     args = ap.parse_args()
+    # Measure agreement: always propose (no dense steps, which this machine's timings could
+    # choose), so every position is checked and the recorded verdicts cover the whole stream.
+    from resa_tl.integration import lossless
+    lossless.DENSE_STEPS = False
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model, tok, path = load_model(args.model, dtype=dtype, device=args.device)
     header = dict(model=os.path.basename(path), device=args.device, dtype=str(dtype),
