@@ -13,10 +13,9 @@ prompt of ``context`` tokens in every row (no padding), then ``--new-tokens`` gr
 
 Modes:
   resa          resa_tl.attach(model) (its defaults) and the plain call: resa_tl's decoding
-                loop (chunked prefill, decoder layers torch.compiled around ReSA's attention,
-                decode steps replayed from CUDA graphs)
-  resa-uncompiled  the same with attach(compile_layers=False): the model's eager layers
-                inside the CUDA graphs
+                loop (chunked prefill, decode steps replayed from CUDA graphs)
+  resa-compiled the same with attach(compile_layers=True): decoder layers torch.compiled
+                around ReSA's cache write and attention, inside the CUDA graphs
   full          resa_tl.attach(sparse_ratio=1.0, rectify_every=0), the plain call: every block
                 kept and no rectification, which the integration runs as dense attention
                 (resa_tl's dense_decode kernel) over the same cache in the same loop: the
@@ -84,7 +83,7 @@ from _timing import Marks, git_commit, trace_events, window_kernels
 from bench_e2e import Qwen7BShape, kernel_group
 
 MODES = ("resa", "full", "dense", "dense-static", "resa-eager", "resa-static", "lossless",
-         "resa-uncompiled")
+         "resa-compiled")
 
 
 def model_config(layers: int, max_positions: int):
@@ -151,8 +150,7 @@ def generating_in(model, ids, mode, new_tokens, cfg, stock_chunk=None):
     from transformers import LogitsProcessorList
     attach_cfg = mode_config(mode, cfg)
     if attach_cfg is not None:
-        resa_tl.attach(model, attach_cfg,
-                       compile_layers=False if mode == "resa-uncompiled" else None)
+        resa_tl.attach(model, attach_cfg, compile_layers=mode == "resa-compiled")
     kw = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
               return_dict_in_generate=True)                 # no EOS: every row decodes them all
     if mode.endswith("static"):

@@ -75,8 +75,12 @@ def test_compiled_layers_lossless_and_static_path():
 
 def test_compile_layers_default_and_bad_value():
     model = make_model("llama", layers=1)
-    resa_tl.attach(model)                              # CPU: the torch backend, not compiled
+    resa_tl.attach(model)                              # off by default
     assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
     with pytest.raises(TypeError, match="compile_layers"):
         resa_tl.attach(model, compile_layers="yes")
+    model._tp_size = 2                                  # as loading with a tp_plan sets it
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        resa_tl.attach(model, compile_layers=True)
+    model._tp_size = None
     resa_tl.detach(model)

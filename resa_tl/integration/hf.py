@@ -445,7 +445,7 @@ def _wrap_prepare_inputs(model):
 
 # ------------------------------------------------------------------------------- attach/detach
 def attach(model, config: ReSAConfig | None = None, *, backend: str = "auto",
-           compile_layers: bool | None = None, **overrides):
+           compile_layers: bool = False, **overrides):
     """Make ``model.generate(...)`` decode with ReSA.
 
     Parameters
@@ -454,11 +454,11 @@ def attach(model, config: ReSAConfig | None = None, *, backend: str = "auto",
     config : ReSAConfig, optional (paper defaults); ``**overrides`` replace some of its fields,
         e.g. ``attach(model, sparse_ratio=0.1, rectify_every=32)``.
     backend : "auto" (TileLang for fp16/bf16 CUDA models, torch otherwise), "tilelang", "torch".
-    compile_layers : bool, optional — torch.compile each decoder layer around ReSA's cache write
-        and attention (:mod:`resa_tl.integration.layer_compile`): fuses the norms, RoPE and
-        activations that the decode step otherwise runs as dozens of small kernels per layer.
-        The first generate() compiles (tens of seconds). Default: on for a CUDA model with the
-        TileLang backend without tensor parallelism, off otherwise.
+    compile_layers : bool — torch.compile each decoder layer around ReSA's cache write and
+        attention (:mod:`resa_tl.integration.layer_compile`): fuses the norms, RoPE and
+        activations that the decode step otherwise runs as dozens of small kernels per layer;
+        the first generate() compiles. Off by default: tested on CPU (same tokens, one code for
+        all layers, no recompiles), not yet run or timed on a GPU. Not under tensor parallelism.
 
     Returns the model. Attaching again replaces the configuration. Raises ValueError / TypeError
     for unsupported architectures, dtypes, head dims and backends.
@@ -469,12 +469,11 @@ def attach(model, config: ReSAConfig | None = None, *, backend: str = "auto",
         raise TypeError(f"config must be a resa_tl.ReSAConfig, got {type(config).__name__}")
     if overrides:
         config = config.replace(**overrides)
+    if not isinstance(compile_layers, bool):
+        raise TypeError(f"compile_layers must be a bool, got {compile_layers!r}")
+    if compile_layers and (getattr(model, "tp_size", None) or 1) > 1:
+        raise ValueError("compile_layers=True is not supported under tensor parallelism")
     check_model(model, backend)
-    if compile_layers is not None and not isinstance(compile_layers, bool):
-        raise TypeError(f"compile_layers must be a bool or None, got {compile_layers!r}")
-    if compile_layers is None:
-        compile_layers = (ops.resolve_backend(backend, model.device, model.dtype) == "tilelang"
-                          and (getattr(model, "tp_size", None) or 1) == 1)
     if attached_state(model) is not None:
         detach(model)
     _register()
