@@ -251,8 +251,10 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
         cache.begin_step(1, rewind=q)
         cache.dense_one_token = q == 0
         idx = c_dev[:, None] - 1 + arange[:T]                                  # [B, T]
-        dense = steps.run(seq.gather(1, idx), idx + offset[:, None], keep=T)
-        cache.dense_one_token = False
+        try:
+            dense = steps.run(seq.gather(1, idx), idx + offset[:, None], keep=T)
+        finally:
+            cache.dense_one_token = False
         dense = dense.to(copy=True, dtype=torch.float32)
         if T == 1:
             dense = dense[:, None]
@@ -269,7 +271,7 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
         if replay is not None:
             ok = torch.tensor([[bool(r[p]) if p < len(r) else True
                                 for p in range(c[b] - P, c[b] - P + q)]
-                               for b, r in enumerate(replay)], device=device)
+                               for b, r in enumerate(replay)], dtype=torch.bool, device=device)
         if has_eos:
             ok |= (unfinished == 0)[:, None]
         accepted = ok.to(torch.long).cumprod(1).sum(1)                          # [B]
