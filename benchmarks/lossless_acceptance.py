@@ -29,6 +29,7 @@ default; ``--device cuda`` runs bf16 with the TileLang kernels.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -51,6 +52,20 @@ def first_difference(a, b) -> int:
     return int(diff[0]) if diff.numel() else len(a)
 
 
+@contextlib.contextmanager
+def always_propose():
+    """The lossless loop without dense steps (which this machine's timings could choose): every
+    position after the first is proposed and checked, so the verdicts and counts measure
+    agreement, not the window policy."""
+    from resa_tl.integration import lossless
+    saved, lossless.DENSE_STEPS = lossless.DENSE_STEPS, False
+    try:
+        yield
+    finally:
+        lossless.DENSE_STEPS = saved
+
+
+@always_propose()
 def run_text(model, tok, text, args):
     ids = tok(text, return_tensors="pt").input_ids[:, :args.prompt_len].to(model.device)
     if ids.shape[1] < args.prompt_len:
@@ -92,6 +107,7 @@ def run_text(model, tok, text, args):
     return row
 
 
+@always_propose()
 def trace_text(model, tok, text, args) -> list:
     """The lossless mode alone: the text's verdicts by generated position."""
     ids = tok(text, return_tensors="pt").input_ids[:, :args.prompt_len].to(model.device)
@@ -123,10 +139,6 @@ def main():
     ap.add_argument("--trace-json", default=None,
                     help="run the lossless mode only and write the verdicts per text here")
     args = ap.parse_args()
-    # Measure agreement: always propose (no dense steps, which this machine's timings could
-    # choose), so every position is checked and the recorded verdicts cover the whole stream.
-    from resa_tl.integration import lossless
-    lossless.DENSE_STEPS = False
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model, tok, path = load_model(args.model, dtype=dtype, device=args.device)
     header = dict(model=os.path.basename(path), device=args.device, dtype=str(dtype),

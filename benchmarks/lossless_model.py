@@ -34,13 +34,14 @@ from resa_tl import heuristics  # noqa: E402
 def simulate(streams: list, windows: tuple, sparse_ms: float, dense_ms: float,
              verify_ms: float | None = None, dense_steps: bool = True) -> dict:
     """Replay the window policy over ``streams`` (per row, 0/1 verdicts by generated position,
-    all of one length N): time and counts until every row has committed N tokens.
+    all of one length N; position 0 comes from the prompt's pass, as in the loop): time and
+    counts until every row has committed N tokens, per token after the first.
     ``verify_ms``: a verify pass (default: ``dense_ms``, a dense step; a pass of q + 1 tokens
     costs a little more where the weights, not the tokens, dominate)."""
     verify_ms = dense_ms if verify_ms is None else verify_ms
     B, N = len(streams), len(streams[0])
     choices = tuple(windows) + ((0,) if dense_steps else ())
-    c = [0] * B
+    c = [1] * B                       # position 0 is the prompt pass's token: never proposed
     agree = [list(heuristics.VERIFY_PRIOR) for _ in range(B)]
     d, prior = heuristics.VERIFY_DECAY, heuristics.VERIFY_PRIOR
     r = heuristics.VERIFY_RETRY_DRIFT
@@ -67,10 +68,11 @@ def simulate(streams: list, windows: tuple, sparse_ms: float, dense_ms: float,
                 c[b] = min(c[b] + acc + 1, N)
                 agree[b] = [d * agree[b][0] + acc, d * agree[b][1] + (acc < q)]
         window = heuristics.verify_window(
-            choices, [agree[b][0] / sum(agree[b]) for b in active], sparse_ms, verify_ms)
-    return dict(ms_per_token=t / N, verify_passes=passes, dense_steps=dense,
+            choices, [agree[b][0] / sum(agree[b]) for b in active], sparse_ms, verify_ms,
+            dense_ms)
+    return dict(ms_per_token=t / (N - 1), verify_passes=passes, dense_steps=dense,
                 acceptance=accepted / proposed if proposed else float("nan"),
-                speedup_vs_dense=dense_ms * N / t)
+                speedup_vs_dense=dense_ms * (N - 1) / t)
 
 
 def load_streams(path: str, rows: int, new_tokens: int) -> list:

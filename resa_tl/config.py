@@ -2,7 +2,7 @@
 attention-sink block (``sink_blocks``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 
 from .kernels.block_summaries import FP8_FORMATS
 
@@ -65,8 +65,6 @@ class ReSAConfig:
     sink_blocks: int | None = None
     summary_dtype: str | None = None
     lossless: bool = False
-    # sink_blocks was left to the default, so replace() resolves it again for the new budget
-    _sink_default: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -86,6 +84,8 @@ class ReSAConfig:
         if sb is None:
             sb = min(DEFAULT_SINK_BLOCKS, mb - lb)
             object.__setattr__(self, "sink_blocks", sb)
+            # not a field (asdict, ==, hash and the constructor ignore it): replace() resolves
+            # the default again for the new budget
             object.__setattr__(self, "_sink_default", True)
         if not _is_int(sb) or sb < 0 or sb + lb > mb:
             raise ValueError(
@@ -125,7 +125,7 @@ class ReSAConfig:
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise TypeError(f"unknown ReSAConfig field(s) {unknown}; valid fields: {sorted(names)}")
-        if self._sink_default and "sink_blocks" not in overrides:
+        if getattr(self, "_sink_default", False) and "sink_blocks" not in overrides:
             overrides["sink_blocks"] = None
         return replace(self, **overrides)
 

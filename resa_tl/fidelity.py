@@ -50,11 +50,12 @@ implement only "upper_bound" (with ``sink_blocks``) and fp8 summaries.
 Attention-mass recall (``recall=`` of :func:`teacher_forced_logits`): for every sparse step,
 layer and KV head, the exact attention mass (:func:`exact_block_mass`, summed over the group's
 query heads) of the blocks the rule selected divided by that of the blocks "oracle" selects at
-the same budget with the same forced blocks; averaged with equal weight over steps x layers x KV
-heads. The oracle maximises that mass over all selections of the same size that keep the forced
-blocks, so recall lies in [0, 1] and is 1 for the oracle, wherever the budget holds the newest
-block and the sink block together (min_blocks >= 2 ensures it; with a budget of one block the
-"+sink" rules keep block 0 instead of the newest, and nothing bounds their recall by 1). The
+the same budget (forcing only the newest blocks); averaged with equal weight over steps x
+layers x KV heads. The oracle maximises that mass over all selections of the same size that
+keep the newest blocks, so recall lies in [0, 1] and is 1 for the oracle, wherever the budget
+holds the newest block and any sink block together (min_blocks >= 2 ensures it; with a budget
+of one block the "+sink" rules keep block 0 instead of the newest, and nothing bounds their
+recall by 1). The
 fused dense (rectification) steps are not counted. ``mass`` next to it: the mean fraction of the
 group's attention (selected mass / g) that the selection keeps.
 

@@ -332,17 +332,19 @@ def expected_tokens(alpha: float, window: int) -> float:
     return alpha * (1.0 - alpha ** window) / (1.0 - alpha) + 1.0
 
 
-def verify_window(windows, alphas, step_ms: float, verify_ms: float) -> int:
+def verify_window(windows, alphas, step_ms: float, verify_ms: float,
+                  dense_ms: float | None = None) -> int:
     """The lossless mode's next window: of ``windows``, the one that commits the most tokens
     per unit of time for the batch, a window of w costing w sparse steps (``step_ms`` each)
     and one dense pass (``verify_ms``) and committing expected_tokens(alpha_b, w) in row b.
     Low agreement or a cheap dense pass (short context) gives short windows, high agreement
     and an expensive dense pass (long context) long ones; ties go to the shorter window.
-    A window of 0 (no proposals: one dense step, which commits one token per row) wins where
-    nothing beats plain dense decoding."""
+    A window of 0 (no proposals: one dense step of ``dense_ms``, default ``verify_ms``, which
+    commits one token per row) wins where nothing beats plain dense decoding."""
     best, best_rate = None, -1.0
     for w in sorted(windows):
-        rate = sum(expected_tokens(a, w) for a in alphas) / (w * step_ms + verify_ms)
+        cost = w * step_ms + verify_ms if w else (verify_ms if dense_ms is None else dense_ms)
+        rate = sum(expected_tokens(a, w) for a in alphas) / cost
         if rate > best_rate * (1 + 1e-9):
             best, best_rate = w, rate
     return best

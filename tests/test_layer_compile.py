@@ -6,6 +6,7 @@ compiled path."""
 import pytest
 import torch
 import torch._dynamo
+from transformers import LogitsProcessor, LogitsProcessorList
 
 import resa_tl
 from resa_tl.integration.layer_compile import EAGER_ATTENTION, decoder_layers
@@ -19,10 +20,29 @@ def graphs():
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def generate(model, ids, mask=None, n=12):
+class LayersSeen(LogitsProcessor):
+    """Whether the model's layers ran compiled (and attention eager) during generation."""
+
+    def __init__(self, model):
+        self.model, self.seen = model, set()
+
+    def __call__(self, input_ids, scores):
+        self.seen.update((layer._compiled_call_impl is not None,
+                          getattr(layer.self_attn, EAGER_ATTENTION, False))
+                         for layer in decoder_layers(self.model))
+        return scores
+
+
+def generate(model, ids, mask=None, n=12, **kw):
     with torch.no_grad():
         return model.generate(ids, attention_mask=mask, max_new_tokens=n, **GEN,
-                              return_dict_in_generate=True, output_logits=True)
+                              return_dict_in_generate=True, output_logits=True, **kw)
+
+
+def plain(model):
+    """The layers as the model has them outside generate()."""
+    return all(layer._compiled_call_impl is None and not hasattr(layer.self_attn, EAGER_ATTENTION)
+               for layer in decoder_layers(model))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -35,10 +55,12 @@ def test_compiled_layers_equal_eager_and_share_one_code(arch):
         resa_tl.attach(model, compile_layers=False, **CFG)
         eager = generate(model, ids, mask)
         resa_tl.attach(model, compile_layers=True, **CFG)
-        assert all(getattr(layer.self_attn, EAGER_ATTENTION) for layer in decoder_layers(model))
+        assert plain(model)                           # installed per generate() call only
         before = graphs()
-        out = generate(model, ids, mask)
+        seen = LayersSeen(model)
+        out = generate(model, ids, mask, logits_processor=LogitsProcessorList([seen]))
         counts.append(graphs() - before)
+        assert seen.seen == {(True, True)} and plain(model)
         assert torch.equal(out.sequences, eager.sequences)
         for a, b in zip(out.logits, eager.logits):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -47,8 +69,7 @@ def test_compiled_layers_equal_eager_and_share_one_code(arch):
         generate(model, *left_padded([29, 33], seed=1), n=9)
         assert graphs() == before, "a new prompt length compiled again"
         resa_tl.detach(model)
-        assert all(layer._compiled_call_impl is None and not getattr(
-            layer.self_attn, EAGER_ATTENTION) for layer in decoder_layers(model))
+        assert plain(model)
         torch._dynamo.reset()
     assert counts[0] > 0 and counts[0] == counts[1], \
         f"compiled graphs grow with the layer count: {counts} for 2 and 4 layers"
@@ -65,12 +86,26 @@ def test_compiled_layers_lossless_and_static_path():
     resa_tl.attach(model, compile_layers=True, lossless=True, **CFG)
     assert torch.equal(generate(model, ids, n=20).sequences, dense)
     resa_tl.attach(model, compile_layers=True, **CFG)
-    with torch.no_grad():
-        model.generate(ids, max_new_tokens=4, cache_implementation="static", **GEN)
-    assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
-    generate(model, ids, n=4)
-    assert all(layer._compiled_call_impl is not None for layer in decoder_layers(model))
+    static, default = LayersSeen(model), LayersSeen(model)
+    generate(model, ids, n=4, cache_implementation="static",
+             logits_processor=LogitsProcessorList([static]))
+    assert static.seen == {(False, False)}
+    generate(model, ids, n=4, logits_processor=LogitsProcessorList([default]))
+    assert default.seen == {(True, True)}
     resa_tl.detach(model)
+
+
+def test_a_users_own_layer_compile_is_kept():
+    """A layer the user compiled keeps its compiled call outside resa_tl's generate() calls,
+    and after detach."""
+    model = make_model("llama", layers=2)
+    mine = [torch.compile(layer._call_impl) for layer in decoder_layers(model)]
+    for layer, call in zip(decoder_layers(model), mine):
+        layer._compiled_call_impl = call
+    resa_tl.attach(model, compile_layers=True, **CFG)
+    assert [layer._compiled_call_impl for layer in decoder_layers(model)] == mine
+    resa_tl.detach(model)
+    assert [layer._compiled_call_impl for layer in decoder_layers(model)] == mine
 
 
 def test_compile_layers_default_and_bad_value():

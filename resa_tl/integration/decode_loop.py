@@ -90,6 +90,7 @@ class StepGraphs:
         self.enabled = cache.store.device.type == "cuda" and cache._uses_tilelang()
         self.graphs = {}              # T -> (graph, ids buffer, positions buffer, logits)
         self.calls = collections.Counter()
+        self.warmups = 0              # runs that warmed up or recorded a graph (see run)
         self.captures = 0
 
     def forward(self, ids, positions, attention_mask=None, keep=1):
@@ -105,8 +106,10 @@ class StepGraphs:
         entry = self.graphs.get(key)
         if entry is None:
             self.calls[key] += 1
-            if (not self.enabled or attention_mask is not None or T not in self.capture_lengths
-                    or self.calls[key] < 2):
+            if not self.enabled or attention_mask is not None or T not in self.capture_lengths:
+                return self.forward(ids, positions, attention_mask, keep)
+            self.warmups += 1                   # a first run or a recording: not a steady step
+            if self.calls[key] < 2:
                 return self.forward(ids, positions, attention_mask, keep)
             entry = self._capture(ids, positions, keep)
             if entry is None:

@@ -45,7 +45,7 @@ from ..config import ReSAConfig
 from . import _torch_ops, decode_loop
 from ._torch_ops import dense
 from .cache_layer import ACTIVE, ReSAHFCache, head_dim_of, sliding_windows, text_config
-from .layer_compile import EAGER_ATTENTION, use_compiled_layers
+from .layer_compile import EAGER_ATTENTION, install, layer_calls
 from .layer_compile import compile_layers as compile_layers_of
 from .tensor_parallel import local_heads
 
@@ -64,6 +64,7 @@ class AttachState:
     saved_attributes: dict = field(default_factory=dict)
     static_cache: ReSAHFCache | None = None       # reused by cache_implementation="static"
     compiled_layers: list | None = None           # layer_compile wrappers (compile_layers=True)
+    saved_layer_calls: list | None = None         # the layers' own calls, restored after each call
     loop_cache: ReSAHFCache | None = None         # reused by the default call (decode_loop)
 
 
@@ -336,7 +337,7 @@ def _wrap_prepare_cache(model, state: AttachState):
                                  f"(max_length - 1) but the ReSA cache holds "
                                  f"{cache.max_cache_len} (max_cache_len); the prompt plus "
                                  "max_new_tokens must fit the cache")
-            use_compiled_layers(model, None if cache.compileable else state.compiled_layers)
+            _use_compiled_layers(model, state, not cache.compileable)
             return original(generation_config, model_kwargs, generation_mode, batch_size,
                             max_cache_length, *args, **kwargs)
         if generation_config.use_cache is False:
@@ -361,7 +362,7 @@ def _wrap_prepare_cache(model, state: AttachState):
         else:
             slot, compileable = None, impl is None
         # transformers compiles a compileable cache's forward whole, with resa_tl's custom ops
-        use_compiled_layers(model, None if compileable else state.compiled_layers)
+        _use_compiled_layers(model, state, not compileable)
         if slot is not None:
             reuse = getattr(state, slot)
             if _fits(reuse, model, state, rows, capacity):
@@ -376,6 +377,13 @@ def _wrap_prepare_cache(model, state: AttachState):
         model_kwargs["past_key_values"] = cache
 
     return _prepare_cache_for_generation
+
+
+def _use_compiled_layers(model, state: AttachState, on: bool) -> None:
+    """With compile_layers: resa_tl's compiled layer calls for this generate() call (on), or
+    the layers' own (off)."""
+    if state.compiled_layers is not None:
+        install(model, state.compiled_layers if on else state.saved_layer_calls, on)
 
 
 def _fits(cache, model, state: AttachState, rows: int, capacity: int) -> bool:
@@ -395,12 +403,17 @@ def _wrap_generate(model):
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
-        if (kwargs.get("custom_generate") is not None or kwargs.get("synced_gpus")
-                or kwargs.get("tokenizer") is not None):
-            return original(*args, **kwargs)
-        streamer = kwargs.pop("streamer", None)
-        return original(*args, custom_generate=decode_loop.decode, resa_streamer=streamer,
-                        **kwargs)
+        try:
+            if (kwargs.get("custom_generate") is not None or kwargs.get("synced_gpus")
+                    or kwargs.get("tokenizer") is not None):
+                return original(*args, **kwargs)
+            streamer = kwargs.pop("streamer", None)
+            return original(*args, custom_generate=decode_loop.decode, resa_streamer=streamer,
+                            **kwargs)
+        finally:                     # compiled layers (installed by the cache hook) end here
+            state = attached_state(model)
+            if state is not None:
+                _use_compiled_layers(model, state, False)
 
     return generate
 
@@ -486,8 +499,8 @@ def attach(model, config: ReSAConfig | None = None, *, backend: str = "auto",
     model.__dict__["_prepare_cache_for_generation"] = _wrap_prepare_cache(model, state)
     model.__dict__["_resa_state"] = state
     if compile_layers:
+        state.saved_layer_calls = layer_calls(model)
         state.compiled_layers = compile_layers_of(model)
-        use_compiled_layers(model, state.compiled_layers)
     return model
 
 
@@ -499,8 +512,7 @@ def detach(model):
     if state is None:
         raise ValueError("resa_tl is not attached to this model")
     model.set_attn_implementation(state.previous_implementation)
-    if state.compiled_layers is not None:
-        use_compiled_layers(model, None)
+    _use_compiled_layers(model, state, False)
     for name, saved in state.saved_attributes.items():
         if saved is _MISSING:
             model.__dict__.pop(name, None)

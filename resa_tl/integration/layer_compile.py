@@ -20,9 +20,11 @@ happens at the first forward of each kind (the prompt, the first decode step), n
 CUDA-graph capture: the loop records a step only after the same step has run eagerly, except
 for multi-token steps, whose dynamic code the prompt has already compiled.
 
-Transformers' compiled path (``cache_implementation="static"`` or a ``compile_config``) compiles
-the whole forward itself with resa_tl's custom ops; the layers are uncompiled for it
-(:func:`use_compiled_layers`).
+The compiled calls are installed only for a generate() call that decodes with a ReSA cache
+transformers does not compile itself, and the layers' own calls come back when it returns
+(:func:`install`), so other forwards of the model and a user's own ``layer.compile()`` are left
+as they were. Transformers' compiled path (``cache_implementation="static"`` or a
+``compile_config``) compiles the whole forward itself with resa_tl's custom ops.
 """
 from __future__ import annotations
 
@@ -54,18 +56,26 @@ def _call(compiled):
 
 
 def compile_layers(model) -> list:
-    """Wrap every decoder layer's call in torch.compile (nothing compiles until the first
-    forward). Returns the wrappers, kept by the attach state so that recompiles are not needed
-    after :func:`use_compiled_layers` toggles them off and on."""
-    wrappers = []
-    for layer in decoder_layers(model):
-        wrappers.append(_call(torch.compile(layer._call_impl, dynamic=True)))
-    return wrappers
+    """torch.compile wrappers of every decoder layer's call (nothing compiles until the first
+    forward through them), kept by the attach state so that installing them again recompiles
+    nothing."""
+    return [_call(torch.compile(layer._call_impl, dynamic=True))
+            for layer in decoder_layers(model)]
 
 
-def use_compiled_layers(model, wrappers: list | None) -> None:
-    """Install ``wrappers`` (from :func:`compile_layers`) as the layers' calls, or remove them
-    (None): the layers are eager again and attention is traced normally."""
-    for i, layer in enumerate(decoder_layers(model)):
-        layer._compiled_call_impl = wrappers[i] if wrappers else None
-        setattr(layer.self_attn, EAGER_ATTENTION, bool(wrappers))
+def layer_calls(model) -> list:
+    """The layers' current compiled calls (None where a layer has none): what
+    :func:`install` puts back."""
+    return [layer._compiled_call_impl for layer in decoder_layers(model)]
+
+
+def install(model, calls: list, eager_attention: bool) -> None:
+    """Make ``calls`` the layers' calls (``nn.Module._compiled_call_impl``; None: the plain
+    call). ``eager_attention``: the calls are resa_tl's compiled ones, around which ReSA's
+    attention must stay eager (resa_attention reads the flag)."""
+    for layer, call in zip(decoder_layers(model), calls):
+        layer._compiled_call_impl = call
+        if eager_attention:
+            setattr(layer.self_attn, EAGER_ATTENTION, True)
+        else:
+            layer.self_attn.__dict__.pop(EAGER_ATTENTION, None)

@@ -213,7 +213,7 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
     window = windows[-1]                   # the cheapest probe: nothing is known yet
     agree = [list(heuristics.VERIFY_PRIOR) for _ in range(B)]     # per row: (yes, no) counts
     clock = StepClock(device)
-    step_ms = verify_ms = None
+    step_ms = verify_ms = dense_ms = None
 
     def target():                                  # the output's length, as far as known
         return max_length if not all(finished) else max(stop_at)
@@ -227,6 +227,7 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
         verifying = [b for b in range(B) if active[b] and not padding[b]]
         # proposals: q sparse steps; row b feeds seq[b, c_b + k - 1], proposes seq[b, c_b + k]
         q = min(window, max(target() - c[b] for b in range(B) if active[b]))
+        warmups = steps.warmups                    # grows where a step warms up or records
         clock.mark()
         for k in range(q):
             cache.begin_step(1)
@@ -289,9 +290,14 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
         seq.scatter_(1, (c_dev + accepted)[:, None], extra[:, None])
         acc = accepted.tolist()                                                # host read 1
         s, v = clock.read()                        # the window's times: the host has waited
-        if q:
-            step_ms = s / q if step_ms is None else 0.5 * (step_ms + s / q)
-        verify_ms = v if verify_ms is None else 0.5 * (verify_ms + v)
+        # A window with a step's first (eager) run or its CUDA-graph recording (or, with
+        # compiled layers, its compile) does not time a step: those samples are left out.
+        if steps.warmups == warmups:
+            if q:
+                step_ms = s / q if step_ms is None else 0.5 * (step_ms + s / q)
+                verify_ms = v if verify_ms is None else 0.5 * (verify_ms + v)
+            else:
+                dense_ms = v if dense_ms is None else 0.5 * (dense_ms + v)
         stats.sparse_steps += q
         stats.proposal_ms += s
         if q:
@@ -346,7 +352,8 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
                 agree[b] = [(1 - r) * x + r * p for x, p in zip(agree[b], heuristics.VERIFY_PRIOR)]
         if verifying and step_ms is not None:
             window = heuristics.verify_window(
-                choices, [agree[b][0] / sum(agree[b]) for b in verifying], step_ms, verify_ms)
+                choices, [agree[b][0] / sum(agree[b]) for b in verifying], step_ms, verify_ms,
+                dense_ms)
         stats.window_ms += (time.perf_counter() - started) * 1e3
     L = target()
     if streamer is not None:
