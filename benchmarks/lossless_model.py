@@ -43,8 +43,6 @@ def simulate(streams: list, windows: tuple, sparse_ms: float, dense_ms: float,
     choices = tuple(windows) + ((0,) if dense_steps else ())
     c = [1] * B                       # position 0 is the prompt pass's token: never proposed
     agree = [list(heuristics.VERIFY_PRIOR) for _ in range(B)]
-    d, prior = heuristics.VERIFY_DECAY, heuristics.VERIFY_PRIOR
-    r = heuristics.VERIFY_RETRY_DRIFT
     window, t = windows[-1], 0.0            # as the loop starts: its smallest window
     passes = dense = proposed = accepted = 0
     while min(c) < N:
@@ -55,7 +53,7 @@ def simulate(streams: list, windows: tuple, sparse_ms: float, dense_ms: float,
             dense += 1
             for b in active:
                 c[b] += 1
-                agree[b] = [(1 - r) * x + r * p for x, p in zip(agree[b], prior)]
+                agree[b] = heuristics.agreement_after(agree[b], 0, 0)
         else:
             t += q * sparse_ms + verify_ms
             passes += 1
@@ -66,7 +64,7 @@ def simulate(streams: list, windows: tuple, sparse_ms: float, dense_ms: float,
                 proposed += q
                 accepted += acc
                 c[b] = min(c[b] + acc + 1, N)
-                agree[b] = [d * agree[b][0] + acc, d * agree[b][1] + (acc < q)]
+                agree[b] = heuristics.agreement_after(agree[b], q, acc)
         window = heuristics.verify_window(
             choices, [agree[b][0] / sum(agree[b]) for b in active], sparse_ms, verify_ms,
             dense_ms)

@@ -323,6 +323,19 @@ VERIFY_DECAY = 0.8
 VERIFY_RETRY_DRIFT = 0.05
 
 
+def agreement_after(counts, proposed: int, accepted: int) -> list:
+    """A row's (yes, no) agreement counts after a verify pass that kept ``accepted`` of its
+    ``proposed`` proposals: decayed, plus a yes per kept proposal and a no for a rejection.
+    A dense step (``proposed`` 0) tells nothing: the counts drift towards VERIFY_PRIOR, so
+    proposals get tried again."""
+    yes, no = counts
+    if proposed:
+        d = VERIFY_DECAY
+        return [d * yes + accepted, d * no + (accepted < proposed)]
+    r = VERIFY_RETRY_DRIFT
+    return [(1 - r) * x + r * p for x, p in zip(counts, VERIFY_PRIOR)]
+
+
 def expected_tokens(alpha: float, window: int) -> float:
     """Tokens a row commits from one verify pass of ``window`` proposals when each proposal
     agrees with dense with probability ``alpha`` (independently): the accepted run, expected

@@ -88,7 +88,7 @@ class StepGraphs:
         self.capture_lengths = {1} | {T for T in cache.chunk_kernel_lengths
                                       if T > 1 and cache.attention.has_chunk_kernel(T)}
         self.enabled = cache.store.device.type == "cuda" and cache._uses_tilelang()
-        self.graphs = {}              # T -> (graph, ids buffer, positions buffer, logits)
+        self.graphs = {}              # key -> (graph, ids buffer, positions buffer, logits)
         self.calls = collections.Counter()
         self.warmups = 0              # runs that warmed up or recorded a graph (see run)
         self.captures = 0
@@ -99,10 +99,15 @@ class StepGraphs:
                          return_dict=True)
         return out.logits[:, -1] if keep == 1 else out.logits
 
+    def key(self, T: int, keep: int) -> tuple:
+        """A graph's key: the tokens fed and logits kept, and for one token whether it attends
+        densely (the lossless mode's dense steps) or sparsely."""
+        return (T, keep, "dense") if T == 1 and self.cache.dense_one_token else (T, keep)
+
     def run(self, ids, positions, attention_mask=None, keep=1):
         """``keep`` > 1: the logits of the last ``keep`` positions, [B, keep, V]."""
         T = ids.shape[1]
-        key = (T, keep, "dense") if T == 1 and self.cache.dense_one_token else (T, keep)
+        key = self.key(T, keep)
         entry = self.graphs.get(key)
         if entry is None:
             self.calls[key] += 1
@@ -137,9 +142,7 @@ class StepGraphs:
             return None
         self.cache._planned = planned
         self.captures += 1
-        T = ids.shape[1]
-        key = (T, keep, "dense") if T == 1 and self.cache.dense_one_token else (T, keep)
-        entry = self.graphs[key] = (graph, ids_buf, pos_buf, logits)
+        entry = self.graphs[self.key(ids.shape[1], keep)] = (graph, ids_buf, pos_buf, logits)
         return entry
 
 

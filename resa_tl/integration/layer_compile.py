@@ -17,8 +17,7 @@ Shapes are dynamic except the sizes 1 that torch specialises, so one compile ser
 prompt chunk, rectification and verify length, and the one-token step has its own; the layers
 share one compiled code (the layer index is read as a symbolic int, see ``_call``). Compiling
 happens at the first forward of each kind (the prompt, the first decode step), never inside a
-CUDA-graph capture: the loop records a step only after the same step has run eagerly, except
-for multi-token steps, whose dynamic code the prompt has already compiled.
+CUDA-graph capture: the loop records a step only after the same step has run eagerly.
 
 The compiled calls are installed only for a generate() call that decodes with a ReSA cache
 transformers does not compile itself, and the layers' own calls come back when it returns

@@ -342,14 +342,8 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
             while streamed < min(c):
                 streamer.put(seq[:, streamed].cpu())
                 streamed += 1
-        d = heuristics.VERIFY_DECAY
-        for b in verifying:                        # agreement: a yes per accepted proposal,
-            yes, no = agree[b]                     # a no per rejection
-            if q:
-                agree[b] = [d * yes + acc[b], d * no + (acc[b] < q)]
-            else:                                  # a dense step tells nothing: drift back to
-                r = heuristics.VERIFY_RETRY_DRIFT  # the prior, so proposals get tried again
-                agree[b] = [(1 - r) * x + r * p for x, p in zip(agree[b], heuristics.VERIFY_PRIOR)]
+        for b in verifying:
+            agree[b] = heuristics.agreement_after(agree[b], q, acc[b])
         if verifying and step_ms is not None:
             window = heuristics.verify_window(
                 choices, [agree[b][0] / sum(agree[b]) for b in verifying], step_ms, verify_ms,
