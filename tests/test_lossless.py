@@ -279,3 +279,44 @@ def test_lossless_with_a_prefix_dependent_processor():
     assert torch.equal(out.sequences, ref)
     trace = out.past_key_values.lossless_stats.trace
     assert any(len({row[i][0] for row in trace}) > 1 for i in range(len(trace[0])))
+
+
+def test_stop_flags_in_one_read_and_per_position(monkeypatch):
+    """transformers' EOS and max-length criteria are evaluated for a whole window in the same
+    host read as the accepted counts; a criterion of the user's own is called per committed
+    position instead. Both stop each row where dense greedy decoding with them stops."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from resa_tl.integration import lossless
+
+    class LastTokenIs(StoppingCriteria):          # a user's EOS check: not vectorised
+        def __init__(self, token):
+            self.token = token
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == self.token
+
+    together = []
+    read = lossless.StopCheck.read
+
+    def spy(self, *args):
+        acc, flag = read(self, *args)
+        together.append(flag is not None)
+        return acc, flag
+    monkeypatch.setattr(lossless.StopCheck, "read", spy)
+    model = make_model("llama", layers=3, seed=5)
+    dense = copy.deepcopy(model)
+    ids, mask = left_padded([140, 88, 61], seed=5)
+    with torch.no_grad():
+        probe = dense.generate(ids, attention_mask=mask, max_new_tokens=70, **GEN)
+    eos, mine = int(probe[0, 140 + 30]), int(probe[2, 140 + 12])
+    kw = dict(do_sample=False, eos_token_id=eos, pad_token_id=0, max_new_tokens=70)
+    with torch.no_grad():
+        for extra in ({}, {"stopping_criteria": StoppingCriteriaList([LastTokenIs(mine)])}):
+            ref = dense.generate(ids, attention_mask=mask, **kw, **extra)
+            resa_tl.attach(model, lossless=True, **LOSSY)
+            together.clear()
+            out = model.generate(ids, attention_mask=mask, **kw, **extra)
+            assert torch.equal(out, ref)
+            assert together and all(together) == (not extra) and any(together) == (not extra)
+            resa_tl.detach(model)
+    assert (ref[:, 140:] == eos).any() and (ref[:, 140:] == mine).any()

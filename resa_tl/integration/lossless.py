@@ -31,8 +31,11 @@ drift back to their prior, so proposals are tried again now and then.
 Logits processors and stopping criteria see each row's committed prefix only: they are called
 once per distinct prefix length among the rows (once per position when the rows are in step;
 processors that do not read the ids, such as the sampling warpers, once per position).
-Finished rows are padded as in transformers' loop. Each verification reads the accepted counts,
-then the stop flags, on the host (two syncs per window).
+Finished rows are padded as in transformers' loop. Each window reads the accepted counts and the
+stop flags on the host in one transfer (one sync per window) where the stopping criteria are
+transformers' EOS and max-length ones, which a device op evaluates for all the window's
+positions at once; other criteria are called once per committed position after the counts are
+read (a second sync).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
 from .. import heuristics
 from .decode_loop import StepGraphs, prefill_chunk, run_prefill
@@ -161,6 +165,48 @@ class RowProcessor:
         return out
 
 
+class StopCheck:
+    """The stopping criteria of a window's positions. Where every criterion is transformers'
+    EOS or max-length one (which read only a prefix's last token or its length), the flags of
+    all positions [lo, hi) are one device op, read with the accepted counts in one transfer;
+    otherwise the criteria are called once per committed position (a second transfer)."""
+
+    def __init__(self, stopping_criteria):
+        self.criteria = stopping_criteria
+        self.together = all(type(c) in (EosTokenCriteria, MaxLengthCriteria)
+                            for c in stopping_criteria)
+        eos = [c.eos_token_id.flatten() for c in stopping_criteria
+               if type(c) is EosTokenCriteria]
+        self.eos = torch.cat(eos) if eos else None
+        self.max_length = min((c.max_length for c in stopping_criteria
+                               if type(c) is MaxLengthCriteria), default=None)
+
+    def read(self, accepted, seq, lo: int, hi: int):
+        """One host read: (accepted counts, flag(b, p) for lo <= p < hi, or None where the
+        criteria must be called per position)."""
+        if not self.together:
+            return accepted.tolist(), None
+        if self.eos is None:
+            host = accepted[:, None].tolist()
+        else:
+            self.eos = self.eos.to(seq.device)
+            block = torch.isin(seq[:, lo:hi], self.eos)                    # [B, hi - lo]
+            host = torch.cat([accepted[:, None], block.to(accepted.dtype)], 1).tolist()
+        ml = self.max_length
+
+        def flag(b: int, p: int) -> bool:
+            return (ml is not None and p + 1 >= ml) or (self.eos is not None
+                                                        and bool(host[b][1 + p - lo]))
+        return [r[0] for r in host], flag
+
+    def per_position(self, seq, scores, span):
+        """flag(b, p) for the positions in span (sorted), the criteria called per position."""
+        rows = (torch.stack([self.criteria(seq[:, :p + 1], scores) for p in span]).tolist()
+                if span else [])
+        at = {p: j for j, p in enumerate(span)}
+        return lambda b, p: bool(rows[at[p]][b])
+
+
 def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits_processor,
                     stopping_criteria, generation_config, streamer, scores, raw_logits,
                     has_eos: bool):
@@ -184,6 +230,7 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
     seq = input_ids.new_zeros(B, max_length + W + 1)      # room for the last window's proposals
     seq[:, :P] = input_ids
     process = RowProcessor(logits_processor, seq)
+    stop = StopCheck(stopping_criteria)
     rows = torch.arange(B, device=device)
     arange = torch.arange(W + 1, device=device)
     offset = positions[:, -1] - (P - 1)                   # position of seq[:, j] is j + offset
@@ -288,7 +335,9 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
         if has_eos:
             extra = extra * unfinished + pad * (1 - unfinished)
         seq.scatter_(1, (c_dev + accepted)[:, None], extra[:, None])
-        acc = accepted.tolist()                                                # host read 1
+        lo = min(c[b] for b in range(B) if active[b])             # positions a row may commit
+        hi = min(max(c[b] for b in range(B) if active[b]) + q + 1, max_length)
+        acc, flag = stop.read(accepted, seq, lo, hi)                           # host read
         s, v = clock.read()                        # the window's times: the host has waited
         # A window with a step's first (eager) run or its CUDA-graph recording (or, with
         # compiled layers, its compile) does not time a step: those samples are left out.
@@ -307,13 +356,14 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
         # commit row b's positions [c_b, new_b); stopping criteria once per position
         new = [min(c[b] + acc[b] + 1, max_length) if active[b] else c[b] for b in range(B)]
         span = sorted({p for b in range(B) for p in range(c[b], new[b])})
-        flags = (torch.stack([stopping_criteria(seq[:, :p + 1], scores) for p in span]).tolist()
-                 if span else [])                                              # host read 2
+        if flag is None:                                                       # host read 2
+            flag = stop.per_position(seq, scores, span)
         for b in range(B):
-            for j, p in enumerate(span):
-                if c[b] <= p < new[b] and not finished[b] and flags[j][b]:
+            for p in range(c[b], new[b]):
+                if not finished[b] and flag(b, p):
                     finished[b], stop_at[b] = True, p + 1
                     new[b] = p + 1                 # later positions: padding, fed next window
+                    break
         if q:
             stats.verify_passes += 1
             stats.row_checks += len(verifying)
