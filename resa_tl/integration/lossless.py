@@ -171,13 +171,13 @@ class StopCheck:
     all positions [lo, hi) are one device op, read with the accepted counts in one transfer;
     otherwise the criteria are called once per committed position (a second transfer)."""
 
-    def __init__(self, stopping_criteria):
+    def __init__(self, stopping_criteria, device):
         self.criteria = stopping_criteria
         self.together = all(type(c) in (EosTokenCriteria, MaxLengthCriteria)
                             for c in stopping_criteria)
         eos = [c.eos_token_id.flatten() for c in stopping_criteria
                if type(c) is EosTokenCriteria]
-        self.eos = torch.cat(eos) if eos else None
+        self.eos = torch.cat(eos).to(device) if eos else None
         self.max_length = min((c.max_length for c in stopping_criteria
                                if type(c) is MaxLengthCriteria), default=None)
 
@@ -189,7 +189,6 @@ class StopCheck:
         if self.eos is None:
             host = accepted[:, None].tolist()
         else:
-            self.eos = self.eos.to(seq.device)
             block = torch.isin(seq[:, lo:hi], self.eos)                    # [B, hi - lo]
             host = torch.cat([accepted[:, None], block.to(accepted.dtype)], 1).tolist()
         ml = self.max_length
@@ -230,7 +229,7 @@ def decode_lossless(model, steps: StepGraphs, input_ids, positions, mask, logits
     seq = input_ids.new_zeros(B, max_length + W + 1)      # room for the last window's proposals
     seq[:, :P] = input_ids
     process = RowProcessor(logits_processor, seq)
-    stop = StopCheck(stopping_criteria)
+    stop = StopCheck(stopping_criteria, device)
     rows = torch.arange(B, device=device)
     arange = torch.arange(W + 1, device=device)
     offset = positions[:, -1] - (P - 1)                   # position of seq[:, j] is j + offset
