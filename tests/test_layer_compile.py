@@ -96,16 +96,31 @@ def test_compiled_layers_lossless_and_static_path():
 
 
 def test_a_users_own_layer_compile_is_kept():
-    """A layer the user compiled keeps its compiled call outside resa_tl's generate() calls,
-    and after detach."""
+    """A layer the user compiled keeps its compiled call outside resa_tl's generate() calls and
+    after detach, whether compiled before attach or after it."""
     model = make_model("llama", layers=2)
-    mine = [torch.compile(layer._call_impl) for layer in decoder_layers(model)]
-    for layer, call in zip(decoder_layers(model), mine):
-        layer._compiled_call_impl = call
+
+    def compile_mine():
+        mine = [torch.compile(layer._call_impl) for layer in decoder_layers(model)]
+        for layer, call in zip(decoder_layers(model), mine):
+            layer._compiled_call_impl = call
+        return mine
+
+    def current():
+        return [layer._compiled_call_impl for layer in decoder_layers(model)]
+
+    ids = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(2))
+    mine = compile_mine()
     resa_tl.attach(model, compile_layers=True, **CFG)
-    assert [layer._compiled_call_impl for layer in decoder_layers(model)] == mine
+    assert current() == mine
+    seen = LayersSeen(model)
+    generate(model, ids, n=3, logits_processor=LogitsProcessorList([seen]))
+    assert current() == mine and seen.seen == {(True, True)}
+    mine = compile_mine()                               # compiled again after attach
+    generate(model, ids, n=3)
+    assert current() == mine
     resa_tl.detach(model)
-    assert [layer._compiled_call_impl for layer in decoder_layers(model)] == mine
+    assert current() == mine
 
 
 def test_compile_layers_default_and_bad_value():

@@ -64,7 +64,7 @@ class AttachState:
     saved_attributes: dict = field(default_factory=dict)
     static_cache: ReSAHFCache | None = None       # reused by cache_implementation="static"
     compiled_layers: list | None = None           # layer_compile wrappers (compile_layers=True)
-    saved_layer_calls: list | None = None         # the layers' own calls, restored after each call
+    saved_layer_calls: list | None = None         # the layers' own calls while resa_tl's are in
     loop_cache: ReSAHFCache | None = None         # reused by the default call (decode_loop)
 
 
@@ -381,9 +381,16 @@ def _wrap_prepare_cache(model, state: AttachState):
 
 def _use_compiled_layers(model, state: AttachState, on: bool) -> None:
     """With compile_layers: resa_tl's compiled layer calls for this generate() call (on), or
-    the layers' own (off)."""
-    if state.compiled_layers is not None:
-        install(model, state.compiled_layers if on else state.saved_layer_calls, on)
+    the layers' own (off). The layers' own calls are taken when resa_tl's go in, not at
+    attach, so a ``layer.compile()`` the user runs after attach is what comes back."""
+    if state.compiled_layers is None:
+        return
+    if on and state.saved_layer_calls is None:
+        state.saved_layer_calls = layer_calls(model)
+        install(model, state.compiled_layers, True)
+    elif not on and state.saved_layer_calls is not None:
+        install(model, state.saved_layer_calls, False)
+        state.saved_layer_calls = None
 
 
 def _fits(cache, model, state: AttachState, rows: int, capacity: int) -> bool:
@@ -499,7 +506,6 @@ def attach(model, config: ReSAConfig | None = None, *, backend: str = "auto",
     model.__dict__["_prepare_cache_for_generation"] = _wrap_prepare_cache(model, state)
     model.__dict__["_resa_state"] = state
     if compile_layers:
-        state.saved_layer_calls = layer_calls(model)
         state.compiled_layers = compile_layers_of(model)
     return model
 
