@@ -9,7 +9,7 @@ import torch._dynamo
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import resa_tl
-from resa_tl.integration.layer_compile import EAGER_ATTENTION, decoder_layers
+from resa_tl.integration.layer_compile import EAGER_ATTENTION, decoder_layers, layer_calls
 
 from test_attach import GEN, left_padded, make_model
 
@@ -106,21 +106,18 @@ def test_a_users_own_layer_compile_is_kept():
             layer._compiled_call_impl = call
         return mine
 
-    def current():
-        return [layer._compiled_call_impl for layer in decoder_layers(model)]
-
     ids = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(2))
     mine = compile_mine()
     resa_tl.attach(model, compile_layers=True, **CFG)
-    assert current() == mine
+    assert layer_calls(model) == mine
     seen = LayersSeen(model)
     generate(model, ids, n=3, logits_processor=LogitsProcessorList([seen]))
-    assert current() == mine and seen.seen == {(True, True)}
+    assert layer_calls(model) == mine and seen.seen == {(True, True)}
     mine = compile_mine()                               # compiled again after attach
     generate(model, ids, n=3)
-    assert current() == mine
+    assert layer_calls(model) == mine
     resa_tl.detach(model)
-    assert current() == mine
+    assert layer_calls(model) == mine
 
 
 def test_compile_layers_default_and_bad_value():

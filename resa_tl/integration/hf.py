@@ -477,9 +477,9 @@ def attach(model, config: ReSAConfig | None = None, *, backend: str = "auto",
     compile_layers : bool — torch.compile each decoder layer around ReSA's cache write and
         attention (:mod:`resa_tl.integration.layer_compile`): fuses the norms, RoPE and
         activations that the decode step otherwise runs as dozens of small kernels per layer;
-        the first generate() compiles (about 25 s for a 7B model). Off by default: a shorter
-        median step on an H100, but a second call's mean per token not yet measured (see
-        docs/performance.md). Not under tensor parallelism.
+        the first generate() compiles (about 25 s for a 7B model on an H100). Off by default:
+        a shorter median step on an H100, but a second call's mean per token not yet measured
+        (see docs/performance.md). Not under tensor parallelism.
 
     Returns the model. Attaching again replaces the configuration. Raises ValueError / TypeError
     for unsupported architectures, dtypes, head dims and backends.

@@ -92,6 +92,24 @@ def test_flash_part_returns_the_reference_log_sum_exp():
     torch.testing.assert_close(out, ref_out, rtol=2 ** -7, atol=2 ** -7)
 
 
+def teacher_forced(dense16, dense32, sequences, mask, prompt_len):
+    """fp32 and bf16 dense logits predicting each generated token of ``sequences`` (left-padded
+    prompts of ``mask``, then the new tokens), one teacher-forced forward each; [B, N, V]."""
+    full = torch.cat([mask, mask.new_ones(mask.shape[0], sequences.shape[1] - prompt_len)], 1)
+    fwd = dict(attention_mask=full, position_ids=(full.cumsum(-1) - 1).clamp(min=0))
+    start = prompt_len - 1
+    return (dense32(sequences, **fwd).logits[:, start:-1],
+            dense16(sequences, **fwd).logits[:, start:-1].float())
+
+
+def assert_dense_argmax(gen, tf32, tf16, eps):
+    """Every token of ``gen`` [B, N] is the fp32 argmax up to bf16 noise (its fp32 logit within
+    3x the bf16 pass's own error, plus eps, of the maximum); returns that noise [B, N]."""
+    noise = 3 * (tf16 - tf32).abs().amax(-1) + eps
+    assert bool((tf32.gather(-1, gen[..., None])[..., 0] >= tf32.max(-1).values - noise).all())
+    return noise
+
+
 def test_lossless_tokens_are_dense_argmax():
     """bf16 on CUDA: every token ReSAConfig(lossless=True) emits (graph-replayed sparse steps
     and verify passes) is the argmax of a teacher-forced fp32 dense pass over its own prefix,
@@ -112,18 +130,13 @@ def test_lossless_tokens_are_dense_argmax():
         ref = dense.generate(ids, attention_mask=mask, **kw)
         resa_tl.attach(model, lossless=True, sparse_ratio=0.1, min_blocks=2, rectify_every=16)
         out = model.generate(ids, attention_mask=mask, **kw)
-        full = torch.cat([mask, mask.new_ones(2, N)], 1)
-        fwd = dict(attention_mask=full, position_ids=(full.cumsum(-1) - 1).clamp(min=0))
-        tf32 = dense32(out.sequences, **fwd).logits[:, 1499:-1]
-        tf16 = dense(out.sequences, **fwd).logits[:, 1499:-1].float()
+        tf32, tf16 = teacher_forced(dense, dense32, out.sequences, mask, 1500)
     if DEV == "cuda":                                         # not in a CPU dry run
         assert out.past_key_values.__dict__["_step_graphs"].captures >= 2
     stats = out.past_key_values.lossless_stats
     assert stats.proposed > stats.accepted                    # verification had work to do
     gen = out.sequences[:, 1500:]
-    noise = 3 * (tf16 - tf32).abs().amax(-1) + 1e-4                              # [B, N]
-    top = tf32.max(-1).values
-    assert bool((tf32.gather(-1, gen[..., None])[..., 0] >= top - noise).all())
+    noise = assert_dense_argmax(gen, tf32, tf16, 1e-4)
     ref_top2 = torch.stack(ref.logits, 1).float().topk(2, dim=-1).values
     near_tie = (ref_top2[..., 0] - ref_top2[..., 1]) <= noise
     for b in range(2):
@@ -151,18 +164,11 @@ def test_compiled_layers_on_cuda():
         resa_tl.attach(model, compile_layers=True, **dict(SPARSE, sparse_ratio=1.0,
                                                          rectify_every=0))
         out = model.generate(ids, attention_mask=mask, **kw)
-        full = torch.cat([mask, mask.new_ones(mask.shape[0], n)], 1)
-        fwd = dict(attention_mask=full, position_ids=(full.cumsum(-1) - 1).clamp(min=0))
-        start = ids.shape[1] - 1
-        tf32 = eager32(out.sequences, **fwd).logits[:, start:-1]
-        tf16 = eager16(out.sequences, **fwd).logits[:, start:-1].float()
+        tf32, tf16 = teacher_forced(eager16, eager32, out.sequences, mask, ids.shape[1])
     if DEV == "cuda":
         steps = out.past_key_values.__dict__["_step_graphs"]
         assert steps.enabled and steps.captures == 1            # ratio 1: no rectification step
-    noise = 3 * (tf16 - tf32).abs().amax(-1) + 1e-3
-    gen = out.sequences[:, ids.shape[1]:]
-    chosen = tf32.gather(-1, gen[..., None])[..., 0]
-    assert bool((chosen >= tf32.max(-1).values - noise).all())
+    assert_dense_argmax(out.sequences[:, ids.shape[1]:], tf32, tf16, 1e-3)
     first = out.logits[0].float()
     assert bool(((first - tf32[:, 0]).abs().amax(-1)
                  <= 2 * (tf16[:, 0] - tf32[:, 0]).abs().amax(-1) + 1e-3).all())
